@@ -1,0 +1,108 @@
+//! The command line: one subcommand per verb of spec/INTERFACE.md.
+//!
+//! Argument structs live here; each verb's behaviour lives in its module.
+
+pub mod check;
+pub mod inspect;
+pub mod run;
+
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+
+/// Exit codes of spec/INTERFACE.md.
+pub mod exit {
+    pub const OK: u8 = 0;
+    pub const REJECTED: u8 = 1;
+    pub const USAGE: u8 = 2;
+    pub const UNREACHABLE: u8 = 3;
+}
+
+/// The documented default state directory.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/fwagent";
+
+#[derive(Parser, Debug)]
+#[command(name = "fwagent", version, about = "Firmware-upgrade agent for embedded gateways")]
+pub struct Cli {
+    /// More log output on stderr (-v debug, -vv trace). RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    pub command: Commands,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Commands {
+    /// Run the agent until stopped.
+    Run(Box<run::RunArgs>),
+    /// Validate a request without running it; prints the ack.
+    Check(CheckArgs),
+    /// The active upgrade, else the most recent one.
+    Status(StateArgs),
+    /// Every upgrade, newest first.
+    History(HistoryArgs),
+    /// One upgrade with its transition log and outbox.
+    Show(ShowArgs),
+    /// A live progress bar until the active upgrade ends.
+    Watch(StateArgs),
+    /// Hand a request to the running agent; prints the ack.
+    Submit(SubmitArgs),
+    /// Cancel the active upgrade (before flashing).
+    Cancel(CancelArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct CheckArgs {
+    /// The request file; `-` or nothing reads stdin.
+    pub file: Option<PathBuf>,
+    /// Print the parsed request after the ack (credentials redacted).
+    #[arg(long)]
+    pub explain: bool,
+    /// Command that turns non-text base64 credentials into text.
+    #[arg(long, value_name = "CMD")]
+    pub credentials_decoder: Option<String>,
+    /// Larger images are refused with errorNo 4.
+    #[arg(long, value_name = "BYTES")]
+    pub max_image_size: Option<u64>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct StateArgs {
+    /// Where the agent keeps its store.
+    #[arg(long, env = "FWAGENT_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
+    pub state_dir: PathBuf,
+    /// Machine-readable output (shapes of spec/INTERFACE.md).
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct HistoryArgs {
+    #[command(flatten)]
+    pub state: StateArgs,
+    /// At most this many upgrades.
+    #[arg(long)]
+    pub limit: Option<usize>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ShowArgs {
+    #[command(flatten)]
+    pub state: StateArgs,
+    pub message_id: String,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct SubmitArgs {
+    #[command(flatten)]
+    pub state: StateArgs,
+    /// The request file; `-` reads stdin.
+    pub file: PathBuf,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct CancelArgs {
+    #[command(flatten)]
+    pub state: StateArgs,
+    /// The upgrade to cancel; the active one when omitted.
+    pub message_id: Option<String>,
+}

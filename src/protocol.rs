@@ -1,0 +1,1 @@
+//! placeholder: the wire protocol (being written)

@@ -1,0 +1,636 @@
+//! The upgrade state machine: pure functions from (state, event, now) to a
+//! [`Transition`] the store commits and the runtime then carries out.
+//!
+//! Two entry points:
+//! - [`on_request`] decides what a request gets (accept, duplicate, busy,
+//!   no storage, rejection) from a [`RequestView`] of the store;
+//! - [`transition`] moves one upgrade along when an [`Event`] arrives.
+//!
+//! Neither reads a clock, a file or a socket: time and free space are
+//! arguments. Every `match` on a phase is exhaustive, so a new phase cannot be
+//! forgotten.
+
+use crate::model::{
+    ack_no, result_no, Ack, Job, JobId, LogEntry, Outcome, Outgoing, Phase, PhaseName,
+    ProgressMark, UpgradeRequest, OP_UPGRADE,
+};
+use std::time::Duration;
+use time::OffsetDateTime;
+
+/// The knobs of the state machine. `Default` gives the documented defaults.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Policy {
+    /// Starts of the download allowed (retries and restarts both count).
+    pub download_attempts: u32,
+    /// Starts of verification allowed (only restarts repeat it).
+    pub verify_attempts: u32,
+    /// Starts of flashing allowed (only restarts repeat it).
+    pub flash_attempts: u32,
+    /// Boot checks allowed in `awaiting_reboot` before giving up.
+    pub boot_checks: u32,
+    /// First retry delay; doubled on each retry up to `backoff_max`.
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+    /// A progress report needs this many more percent than the last one...
+    pub progress_step: u8,
+    /// ...and at least this much time since it.
+    pub progress_interval: Duration,
+    /// Progress and result reports are sent (acks always are).
+    pub reports: bool,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            download_attempts: 6,
+            verify_attempts: 3,
+            flash_attempts: 3,
+            boot_checks: 3,
+            backoff_base: Duration::from_millis(1000),
+            backoff_max: Duration::from_secs(30),
+            progress_step: 5,
+            progress_interval: Duration::from_secs(2),
+            reports: true,
+        }
+    }
+}
+
+impl Policy {
+    /// The delay before retry number `retry` (1 = the first retry).
+    pub fn backoff(&self, retry: u32) -> Duration {
+        let factor = 1u32.checked_shl(retry.saturating_sub(1)).unwrap_or(u32::MAX);
+        self.backoff_base
+            .checked_mul(factor)
+            .unwrap_or(self.backoff_max)
+            .min(self.backoff_max)
+    }
+
+    fn max_attempts(&self, phase: Phase) -> u32 {
+        match phase {
+            Phase::Accepted | Phase::Downloading { .. } => self.download_attempts,
+            Phase::Verifying => self.verify_attempts,
+            Phase::Flashing => self.flash_attempts,
+            Phase::AwaitingReboot => self.boot_checks,
+            Phase::Completed | Phase::Failed | Phase::Cancelled | Phase::RolledBack => 0,
+        }
+    }
+}
+
+/// Why a step of the work failed, in the result numbers of PROTOCOL.md.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Failure {
+    pub error_no: u32,
+    pub description: String,
+    /// Worth trying again (a timeout, a dropped connection), or final (404).
+    pub retryable: bool,
+}
+
+impl Failure {
+    pub fn new(error_no: u32, description: impl Into<String>, retryable: bool) -> Self {
+        Failure {
+            error_no,
+            description: description.into(),
+            retryable,
+        }
+    }
+}
+
+/// What happened to an upgrade. Each comes from the runtime's actors.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// The runtime (re)starts the current phase's work: right after the
+    /// accept, and after every restart of the agent. Counts as an attempt.
+    Start,
+    /// Bytes fetched so far (not yet durable).
+    Progress { bytes_done: u64 },
+    /// The partial file is fsynced up to `offset`.
+    Checkpoint {
+        offset: u64,
+        validator: Option<String>,
+    },
+    /// The server's file is not the one the partial file came from; the
+    /// download starts again from zero.
+    SourceChanged { validator: Option<String> },
+    /// Every byte is in the partial file, fsynced.
+    Downloaded,
+    /// The transfer failed; the partial file is durable up to `durable_offset`.
+    DownloadFailed {
+        failure: Failure,
+        durable_offset: u64,
+    },
+    /// Size and md5 match.
+    Verified,
+    VerifyFailed { failure: Failure },
+    /// The image is written and read back; `reboot` when the backend needs
+    /// a reboot into the new image before it counts.
+    Flashed { reboot: bool },
+    FlashFailed { failure: Failure },
+    /// After a reboot: did the new image boot and pass its health check?
+    Booted { ok: bool, detail: String },
+    /// An operator or the cloud asked to stop.
+    Cancel,
+}
+
+impl Event {
+    fn name(&self) -> &'static str {
+        match self {
+            Event::Start => "start",
+            Event::Progress { .. } => "progress",
+            Event::Checkpoint { .. } => "checkpoint",
+            Event::SourceChanged { .. } => "source changed",
+            Event::Downloaded => "downloaded",
+            Event::DownloadFailed { .. } => "download failed",
+            Event::Verified => "verified",
+            Event::VerifyFailed { .. } => "verify failed",
+            Event::Flashed { .. } => "flashed",
+            Event::FlashFailed { .. } => "flash failed",
+            Event::Booted { .. } => "booted",
+            Event::Cancel => "cancel",
+        }
+    }
+}
+
+/// Work the runtime must start once the transition is committed. Every
+/// command is idempotent: after a crash the same command is issued again.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Command {
+    /// Send [`Event::Start`] for this job (the upgrade was just accepted).
+    Begin { job: JobId },
+    /// Fetch from `offset` (the partial file is cut back to it first), after
+    /// waiting `delay`.
+    Download {
+        job: JobId,
+        offset: u64,
+        validator: Option<String>,
+        delay: Duration,
+    },
+    /// Check size and md5 of the complete partial file.
+    Verify { job: JobId },
+    /// Write the verified image to the flash target.
+    Flash { job: JobId },
+    /// Ask for the reboot into the new image.
+    Reboot { job: JobId },
+    /// Find out which image booted, and commit or roll back.
+    CheckBoot { job: JobId },
+    /// Stop any work under way for this job.
+    Abort { job: JobId },
+    /// Remove the job's partial file.
+    Cleanup { job: JobId },
+}
+
+/// The outcome of applying an event: what to commit, then what to do.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Transition {
+    /// The job's new record (absent when a request created no job).
+    pub job: Option<Job>,
+    pub log: Option<LogEntry>,
+    /// Messages to queue, in order.
+    pub outbox: Vec<Outgoing>,
+    /// Work to start after the commit.
+    pub commands: Vec<Command>,
+    /// An ack to remember under its messageId, so a repeat gets it again.
+    pub record_ack: Option<Ack>,
+}
+
+/// Why an event does not apply to a job.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Refused {
+    #[error("the upgrade has already ended ({0})")]
+    Ended(PhaseName),
+    #[error("flashing has begun ({0}); an upgrade can be cancelled only before flashing")]
+    FlashingBegun(PhaseName),
+    #[error("event `{event}` does not apply in phase {phase}")]
+    WrongPhase {
+        event: &'static str,
+        phase: PhaseName,
+    },
+}
+
+/// A request as the protocol module hands it over: valid, or already
+/// answered with a rejection ack.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Incoming {
+    Valid(Box<UpgradeRequest>),
+    Invalid(Ack),
+}
+
+impl Incoming {
+    pub fn message_id(&self) -> &str {
+        match self {
+            Incoming::Valid(r) => &r.message_id,
+            Incoming::Invalid(a) => &a.message_id,
+        }
+    }
+}
+
+/// What [`on_request`] needs to know of the store.
+#[derive(Clone, Debug, Default)]
+pub struct RequestView {
+    /// The ack already given to this messageId, if any.
+    pub previous: Option<Ack>,
+    /// The upgrade under way, if any.
+    pub active: Option<Job>,
+    /// The number the next job gets.
+    pub next_id: JobId,
+    /// Free bytes where the image will be stored; `None` if unknown.
+    pub free_bytes: Option<u64>,
+}
+
+/// Decide what a request gets.
+pub fn on_request(view: &RequestView, incoming: Incoming, now: OffsetDateTime) -> Transition {
+    if !incoming.message_id().is_empty() {
+        if let Some(previous) = &view.previous {
+            return Transition {
+                outbox: vec![Outgoing::Ack(previous.clone())],
+                ..Transition::default()
+            };
+        }
+    }
+    let req = match incoming {
+        Incoming::Invalid(ack) => return answer(ack),
+        Incoming::Valid(req) => *req,
+    };
+    let ack = |result: Outcome| Ack {
+        operator: OP_UPGRADE.to_string(),
+        session_id: req.session_id.clone(),
+        message_id: req.message_id.clone(),
+        result,
+    };
+    if let Some(active) = &view.active {
+        if active.request.firmware.md5 == req.firmware.md5 {
+            return answer(ack(Outcome::new(ack_no::OK, "ok: already in progress")));
+        }
+        return answer(ack(Outcome::new(
+            ack_no::BUSY,
+            format!("busy: upgrade {} is active", active.request.message_id),
+        )));
+    }
+    if let Some(free) = view.free_bytes {
+        if free < req.firmware.size {
+            return answer(ack(Outcome::new(
+                ack_no::NO_STORAGE,
+                format!(
+                    "not enough storage: {} bytes needed, {} free",
+                    req.firmware.size, free
+                ),
+            )));
+        }
+    }
+    let accepted = ack(Outcome::ok());
+    let job = Job {
+        id: view.next_id,
+        request: req,
+        phase: Phase::Accepted,
+        attempts: 0,
+        bytes_done: 0,
+        validator: None,
+        result: None,
+        last_error: None,
+        last_progress: None,
+        created_at: now,
+        updated_at: now,
+    };
+    Transition {
+        log: Some(LogEntry {
+            at: now,
+            from: None,
+            to: PhaseName::Accepted,
+            event: "request accepted".into(),
+            error: None,
+        }),
+        outbox: vec![Outgoing::Ack(accepted.clone())],
+        commands: vec![Command::Begin { job: job.id }],
+        record_ack: Some(accepted),
+        job: Some(job),
+    }
+}
+
+/// Send `ack` and remember it under its messageId (when it has one).
+fn answer(ack: Ack) -> Transition {
+    Transition {
+        outbox: vec![Outgoing::Ack(ack.clone())],
+        record_ack: (!ack.message_id.is_empty()).then_some(ack),
+        ..Transition::default()
+    }
+}
+
+/// Move `job` along on `event`.
+pub fn transition(
+    job: &Job,
+    event: Event,
+    now: OffsetDateTime,
+    policy: &Policy,
+) -> Result<Transition, Refused> {
+    let phase = job.phase;
+    let name = event.name();
+    let wrong = || Refused::WrongPhase {
+        event: name,
+        phase: phase.name(),
+    };
+    if phase.is_terminal() {
+        return Err(Refused::Ended(phase.name()));
+    }
+    let mut step = Step::new(job, now, policy);
+    match event {
+        Event::Start => {
+            let attempts = job.attempts + 1;
+            if attempts > policy.max_attempts(phase) {
+                let why = format!(
+                    "gave up after {} attempts at {}{}",
+                    job.attempts,
+                    phase.name(),
+                    job.last_error
+                        .as_deref()
+                        .map(|e| format!(": {e}"))
+                        .unwrap_or_default()
+                );
+                let error_no = match phase {
+                    Phase::Accepted | Phase::Downloading { .. } | Phase::Verifying => {
+                        result_no::TRANSFER
+                    }
+                    Phase::Flashing => result_no::FLASH_FAILED,
+                    Phase::AwaitingReboot => result_no::ROLLED_BACK,
+                    Phase::Completed | Phase::Failed | Phase::Cancelled | Phase::RolledBack => {
+                        return Err(wrong())
+                    }
+                };
+                return Ok(step.finish(Phase::Failed, Outcome::new(error_no, why), "attempts exhausted"));
+            }
+            step.job.attempts = attempts;
+            let id = job.id;
+            match phase {
+                Phase::Accepted => {
+                    step.enter(Phase::Downloading { offset: 0 }, "download started");
+                    step.job.attempts = 1;
+                    step.command(download(job, 0, Duration::ZERO));
+                }
+                Phase::Downloading { offset } => {
+                    step.log(format!("download resumed at byte {offset} (attempt {attempts})"), None);
+                    step.command(download(job, offset, Duration::ZERO));
+                }
+                Phase::Verifying => {
+                    step.log(format!("verification restarted (attempt {attempts})"), None);
+                    step.command(Command::Verify { job: id });
+                }
+                Phase::Flashing => {
+                    step.log(format!("flashing restarted (attempt {attempts})"), None);
+                    step.command(Command::Flash { job: id });
+                }
+                Phase::AwaitingReboot => {
+                    step.log(format!("checking the booted image (check {attempts})"), None);
+                    step.command(Command::CheckBoot { job: id });
+                }
+                Phase::Completed | Phase::Failed | Phase::Cancelled | Phase::RolledBack => {
+                    return Err(wrong())
+                }
+            }
+            Ok(step.done())
+        }
+        Event::Progress { bytes_done } => {
+            let Phase::Downloading { .. } = phase else {
+                return Err(wrong());
+            };
+            step.job.bytes_done = bytes_done.min(job.request.firmware.size);
+            step.maybe_progress();
+            Ok(step.done())
+        }
+        Event::Checkpoint { offset, validator } => {
+            let Phase::Downloading { .. } = phase else {
+                return Err(wrong());
+            };
+            let offset = offset.min(job.request.firmware.size);
+            step.job.phase = Phase::Downloading { offset };
+            step.job.bytes_done = job.bytes_done.max(offset);
+            if validator.is_some() {
+                step.job.validator = validator;
+            }
+            step.maybe_progress();
+            Ok(step.done())
+        }
+        Event::SourceChanged { validator } => {
+            let Phase::Downloading { .. } = phase else {
+                return Err(wrong());
+            };
+            step.job.phase = Phase::Downloading { offset: 0 };
+            step.job.bytes_done = 0;
+            step.job.validator = validator;
+            step.log(
+                "the file on the server changed; starting again from byte 0".into(),
+                None,
+            );
+            Ok(step.done())
+        }
+        Event::Downloaded => {
+            let Phase::Downloading { .. } = phase else {
+                return Err(wrong());
+            };
+            step.job.bytes_done = job.request.firmware.size;
+            step.enter(Phase::Verifying, "download complete");
+            step.command(Command::Verify { job: job.id });
+            Ok(step.done())
+        }
+        Event::DownloadFailed {
+            failure,
+            durable_offset,
+        } => {
+            let Phase::Downloading { offset } = phase else {
+                return Err(wrong());
+            };
+            let offset = offset.max(durable_offset).min(job.request.firmware.size);
+            step.job.last_error = Some(failure.description.clone());
+            if failure.retryable && job.attempts < policy.download_attempts {
+                let retry = job.attempts;
+                step.job.attempts += 1;
+                step.job.phase = Phase::Downloading { offset };
+                step.log(
+                    format!("retry {retry} from byte {offset}"),
+                    Some(failure.description.clone()),
+                );
+                step.command(download(&step.job, offset, policy.backoff(retry)));
+                return Ok(step.done());
+            }
+            Ok(step.fail(failure))
+        }
+        Event::Verified => {
+            if phase != Phase::Verifying {
+                return Err(wrong());
+            }
+            step.enter(Phase::Flashing, "size and md5 verified");
+            step.command(Command::Flash { job: job.id });
+            Ok(step.done())
+        }
+        Event::VerifyFailed { failure } => {
+            if phase != Phase::Verifying {
+                return Err(wrong());
+            }
+            Ok(step.fail(failure))
+        }
+        Event::Flashed { reboot } => {
+            if phase != Phase::Flashing {
+                return Err(wrong());
+            }
+            if reboot {
+                step.enter(Phase::AwaitingReboot, "image installed; reboot requested");
+                step.job.attempts = 0;
+                step.command(Command::Reboot { job: job.id });
+                return Ok(step.done());
+            }
+            Ok(step.finish(Phase::Completed, Outcome::ok(), "image installed"))
+        }
+        Event::FlashFailed { failure } => {
+            if phase != Phase::Flashing {
+                return Err(wrong());
+            }
+            Ok(step.fail(Failure {
+                error_no: result_no::FLASH_FAILED,
+                ..failure
+            }))
+        }
+        Event::Booted { ok, detail } => {
+            if phase != Phase::AwaitingReboot {
+                return Err(wrong());
+            }
+            if ok {
+                return Ok(step.finish(Phase::Completed, Outcome::ok(), "new image booted and committed"));
+            }
+            step.job.last_error = Some(detail.clone());
+            Ok(step.finish(
+                Phase::RolledBack,
+                Outcome::new(result_no::ROLLED_BACK, detail),
+                "new image rejected; rolled back",
+            ))
+        }
+        Event::Cancel => match phase {
+            Phase::Accepted | Phase::Downloading { .. } | Phase::Verifying => {
+                step.command(Command::Abort { job: job.id });
+                Ok(step.finish(
+                    Phase::Cancelled,
+                    Outcome::new(result_no::CANCELLED, "cancelled"),
+                    "cancel requested",
+                ))
+            }
+            Phase::Flashing | Phase::AwaitingReboot => Err(Refused::FlashingBegun(phase.name())),
+            Phase::Completed | Phase::Failed | Phase::Cancelled | Phase::RolledBack => {
+                Err(Refused::Ended(phase.name()))
+            }
+        },
+    }
+}
+
+fn download(job: &Job, offset: u64, delay: Duration) -> Command {
+    Command::Download {
+        job: job.id,
+        offset,
+        validator: job.validator.clone(),
+        delay,
+    }
+}
+
+/// A transition being built from one job.
+struct Step<'a> {
+    from: PhaseName,
+    job: Job,
+    now: OffsetDateTime,
+    policy: &'a Policy,
+    out: Transition,
+}
+
+impl<'a> Step<'a> {
+    fn new(job: &Job, now: OffsetDateTime, policy: &'a Policy) -> Self {
+        let mut job = job.clone();
+        job.updated_at = now;
+        Step {
+            from: job.phase.name(),
+            job,
+            now,
+            policy,
+            out: Transition::default(),
+        }
+    }
+
+    fn log(&mut self, event: String, error: Option<String>) {
+        self.out.log = Some(LogEntry {
+            at: self.now,
+            from: Some(self.from),
+            to: self.job.phase.name(),
+            event,
+            error,
+        });
+    }
+
+    fn command(&mut self, command: Command) {
+        self.out.commands.push(command);
+    }
+
+    /// Enter a working phase: logged, and always reported.
+    fn enter(&mut self, phase: Phase, why: &str) {
+        self.job.phase = phase;
+        self.job.attempts = 1;
+        self.log(why.to_string(), None);
+        self.progress_report();
+    }
+
+    fn progress_report(&mut self) {
+        let percent = self.job.percent();
+        self.job.last_progress = Some(ProgressMark {
+            percent,
+            phase: self.job.phase.name(),
+            at: self.now,
+        });
+        if self.policy.reports {
+            self.out.outbox.push(Outgoing::Progress {
+                subject: self.job.subject(),
+                phase: self.job.phase.name(),
+                bytes_done: self.job.bytes_done,
+                total_bytes: self.job.request.firmware.size,
+                percent,
+            });
+        }
+    }
+
+    /// Report progress if it grew by the step and the interval has passed.
+    fn maybe_progress(&mut self) {
+        let due = match self.job.last_progress {
+            None => true,
+            Some(mark) => {
+                mark.phase != self.job.phase.name()
+                    || (self.job.percent() >= mark.percent.saturating_add(self.policy.progress_step)
+                        && self.now - mark.at >= self.policy.progress_interval)
+            }
+        };
+        if due {
+            self.progress_report();
+        }
+    }
+
+    fn fail(self, failure: Failure) -> Transition {
+        let outcome = Outcome::new(failure.error_no, failure.description);
+        self.finish(Phase::Failed, outcome, "upgrade failed")
+    }
+
+    /// Enter a terminal phase: result recorded and reported once, partial
+    /// file removed.
+    fn finish(mut self, phase: Phase, result: Outcome, why: &str) -> Transition {
+        self.job.phase = phase;
+        let error = (!result.is_ok()).then(|| result.description.clone());
+        if error.is_some() {
+            self.job.last_error = error.clone();
+        }
+        self.job.result = Some(result.clone());
+        self.log(why.to_string(), error);
+        if self.policy.reports {
+            self.out.outbox.push(Outgoing::Result {
+                subject: self.job.subject(),
+                phase: phase.name(),
+                result,
+            });
+        }
+        self.command(Command::Cleanup { job: self.job.id });
+        self.done()
+    }
+
+    fn done(mut self) -> Transition {
+        self.out.job = Some(self.job);
+        self.out
+    }
+}

@@ -1,0 +1,341 @@
+//! What an upgrade is, and what the agent says about it.
+//!
+//! These are the types shared by the pure state machine ([`crate::machine`]),
+//! the store ([`crate::store`]) and the runtime's protocol module, which parses
+//! wire JSON into an [`UpgradeRequest`] and renders an [`Outgoing`] as JSON.
+//! Nothing here knows JSON text or does I/O.
+
+use crate::secret::Secret;
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use time::OffsetDateTime;
+
+/// The operator of the one request this agent serves.
+pub const OP_UPGRADE: &str = "setCloudUpgradeConfig";
+/// The operator of the progress report (device to cloud).
+pub const OP_PROGRESS: &str = "reportCloudUpgradeProgress";
+/// The operator of the result report (device to cloud).
+pub const OP_RESULT: &str = "reportCloudUpgradeResult";
+
+/// An upgrade's number in the store. Partial files are named after it, so a
+/// messageId never becomes a file name.
+pub type JobId = u64;
+
+/// How the firmware is fetched. `Https` and `Ftps` are extensions to the page.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Http,
+    Https,
+    Ftp,
+    Ftps,
+}
+
+impl Protocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Http => "http",
+            Protocol::Https => "https",
+            Protocol::Ftp => "ftp",
+            Protocol::Ftps => "ftps",
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Where the firmware is. `url` never carries user info: credentials live in
+/// `user` and `password` only.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Source {
+    pub protocol: Protocol,
+    pub host: String,
+    pub port: u16,
+    /// The directory on the server, as the request gave it.
+    pub path: String,
+    /// The file's full URL, built from the parts above (no user info).
+    pub url: String,
+    /// Decoded user name; empty means none (FTP: anonymous).
+    pub user: Secret,
+    /// Decoded password; empty means none.
+    pub password: Secret,
+}
+
+/// What the firmware must be.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Firmware {
+    /// A plain file name, trimmed.
+    pub name: String,
+    /// 32 lowercase hex digits.
+    pub md5: String,
+    /// Bytes; > 0.
+    pub size: u64,
+}
+
+/// A validated `setCloudUpgradeConfig` request.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpgradeRequest {
+    pub message_id: String,
+    pub session_id: String,
+    pub source: Source,
+    pub firmware: Firmware,
+    /// "Upgrade process credentials": echoed in this upgrade's reports only.
+    pub pass_port: Option<Secret>,
+}
+
+/// `{"errorNo": n, "description": "..."}`: the result of an ack or an upgrade.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Outcome {
+    #[serde(rename = "errorNo")]
+    pub error_no: u32,
+    pub description: String,
+}
+
+impl Outcome {
+    pub fn new(error_no: u32, description: impl Into<String>) -> Self {
+        Outcome {
+            error_no,
+            description: description.into(),
+        }
+    }
+
+    pub fn ok() -> Self {
+        Outcome::new(0, "ok")
+    }
+
+    pub fn is_ok(&self) -> bool {
+        self.error_no == 0
+    }
+}
+
+/// The ack numbers of PROTOCOL.md.
+pub mod ack_no {
+    pub const OK: u32 = 0;
+    pub const MALFORMED: u32 = 1;
+    pub const UNSUPPORTED_OPERATOR: u32 = 2;
+    pub const MISSING_FIELD: u32 = 3;
+    pub const INVALID_FIELD: u32 = 4;
+    pub const UNSUPPORTED_PROTOCOL: u32 = 5;
+    pub const BUSY: u32 = 6;
+    pub const NO_STORAGE: u32 = 7;
+    pub const STORE_FAILED: u32 = 8;
+}
+
+/// The result numbers of PROTOCOL.md (after the ack).
+pub mod result_no {
+    pub const OK: u32 = 0;
+    pub const CONNECT: u32 = 20;
+    pub const AUTH: u32 = 21;
+    pub const NOT_FOUND: u32 = 22;
+    pub const TRANSFER: u32 = 23;
+    pub const SIZE_MISMATCH: u32 = 30;
+    pub const MD5_MISMATCH: u32 = 31;
+    pub const NO_STORAGE: u32 = 40;
+    pub const FLASH_FAILED: u32 = 50;
+    pub const ROLLED_BACK: u32 = 51;
+    pub const CANCELLED: u32 = 60;
+}
+
+/// `setCloudUpgradeConfig-Ack` (or `<operator>-Ack`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ack {
+    /// The request's operator, without `-Ack` (`unknown` when unreadable).
+    pub operator: String,
+    pub session_id: String,
+    pub message_id: String,
+    pub result: Outcome,
+}
+
+/// What the report is about: the fields every report carries in `info`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReportSubject {
+    pub session_id: String,
+    pub request_message_id: String,
+    pub firmware_name: String,
+    pub md5: String,
+    pub pass_port: Option<Secret>,
+}
+
+/// A message the agent sends. Reports get their messageId when committed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Outgoing {
+    Ack(Ack),
+    Progress {
+        subject: ReportSubject,
+        phase: PhaseName,
+        bytes_done: u64,
+        total_bytes: u64,
+        percent: u8,
+    },
+    Result {
+        subject: ReportSubject,
+        phase: PhaseName,
+        result: Outcome,
+    },
+}
+
+/// An outgoing message as committed: in order, with its messageId fixed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutboxEntry {
+    pub seq: u64,
+    pub message_id: String,
+    pub job: Option<JobId>,
+    pub message: Outgoing,
+}
+
+/// Where an upgrade is. States carry their data.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "phase", rename_all = "snake_case")]
+pub enum Phase {
+    /// Recorded and acknowledged; the download has not started.
+    Accepted,
+    /// Fetching; `offset` is the durable prefix of the partial file.
+    Downloading { offset: u64 },
+    /// The whole file is here; size and md5 are being checked.
+    Verifying,
+    /// The verified image is being written to the flash target.
+    Flashing,
+    /// Installed into the other slot; waiting for the reboot into it.
+    AwaitingReboot,
+    Completed,
+    Failed,
+    Cancelled,
+    RolledBack,
+}
+
+/// A phase's name alone, as scripts see it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PhaseName {
+    Accepted,
+    Downloading,
+    Verifying,
+    Flashing,
+    AwaitingReboot,
+    Completed,
+    Failed,
+    Cancelled,
+    RolledBack,
+}
+
+impl PhaseName {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PhaseName::Accepted => "accepted",
+            PhaseName::Downloading => "downloading",
+            PhaseName::Verifying => "verifying",
+            PhaseName::Flashing => "flashing",
+            PhaseName::AwaitingReboot => "awaiting_reboot",
+            PhaseName::Completed => "completed",
+            PhaseName::Failed => "failed",
+            PhaseName::Cancelled => "cancelled",
+            PhaseName::RolledBack => "rolled_back",
+        }
+    }
+}
+
+impl fmt::Display for PhaseName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Phase {
+    pub fn name(self) -> PhaseName {
+        match self {
+            Phase::Accepted => PhaseName::Accepted,
+            Phase::Downloading { .. } => PhaseName::Downloading,
+            Phase::Verifying => PhaseName::Verifying,
+            Phase::Flashing => PhaseName::Flashing,
+            Phase::AwaitingReboot => PhaseName::AwaitingReboot,
+            Phase::Completed => PhaseName::Completed,
+            Phase::Failed => PhaseName::Failed,
+            Phase::Cancelled => PhaseName::Cancelled,
+            Phase::RolledBack => PhaseName::RolledBack,
+        }
+    }
+
+    pub fn is_terminal(self) -> bool {
+        match self {
+            Phase::Accepted
+            | Phase::Downloading { .. }
+            | Phase::Verifying
+            | Phase::Flashing
+            | Phase::AwaitingReboot => false,
+            Phase::Completed | Phase::Failed | Phase::Cancelled | Phase::RolledBack => true,
+        }
+    }
+}
+
+/// When the last progress report was queued, for throttling.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProgressMark {
+    pub percent: u8,
+    pub phase: PhaseName,
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+}
+
+/// One upgrade, as the store keeps it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Job {
+    pub id: JobId,
+    pub request: UpgradeRequest,
+    pub phase: Phase,
+    /// Starts of the current phase's work: retries and restarts both count.
+    pub attempts: u32,
+    /// Bytes fetched so far (may run ahead of the durable offset).
+    pub bytes_done: u64,
+    /// What identifies the server's file (ETag, Last-Modified, FTP SIZE/MDTM),
+    /// so a resume never splices two different files.
+    pub validator: Option<String>,
+    /// `None` until the phase is terminal.
+    pub result: Option<Outcome>,
+    /// The last error seen, retried or not.
+    pub last_error: Option<String>,
+    pub last_progress: Option<ProgressMark>,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub updated_at: OffsetDateTime,
+}
+
+impl Job {
+    pub fn subject(&self) -> ReportSubject {
+        ReportSubject {
+            session_id: self.request.session_id.clone(),
+            request_message_id: self.request.message_id.clone(),
+            firmware_name: self.request.firmware.name.clone(),
+            md5: self.request.firmware.md5.clone(),
+            pass_port: self.request.pass_port.clone(),
+        }
+    }
+
+    pub fn percent(&self) -> u8 {
+        percent(self.bytes_done, self.request.firmware.size)
+    }
+}
+
+/// `done` of `total` in whole percent, 0..=100.
+pub fn percent(done: u64, total: u64) -> u8 {
+    if total == 0 {
+        return 100;
+    }
+    (done.min(total) as u128 * 100 / total as u128) as u8
+}
+
+/// One line of an upgrade's transition log.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogEntry {
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+    pub from: Option<PhaseName>,
+    pub to: PhaseName,
+    /// What happened, in a few words (no secrets).
+    pub event: String,
+    pub error: Option<String>,
+}
