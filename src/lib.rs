@@ -1,9 +1,13 @@
 //! `fwagent`: the runtime of the firmware-upgrade agent.
 //!
 //! The decisions live in the `fwagent-state` crate; this crate parses the wire
-//! protocol ([`protocol`]), runs the actors that download, verify and flash,
-//! talks to the cloud over a transport, and serves the command line ([`cli`]).
+//! protocol ([`protocol`]), runs the actors that download, verify and flash
+//! ([`runtime`]), talks to the cloud over a transport, and serves the command
+//! line ([`cli`]).
 
 pub mod cli;
+pub mod crash;
+pub mod fsutil;
 pub mod logging;
 pub mod protocol;
+pub mod runtime;

@@ -1,5 +1,295 @@
-//! `fwagent run` (being written)
+//! `fwagent run`: the agent. Flags, an optional TOML file with the same keys
+//! (flags win), and the actix system that runs until stopped.
+
+use super::{exit, DEFAULT_STATE_DIR};
+use crate::protocol::ParseOptions;
+use crate::runtime::download::{Download, Fetchers};
+use crate::runtime::flash::{Flash, FlashSpec};
+use crate::runtime::http::HttpFetcher;
+use crate::runtime::messaging::{Messaging, Stdio, Transport};
+use crate::runtime::upgrade::{Upgrade, Wire};
+use crate::runtime::verify::Verify;
+use crate::runtime::{Paths, Transfer};
+use actix::prelude::*;
+use fwagent_state::{Policy, Protocol, Store};
+use serde::Deserialize;
+use std::path::PathBuf;
 use std::process::ExitCode;
-#[derive(clap::Args, Debug, Clone)]
-pub struct RunArgs {}
-pub fn main(_args: Box<RunArgs>) -> ExitCode { ExitCode::from(super::exit::USAGE) }
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(clap::Args, Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct RunArgs {
+    /// TOML file with the same keys as these flags; flags win.
+    #[arg(long, value_name = "FILE")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// Where the store, partial downloads and the control socket live
+    /// [default: /var/lib/fwagent].
+    #[arg(long, env = "FWAGENT_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Where requests come from and replies go: stdio or mqtt [default: stdio].
+    #[arg(long)]
+    pub transport: Option<String>,
+    /// mqtt://[user:pass@]host:port or mqtts://...
+    #[arg(long)]
+    pub mqtt_url: Option<String>,
+    /// This gateway's id, used in topics and report messageIds [default: the host name].
+    #[arg(long)]
+    pub device_id: Option<String>,
+    /// [default: devices/{deviceId}/request]
+    #[arg(long)]
+    pub request_topic: Option<String>,
+    /// [default: devices/{deviceId}/response]
+    #[arg(long)]
+    pub response_topic: Option<String>,
+    /// Where verified images go: file:PATH.
+    #[arg(long)]
+    pub flash: Option<String>,
+    /// Larger images are refused with errorNo 4 [default: 1 GiB].
+    #[arg(long, value_name = "BYTES")]
+    pub max_image_size: Option<u64>,
+    /// Command that turns non-text base64 credentials into text.
+    #[arg(long, value_name = "CMD")]
+    pub credentials_decoder: Option<String>,
+    /// Send acks only, no progress or result reports.
+    #[arg(long)]
+    #[serde(default)]
+    pub no_reports: bool,
+    /// Bytes between durable download checkpoints [default: 4 MiB].
+    #[arg(long, value_name = "BYTES")]
+    pub checkpoint_bytes: Option<u64>,
+    /// Seconds to wait for a connection [default: 10].
+    #[arg(long, value_name = "SECS")]
+    pub connect_timeout: Option<u64>,
+    /// Seconds without data before an attempt fails [default: 30].
+    #[arg(long, value_name = "SECS")]
+    pub idle_timeout: Option<u64>,
+    /// Download attempts, retries and restarts together [default: 6].
+    #[arg(long)]
+    pub download_attempts: Option<u32>,
+    /// First retry delay in milliseconds, doubled per retry [default: 1000].
+    #[arg(long, value_name = "MS")]
+    pub retry_base_ms: Option<u64>,
+    /// Redirects followed per attempt [default: 5].
+    #[arg(long)]
+    pub max_redirects: Option<u32>,
+}
+
+impl RunArgs {
+    /// Flags over the file's keys.
+    fn merged(self) -> Result<RunArgs, String> {
+        let Some(path) = &self.config else {
+            return Ok(self);
+        };
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read the config file {}: {e}", path.display()))?;
+        let file: RunArgs =
+            toml::from_str(&text).map_err(|e| format!("config file {}: {e}", path.display()))?;
+        Ok(RunArgs {
+            config: self.config,
+            state_dir: self.state_dir.or(file.state_dir),
+            transport: self.transport.or(file.transport),
+            mqtt_url: self.mqtt_url.or(file.mqtt_url),
+            device_id: self.device_id.or(file.device_id),
+            request_topic: self.request_topic.or(file.request_topic),
+            response_topic: self.response_topic.or(file.response_topic),
+            flash: self.flash.or(file.flash),
+            max_image_size: self.max_image_size.or(file.max_image_size),
+            credentials_decoder: self.credentials_decoder.or(file.credentials_decoder),
+            no_reports: self.no_reports || file.no_reports,
+            checkpoint_bytes: self.checkpoint_bytes.or(file.checkpoint_bytes),
+            connect_timeout: self.connect_timeout.or(file.connect_timeout),
+            idle_timeout: self.idle_timeout.or(file.idle_timeout),
+            download_attempts: self.download_attempts.or(file.download_attempts),
+            retry_base_ms: self.retry_base_ms.or(file.retry_base_ms),
+            max_redirects: self.max_redirects.or(file.max_redirects),
+        })
+    }
+}
+
+/// The agent's settings, defaults applied.
+pub struct AgentConfig {
+    pub paths: Paths,
+    pub device_id: String,
+    pub transport: String,
+    pub flash: FlashSpec,
+    pub parse: ParseOptions,
+    pub policy: Policy,
+    pub transfer: Transfer,
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "fwagent".to_string())
+}
+
+impl AgentConfig {
+    pub fn from_args(args: RunArgs) -> Result<AgentConfig, String> {
+        let a = args.merged()?;
+        let flash = a
+            .flash
+            .as_deref()
+            .ok_or("--flash is required: where verified images go (file:PATH)")?
+            .parse::<FlashSpec>()?;
+        let transport = a.transport.unwrap_or_else(|| "stdio".into());
+        if transport != "stdio" {
+            return Err(format!(
+                "transport `{transport}` is not built yet; use --transport stdio (see README, \"Not built yet\")"
+            ));
+        }
+        let defaults = Policy::default();
+        let transfer_defaults = Transfer::default();
+        Ok(AgentConfig {
+            paths: Paths {
+                state_dir: a.state_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
+            },
+            device_id: a.device_id.unwrap_or_else(host_name),
+            transport,
+            flash,
+            parse: ParseOptions {
+                max_image_size: a.max_image_size,
+                credentials_decoder: a.credentials_decoder,
+            },
+            policy: Policy {
+                download_attempts: a.download_attempts.unwrap_or(defaults.download_attempts).max(1),
+                backoff_base: a
+                    .retry_base_ms
+                    .map(Duration::from_millis)
+                    .unwrap_or(defaults.backoff_base),
+                reports: !a.no_reports,
+                ..defaults
+            },
+            transfer: Transfer {
+                checkpoint_bytes: a.checkpoint_bytes.unwrap_or(transfer_defaults.checkpoint_bytes),
+                connect_timeout: a
+                    .connect_timeout
+                    .map(Duration::from_secs)
+                    .unwrap_or(transfer_defaults.connect_timeout),
+                idle_timeout: a
+                    .idle_timeout
+                    .map(Duration::from_secs)
+                    .unwrap_or(transfer_defaults.idle_timeout),
+                max_redirects: a.max_redirects.unwrap_or(transfer_defaults.max_redirects),
+                ..transfer_defaults
+            },
+        })
+    }
+}
+
+pub fn main(args: Box<RunArgs>) -> ExitCode {
+    let config = match AgentConfig::from_args(*args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("fwagent run: {e}");
+            return ExitCode::from(exit::USAGE);
+        }
+    };
+    if let Err(e) = crate::fsutil::private_dir(&config.paths.state_dir)
+        .and_then(|()| crate::fsutil::private_dir(&config.paths.downloads()))
+    {
+        eprintln!(
+            "fwagent run: cannot create the state directory {}: {e}",
+            config.paths.state_dir.display()
+        );
+        return ExitCode::from(exit::UNREACHABLE);
+    }
+    let store = match Store::open(&config.paths.state_dir, &config.device_id) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("fwagent run: cannot open the store: {e}");
+            return ExitCode::from(exit::UNREACHABLE);
+        }
+    };
+    let system = System::new();
+    let started = system.block_on(async move { start(config, store) });
+    if let Err(e) = started {
+        eprintln!("fwagent run: {e}");
+        return ExitCode::from(exit::UNREACHABLE);
+    }
+    match system.run_with_code() {
+        Ok(0) => ExitCode::SUCCESS,
+        Ok(code) => ExitCode::from(code.clamp(1, 255) as u8),
+        Err(e) => {
+            eprintln!("fwagent run: {e}");
+            ExitCode::from(exit::UNREACHABLE)
+        }
+    }
+}
+
+/// Start every actor on an arbiter of its own and wire them together.
+fn start(config: AgentConfig, store: Store) -> Result<(), String> {
+    let fetchers = Fetchers::default()
+        .with(Protocol::Http, Arc::new(HttpFetcher::new(config.transfer.connect_timeout)))
+        .with(Protocol::Https, Arc::new(HttpFetcher::new(config.transfer.connect_timeout)));
+    let protocols = [Protocol::Http, Protocol::Https, Protocol::Ftp, Protocol::Ftps]
+        .into_iter()
+        .filter(|p| fetchers.supports(*p))
+        .collect();
+    let AgentConfig {
+        paths,
+        transport,
+        flash,
+        parse,
+        policy,
+        transfer,
+        ..
+    } = config;
+    let upgrade = Upgrade::start_in_arbiter(&Arbiter::new().handle(), move |_| {
+        Upgrade::new(store, policy, paths, parse, transfer, protocols)
+    });
+    let events = upgrade.clone().recipient();
+    let verify = {
+        let events = events.clone();
+        Verify::start_in_arbiter(&Arbiter::new().handle(), move |_| Verify::new(events))
+    };
+    let download = {
+        let (events, verify) = (events.clone(), verify.clone().recipient());
+        Download::start_in_arbiter(&Arbiter::new().handle(), move |_| {
+            Download::new(fetchers, events, verify)
+        })
+    };
+    let flash = {
+        let events = events.clone();
+        Flash::start_in_arbiter(&Arbiter::new().handle(), move |_| Flash::new(flash, events))
+    };
+    let transport: Box<dyn Transport> = match transport.as_str() {
+        "stdio" => Box::new(Stdio),
+        other => return Err(format!("unknown transport `{other}`")),
+    };
+    let messaging = {
+        let (inbox, closed, delivered) = (
+            upgrade.clone().recipient(),
+            upgrade.clone().recipient(),
+            upgrade.clone().recipient(),
+        );
+        Messaging::start_in_arbiter(&Arbiter::new().handle(), move |_| {
+            Messaging::new(transport, inbox, closed, delivered)
+        })
+    };
+    upgrade.do_send(Wire {
+        messaging: messaging.clone().recipient(),
+        listen: messaging.recipient(),
+        download: download.clone().recipient(),
+        abort: download.recipient(),
+        verify: verify.recipient(),
+        flash: flash.recipient(),
+    });
+    actix_rt::spawn(async {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => {},
+            _ = int.recv() => {},
+        }
+        tracing::info!("signal received; stopping (every step so far is committed)");
+        System::current().stop();
+    });
+    Ok(())
+}

@@ -22,7 +22,7 @@ pub const OP_RESULT: &str = "reportCloudUpgradeResult";
 pub type JobId = u64;
 
 /// How the firmware is fetched. `Https` and `Ftps` are extensions to the page.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     Http,
@@ -194,7 +194,9 @@ pub enum Phase {
     /// Recorded and acknowledged; the download has not started.
     Accepted,
     /// Fetching; `offset` is the durable prefix of the partial file.
-    Downloading { offset: u64 },
+    Downloading {
+        offset: u64,
+    },
     /// The whole file is here; size and md5 are being checked.
     Verifying,
     /// The verified image is being written to the flash target.

@@ -1,0 +1,461 @@
+//! The Download actor and what every protocol's fetcher writes through.
+//!
+//! A [`Fetcher`] (HTTP, FTP) knows its protocol only; the [`Sink`] it writes
+//! into does the rest, the same for every protocol: it appends to the partial
+//! file, never past the declared size, hands each chunk to the Verify actor,
+//! fsyncs and reports a checkpoint every `checkpoint_bytes`, and reports
+//! progress. The actor runs each transfer as a spawned task and reports how it
+//! ended as a [`JobEvent`]; a new `StartDownload` for the same job replaces
+//! the old task, so the command is idempotent.
+
+use super::verify::VerifyMsg;
+use super::{JobEvent, Transfer};
+use crate::crash;
+use actix::prelude::*;
+use bytes::{Bytes, BytesMut};
+use fwagent_state::{result_no, Event, Failure, Firmware, JobId, Protocol, Source};
+use std::collections::{HashMap, VecDeque};
+use std::fs::{File, OpenOptions};
+use std::future::Future;
+use std::io::{self, Write};
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// A boxed future, for the object-safe fetcher trait.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// What a fetcher needs to know.
+#[derive(Clone, Debug)]
+pub struct FetchJob {
+    pub job: JobId,
+    pub source: Source,
+    pub firmware: Firmware,
+    pub transfer: Transfer,
+}
+
+/// One protocol's way of fetching a file.
+pub trait Fetcher: Send + Sync + 'static {
+    /// Fetch `job.source` from `sink.offset()` to the end, writing every byte
+    /// through `sink`. Resume from a non-zero offset only if the server's file
+    /// still matches `sink.validator()`; otherwise call [`Sink::restart`].
+    /// Return once `sink.offset()` equals the firmware's size, or with the
+    /// failure in PROTOCOL.md's result numbers.
+    fn fetch<'a>(&'a self, job: &'a FetchJob, sink: &'a mut Sink) -> BoxFuture<'a, Result<(), Failure>>;
+}
+
+/// Chunks handed to the verifier before we wait for it to catch up.
+const VERIFY_WINDOW: usize = 8;
+/// Bytes gathered before a write to the partial file.
+const WRITE_BATCH: usize = 256 << 10;
+
+/// The partial file, the verifier and the progress reports, as one writer.
+pub struct Sink {
+    job: JobId,
+    path: PathBuf,
+    file: File,
+    size: u64,
+    /// Bytes in the file (written, maybe not yet durable).
+    written: u64,
+    buf: BytesMut,
+    last_checkpoint: u64,
+    checkpoint_bytes: u64,
+    validator: Option<String>,
+    events: Recipient<JobEvent>,
+    verifier: Recipient<VerifyMsg>,
+    in_flight: VecDeque<actix::dev::RecipientRequest<VerifyMsg>>,
+    progress_every: Duration,
+    last_progress: Instant,
+    crossed_half: bool,
+}
+
+fn io_failure(what: &str, path: &std::path::Path, e: io::Error) -> Failure {
+    let no_space = e.raw_os_error() == Some(libc::ENOSPC) || e.raw_os_error() == Some(libc::EDQUOT);
+    if no_space {
+        return Failure::new(
+            result_no::NO_STORAGE,
+            format!("no space left writing {}", path.display()),
+            false,
+        );
+    }
+    Failure::new(
+        result_no::TRANSFER,
+        format!("{what} {}: {e}", path.display()),
+        false,
+    )
+}
+
+impl Sink {
+    /// Open the partial file cut back to `offset`, and prime the verifier
+    /// with that prefix. A file shorter than `offset` starts from zero.
+    pub fn open(
+        fetch: &FetchJob,
+        path: PathBuf,
+        offset: u64,
+        validator: Option<String>,
+        events: Recipient<JobEvent>,
+        verifier: Recipient<VerifyMsg>,
+    ) -> Result<Sink, Failure> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| io_failure("cannot create", dir, e))?;
+        }
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| io_failure("cannot open", &path, e))?;
+        let len = file
+            .metadata()
+            .map_err(|e| io_failure("cannot stat", &path, e))?
+            .len();
+        let mut offset = offset.min(fetch.firmware.size);
+        let mut validator = validator;
+        if len < offset {
+            tracing::warn!(upgrade = fetch.job, offset, len, "partial file shorter than its checkpoint; starting from zero");
+            offset = 0;
+            validator = None;
+            events.do_send(JobEvent {
+                job: fetch.job,
+                event: Event::SourceChanged { validator: None },
+            });
+        }
+        file.set_len(offset)
+            .map_err(|e| io_failure("cannot truncate", &path, e))?;
+        let mut file = file;
+        use std::io::Seek;
+        file.seek(io::SeekFrom::Start(offset))
+            .map_err(|e| io_failure("cannot seek", &path, e))?;
+        verifier.do_send(VerifyMsg::Prime {
+            job: fetch.job,
+            path: path.clone(),
+            len: offset,
+        });
+        Ok(Sink {
+            job: fetch.job,
+            path,
+            file,
+            size: fetch.firmware.size,
+            written: offset,
+            buf: BytesMut::with_capacity(WRITE_BATCH),
+            last_checkpoint: offset,
+            checkpoint_bytes: fetch.transfer.checkpoint_bytes.max(1),
+            validator,
+            events,
+            verifier,
+            in_flight: VecDeque::new(),
+            progress_every: fetch.transfer.progress_every,
+            last_progress: Instant::now(),
+            crossed_half: offset * 2 >= fetch.firmware.size,
+        })
+    }
+
+    /// Bytes received so far: where the transfer continues.
+    pub fn offset(&self) -> u64 {
+        self.written + self.buf.len() as u64
+    }
+
+    /// Bytes still expected.
+    pub fn remaining(&self) -> u64 {
+        self.size - self.offset()
+    }
+
+    /// What identified the server's file when the partial file was begun.
+    pub fn validator(&self) -> Option<&str> {
+        self.validator.as_deref()
+    }
+
+    /// Remember what identifies the server's file. It is committed at once
+    /// (with the last durable offset), so no resume can go without it.
+    pub fn set_validator(&mut self, validator: Option<String>) {
+        if validator == self.validator {
+            return;
+        }
+        self.validator = validator;
+        self.events.do_send(JobEvent {
+            job: self.job,
+            event: Event::Checkpoint {
+                offset: self.last_checkpoint,
+                validator: self.validator.clone(),
+            },
+        });
+    }
+
+    /// The server's file is not the one we began: drop what we have and
+    /// start again from byte zero.
+    pub fn restart(&mut self, validator: Option<String>) -> Result<(), Failure> {
+        tracing::info!(upgrade = self.job, "the server's file changed; starting from zero");
+        self.buf.clear();
+        self.file
+            .set_len(0)
+            .and_then(|_| {
+                use std::io::Seek;
+                self.file.seek(io::SeekFrom::Start(0)).map(|_| ())
+            })
+            .map_err(|e| io_failure("cannot truncate", &self.path, e))?;
+        self.written = 0;
+        self.last_checkpoint = 0;
+        self.validator = validator.clone();
+        self.verifier.do_send(VerifyMsg::Prime {
+            job: self.job,
+            path: self.path.clone(),
+            len: 0,
+        });
+        self.events.do_send(JobEvent {
+            job: self.job,
+            event: Event::SourceChanged { validator },
+        });
+        Ok(())
+    }
+
+    /// Append bytes. More than the declared size is a size mismatch.
+    pub async fn write(&mut self, mut data: Bytes) -> Result<(), Failure> {
+        if data.len() as u64 > self.remaining() {
+            return Err(Failure::new(
+                result_no::SIZE_MISMATCH,
+                format!(
+                    "size mismatch: the server sent more than the declared {} bytes",
+                    self.size
+                ),
+                false,
+            ));
+        }
+        while !data.is_empty() {
+            let room = WRITE_BATCH - self.buf.len();
+            let part = data.split_to(room.min(data.len()));
+            self.buf.extend_from_slice(&part);
+            if self.buf.len() >= WRITE_BATCH {
+                self.flush_buf().await?;
+            }
+        }
+        if self.written - self.last_checkpoint >= self.checkpoint_bytes {
+            self.checkpoint().await?;
+        }
+        if self.last_progress.elapsed() >= self.progress_every {
+            self.last_progress = Instant::now();
+            self.events.do_send(JobEvent {
+                job: self.job,
+                event: Event::Progress {
+                    bytes_done: self.offset(),
+                },
+            });
+        }
+        Ok(())
+    }
+
+    /// Write the gathered bytes to the file and hand them to the verifier.
+    async fn flush_buf(&mut self) -> Result<(), Failure> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let chunk = self.buf.split().freeze();
+        self.file
+            .write_all(&chunk)
+            .map_err(|e| io_failure("cannot write", &self.path, e))?;
+        self.written += chunk.len() as u64;
+        if self.in_flight.len() >= VERIFY_WINDOW {
+            if let Some(oldest) = self.in_flight.pop_front() {
+                let _ = oldest.await;
+            }
+        }
+        self.in_flight.push_back(self.verifier.send(VerifyMsg::Chunk {
+            job: self.job,
+            data: chunk,
+        }));
+        if !self.crossed_half && self.written * 2 >= self.size {
+            self.crossed_half = true;
+            crash::point("mid-download");
+        }
+        Ok(())
+    }
+
+    /// Make everything written durable, and return the durable offset.
+    async fn sync(&mut self) -> Result<u64, Failure> {
+        self.flush_buf().await?;
+        self.file
+            .sync_data()
+            .map_err(|e| io_failure("cannot fsync", &self.path, e))?;
+        Ok(self.written)
+    }
+
+    /// fsync, then report the offset for commit.
+    async fn checkpoint(&mut self) -> Result<(), Failure> {
+        let offset = self.sync().await?;
+        crash::point("after-checkpoint-fsync");
+        self.last_checkpoint = offset;
+        self.events.do_send(JobEvent {
+            job: self.job,
+            event: Event::Checkpoint {
+                offset,
+                validator: self.validator.clone(),
+            },
+        });
+        Ok(())
+    }
+
+    /// The transfer is over: make it durable and let the verifier catch up.
+    async fn complete(&mut self) -> Result<(), Failure> {
+        self.sync().await?;
+        while let Some(pending) = self.in_flight.pop_front() {
+            let _ = pending.await;
+        }
+        Ok(())
+    }
+}
+
+/// Start (or restart) a job's transfer.
+#[derive(Message, Clone, Debug)]
+#[rtype(result = "()")]
+pub struct StartDownload {
+    pub fetch: FetchJob,
+    pub part: PathBuf,
+    pub offset: u64,
+    pub validator: Option<String>,
+    pub delay: Duration,
+}
+
+/// Stop a job's transfer, if one runs.
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct AbortDownload {
+    pub job: JobId,
+}
+
+/// Fetchers by protocol.
+#[derive(Clone, Default)]
+pub struct Fetchers(HashMap<Protocol, Arc<dyn Fetcher>>);
+
+impl Fetchers {
+    pub fn with(mut self, protocol: Protocol, fetcher: Arc<dyn Fetcher>) -> Self {
+        self.0.insert(protocol, fetcher);
+        self
+    }
+
+    pub fn supports(&self, protocol: Protocol) -> bool {
+        self.0.contains_key(&protocol)
+    }
+}
+
+pub struct Download {
+    fetchers: Fetchers,
+    events: Recipient<JobEvent>,
+    verifier: Recipient<VerifyMsg>,
+    running: HashMap<JobId, tokio::task::JoinHandle<()>>,
+}
+
+impl Download {
+    pub fn new(fetchers: Fetchers, events: Recipient<JobEvent>, verifier: Recipient<VerifyMsg>) -> Self {
+        Download {
+            fetchers,
+            events,
+            verifier,
+            running: HashMap::new(),
+        }
+    }
+}
+
+impl Actor for Download {
+    type Context = Context<Self>;
+}
+
+impl Handler<StartDownload> for Download {
+    type Result = ();
+
+    fn handle(&mut self, msg: StartDownload, _ctx: &mut Context<Self>) {
+        let job = msg.fetch.job;
+        if let Some(old) = self.running.remove(&job) {
+            old.abort();
+        }
+        let events = self.events.clone();
+        let verifier = self.verifier.clone();
+        let fetcher = self.fetchers.0.get(&msg.fetch.source.protocol).cloned();
+        let task = actix_rt::spawn(async move {
+            if !msg.delay.is_zero() {
+                tokio::time::sleep(msg.delay).await;
+            }
+            let event = run(msg, fetcher, events.clone(), verifier).await;
+            events.do_send(JobEvent { job, event });
+        });
+        self.running.retain(|_, t| !t.is_finished());
+        self.running.insert(job, task);
+    }
+}
+
+impl Handler<AbortDownload> for Download {
+    type Result = ();
+
+    fn handle(&mut self, msg: AbortDownload, _ctx: &mut Context<Self>) {
+        if let Some(task) = self.running.remove(&msg.job) {
+            task.abort();
+            tracing::info!(upgrade = msg.job, "download aborted");
+        }
+        self.verifier.do_send(VerifyMsg::Forget { job: msg.job });
+    }
+}
+
+/// One transfer attempt, start to end, as the event that reports it.
+async fn run(
+    msg: StartDownload,
+    fetcher: Option<Arc<dyn Fetcher>>,
+    events: Recipient<JobEvent>,
+    verifier: Recipient<VerifyMsg>,
+) -> Event {
+    let Some(fetcher) = fetcher else {
+        return Event::DownloadFailed {
+            failure: Failure::new(
+                result_no::TRANSFER,
+                format!("no downloader for {}", msg.fetch.source.protocol),
+                false,
+            ),
+            durable_offset: msg.offset,
+        };
+    };
+    let mut sink = match Sink::open(&msg.fetch, msg.part, msg.offset, msg.validator, events, verifier) {
+        Ok(sink) => sink,
+        Err(failure) => {
+            return Event::DownloadFailed {
+                failure,
+                durable_offset: 0,
+            }
+        }
+    };
+    tracing::info!(upgrade = msg.fetch.job, offset = sink.offset(), url = %msg.fetch.source.url, "download starting");
+    let fetched = if sink.remaining() == 0 {
+        Ok(())
+    } else {
+        fetcher.fetch(&msg.fetch, &mut sink).await
+    };
+    let fetched = fetched.and_then(|()| {
+        if sink.remaining() == 0 {
+            Ok(())
+        } else {
+            Err(Failure::new(
+                result_no::TRANSFER,
+                format!("transfer ended at byte {} of {}", sink.offset(), sink.size),
+                true,
+            ))
+        }
+    });
+    match fetched {
+        Ok(()) => match sink.complete().await {
+            Ok(()) => {
+                crash::point("after-download");
+                Event::Downloaded
+            }
+            Err(failure) => Event::DownloadFailed {
+                failure,
+                durable_offset: sink.last_checkpoint,
+            },
+        },
+        Err(failure) => {
+            tracing::warn!(upgrade = msg.fetch.job, error = %failure.description, "download attempt failed");
+            let durable_offset = sink.sync().await.unwrap_or(sink.last_checkpoint);
+            Event::DownloadFailed {
+                failure,
+                durable_offset,
+            }
+        }
+    }
+}

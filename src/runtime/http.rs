@@ -1,0 +1,275 @@
+//! HTTP(S) downloads with hyper 1.
+//!
+//! Resumes with `Range` plus `If-Range` (a strong ETag, else Last-Modified),
+//! so a file that changed on the server is fetched again from zero instead of
+//! being spliced. Follows redirects on the same host only (at most
+//! `max_redirects`); any other host is refused. Every wait is bounded: the
+//! connect by `connect_timeout`, the response head and each body frame by
+//! `idle_timeout`. Status codes map to PROTOCOL.md: 401/403 → 21, 404/410 →
+//! 22, 5xx and timeouts → 23 (retryable), unreachable → 20 (retryable).
+
+use super::download::{BoxFuture, FetchJob, Fetcher, Sink};
+use base64::Engine;
+use bytes::Bytes;
+use fwagent_state::{result_no, Failure};
+use http_body_util::{BodyExt, Empty};
+use hyper::header::{self, HeaderValue};
+use hyper::{Request, StatusCode};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use std::time::Duration;
+use tokio::time::timeout;
+
+pub struct HttpFetcher {
+    client: Client<HttpsConnector<HttpConnector>, Empty<Bytes>>,
+}
+
+impl HttpFetcher {
+    pub fn new(connect_timeout: Duration) -> Self {
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_connect_timeout(Some(connect_timeout));
+        http.set_nodelay(true);
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_provider_and_webpki_roots(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+            .expect("the ring provider supports the default TLS versions")
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .build(https);
+        HttpFetcher { client }
+    }
+}
+
+fn transfer(description: String, retryable: bool) -> Failure {
+    Failure::new(result_no::TRANSFER, description, retryable)
+}
+
+/// The total size in a `Content-Range: bytes a-b/total` header, with its start.
+fn content_range(value: &HeaderValue) -> Option<(u64, u64)> {
+    let v = value.to_str().ok()?.strip_prefix("bytes ")?;
+    let (range, total) = v.split_once('/')?;
+    let (start, _end) = range.split_once('-')?;
+    Some((start.trim().parse().ok()?, total.trim().parse().ok()?))
+}
+
+/// What identifies this version of the file: a strong ETag, else Last-Modified.
+fn validator_of(headers: &hyper::HeaderMap) -> Option<String> {
+    if let Some(etag) = headers.get(header::ETAG).and_then(|v| v.to_str().ok()) {
+        if !etag.starts_with("W/") {
+            return Some(etag.to_string());
+        }
+    }
+    headers
+        .get(header::LAST_MODIFIED)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+}
+
+impl HttpFetcher {
+    async fn fetch_inner(&self, job: &FetchJob, sink: &mut Sink) -> Result<(), Failure> {
+        let t = &job.transfer;
+        let mut url = url::Url::parse(&job.source.url)
+            .map_err(|e| transfer(format!("bad URL: {e}"), false))?;
+        let origin_host = url.host_str().map(str::to_string);
+        let mut redirects = 0;
+        let response = loop {
+            let offset = sink.offset();
+            let mut req = Request::get(url.as_str())
+                .header(header::USER_AGENT, concat!("fwagent/", env!("CARGO_PKG_VERSION")));
+            let user = job.source.user.expose();
+            if !user.is_empty() {
+                let pair = format!("{}:{}", user, job.source.password.expose());
+                let token = base64::engine::general_purpose::STANDARD.encode(pair);
+                req = req.header(header::AUTHORIZATION, format!("Basic {token}"));
+            }
+            if offset > 0 {
+                req = req.header(header::RANGE, format!("bytes={offset}-"));
+                if let Some(v) = sink.validator() {
+                    req = req.header(header::IF_RANGE, v);
+                }
+            }
+            let req = req
+                .body(Empty::new())
+                .map_err(|e| transfer(format!("cannot build the request: {e}"), false))?;
+            let wait = t.connect_timeout + t.idle_timeout;
+            let resp = match timeout(wait, self.client.request(req)).await {
+                Err(_) => return Err(transfer(format!("no response within {wait:?}"), true)),
+                Ok(Err(e)) if e.is_connect() => {
+                    return Err(Failure::new(
+                        result_no::CONNECT,
+                        format!("cannot connect to {}: {}", host_port(&url), source_chain(&e)),
+                        true,
+                    ))
+                }
+                Ok(Err(e)) => {
+                    return Err(transfer(format!("request failed: {}", source_chain(&e)), true))
+                }
+                Ok(Ok(resp)) => resp,
+            };
+            if resp.status().is_redirection() {
+                let location = resp
+                    .headers()
+                    .get(header::LOCATION)
+                    .and_then(|v| v.to_str().ok())
+                    .ok_or_else(|| transfer(format!("{} without a Location", resp.status()), false))?;
+                let next = url
+                    .join(location)
+                    .map_err(|e| transfer(format!("bad redirect: {e}"), false))?;
+                redirects += 1;
+                if redirects > t.max_redirects {
+                    return Err(transfer(format!("more than {} redirects", t.max_redirects), false));
+                }
+                if next.host_str().map(str::to_string) != origin_host {
+                    return Err(transfer(
+                        format!(
+                            "redirect to another host ({}) refused",
+                            next.host_str().unwrap_or("?")
+                        ),
+                        false,
+                    ));
+                }
+                url = next;
+                continue;
+            }
+            break resp;
+        };
+        let status = response.status();
+        let offset = sink.offset();
+        let size = job.firmware.size;
+        match status {
+            StatusCode::OK => {
+                let length = response
+                    .headers()
+                    .get(header::CONTENT_LENGTH)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<u64>().ok());
+                if let Some(length) = length {
+                    if length != size {
+                        return Err(Failure::new(
+                            result_no::SIZE_MISMATCH,
+                            format!("size mismatch: the server's file is {length} bytes, expected {size}"),
+                            false,
+                        ));
+                    }
+                }
+                let validator = validator_of(response.headers());
+                if offset > 0 {
+                    sink.restart(validator)?;
+                } else {
+                    sink.set_validator(validator);
+                }
+            }
+            StatusCode::PARTIAL_CONTENT => {
+                let (start, total) = response
+                    .headers()
+                    .get(header::CONTENT_RANGE)
+                    .and_then(content_range)
+                    .ok_or_else(|| transfer("206 without a valid Content-Range".into(), true))?;
+                if total != size {
+                    return Err(Failure::new(
+                        result_no::SIZE_MISMATCH,
+                        format!("size mismatch: the server's file is {total} bytes, expected {size}"),
+                        false,
+                    ));
+                }
+                if start != offset {
+                    return Err(transfer(
+                        format!("asked for byte {offset}, the server sent from {start}"),
+                        true,
+                    ));
+                }
+            }
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
+                return Err(Failure::new(
+                    result_no::AUTH,
+                    format!("the server refused the credentials ({status})"),
+                    false,
+                ))
+            }
+            StatusCode::NOT_FOUND | StatusCode::GONE => {
+                return Err(Failure::new(
+                    result_no::NOT_FOUND,
+                    format!("file not found on the server ({status})"),
+                    false,
+                ))
+            }
+            s => return Err(transfer(format!("the server answered {s}"), s.is_server_error())),
+        }
+        let mut body = response.into_body();
+        loop {
+            let frame = match timeout(t.idle_timeout, body.frame()).await {
+                Err(_) => {
+                    return Err(transfer(
+                        format!("no data for {:?} at byte {}", t.idle_timeout, sink.offset()),
+                        true,
+                    ))
+                }
+                Ok(None) => break,
+                Ok(Some(Err(e))) => {
+                    return Err(transfer(
+                        format!("connection lost at byte {}: {e}", sink.offset()),
+                        true,
+                    ))
+                }
+                Ok(Some(Ok(frame))) => frame,
+            };
+            if let Ok(data) = frame.into_data() {
+                sink.write(data).await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn host_port(url: &url::Url) -> String {
+    format!(
+        "{}:{}",
+        url.host_str().unwrap_or("?"),
+        url.port_or_known_default().unwrap_or(0)
+    )
+}
+
+/// An error and its causes, one line (hyper's outer errors say little).
+fn source_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
+}
+
+impl Fetcher for HttpFetcher {
+    fn fetch<'a>(&'a self, job: &'a FetchJob, sink: &'a mut Sink) -> BoxFuture<'a, Result<(), Failure>> {
+        Box::pin(self.fetch_inner(job, sink))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn content_range_parses() {
+        let v = HeaderValue::from_static("bytes 100-199/1000");
+        assert_eq!(content_range(&v), Some((100, 1000)));
+        assert_eq!(content_range(&HeaderValue::from_static("bytes */1000")), None);
+    }
+
+    #[test]
+    fn weak_etags_are_not_validators() {
+        let mut h = hyper::HeaderMap::new();
+        h.insert(header::ETAG, HeaderValue::from_static("W/\"abc\""));
+        h.insert(header::LAST_MODIFIED, HeaderValue::from_static("Mon, 01 Jan 2024 00:00:00 GMT"));
+        assert_eq!(validator_of(&h).as_deref(), Some("Mon, 01 Jan 2024 00:00:00 GMT"));
+        h.insert(header::ETAG, HeaderValue::from_static("\"abc\""));
+        assert_eq!(validator_of(&h).as_deref(), Some("\"abc\""));
+    }
+}

@@ -1,0 +1,102 @@
+//! The agent at run time: actix actors around the `fwagent-state` machine.
+//!
+//! ```text
+//!  transport ─IncomingRequest─▶ Upgrade (store owner) ─Outbound─▶ Messaging ─▶ transport
+//!                                 │  ▲ JobEvent
+//!                                 ├──┼──▶ Download ──Chunk──▶ Verify
+//!                                 └──┴──▶ Flash
+//! ```
+//!
+//! Each actor runs on an arbiter (thread) of its own, so a slow fsync in one
+//! never stalls another. Only [`upgrade::Upgrade`] writes the store; the
+//! others report what happened as [`JobEvent`]s. Messages are defined here so
+//! that every actor names its peers only as `Recipient<M>`.
+
+pub mod download;
+pub mod flash;
+pub mod http;
+pub mod messaging;
+pub mod upgrade;
+pub mod verify;
+
+use actix::prelude::*;
+use fwagent_state::{Ack, Event, JobId};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// A request as it came off the wire.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct IncomingRequest {
+    pub bytes: Vec<u8>,
+    /// Told the ack once the decision is committed (control socket `submit`,
+    /// MQTT manual acknowledgement).
+    pub reply: Option<tokio::sync::oneshot::Sender<Ack>>,
+}
+
+/// Something happened to an upgrade.
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct JobEvent {
+    pub job: JobId,
+    pub event: Event,
+}
+
+/// The transport confirmed an outgoing message.
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct Delivered {
+    pub seq: u64,
+}
+
+/// The request source has ended (stdio EOF): take no new requests, finish.
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct InputClosed;
+
+/// Where the agent keeps its files inside the state directory.
+#[derive(Clone, Debug)]
+pub struct Paths {
+    pub state_dir: PathBuf,
+}
+
+impl Paths {
+    pub fn downloads(&self) -> PathBuf {
+        self.state_dir.join("downloads")
+    }
+
+    /// The partial (then complete) image of one upgrade.
+    pub fn part(&self, job: JobId) -> PathBuf {
+        self.downloads().join(format!("{job}.part"))
+    }
+
+    pub fn control_socket(&self) -> PathBuf {
+        self.state_dir.join("control.sock")
+    }
+}
+
+/// Limits of the transfer, all configurable.
+#[derive(Clone, Debug)]
+pub struct Transfer {
+    /// Bytes between two durable checkpoints.
+    pub checkpoint_bytes: u64,
+    pub connect_timeout: Duration,
+    /// No byte for this long fails the attempt.
+    pub idle_timeout: Duration,
+    /// Redirects followed per attempt.
+    pub max_redirects: u32,
+    /// Minimum interval between two progress events.
+    pub progress_every: Duration,
+}
+
+impl Default for Transfer {
+    fn default() -> Self {
+        Transfer {
+            checkpoint_bytes: 4 << 20,
+            connect_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(30),
+            max_redirects: 5,
+            progress_every: Duration::from_millis(500),
+        }
+    }
+}

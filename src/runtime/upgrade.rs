@@ -1,0 +1,373 @@
+//! The Upgrade actor: the only writer of the store.
+//!
+//! Every handler does the same three things, in this order (ARCHITECTURE.md,
+//! "Durability rules"): apply the event with the pure state machine, commit
+//! the result in one sled transaction (flushed), and only then send the
+//! outbox and start the commands. After a restart it re-sends the pending
+//! outbox and restarts the active upgrade's current phase.
+
+use super::download::{AbortDownload, FetchJob, StartDownload};
+use super::flash::FlashImage;
+use super::messaging::{Listen, Outbound};
+use super::verify::VerifyMsg;
+use super::{Delivered, IncomingRequest, InputClosed, JobEvent, Paths, Transfer};
+use crate::protocol::{self, ParseOptions};
+use crate::{crash, fsutil};
+use actix::prelude::*;
+use fwagent_state::{
+    ack_no, on_request, transition, Ack, Command, Event, Incoming, Job, OutboxEntry, Outcome,
+    Outgoing, Phase, Policy, Protocol, Store, Transition, OP_UPGRADE,
+};
+use std::collections::HashSet;
+use time::OffsetDateTime;
+
+/// The upgrade's peers, handed over once every actor runs.
+#[derive(Message, Clone)]
+#[rtype(result = "()")]
+pub struct Wire {
+    pub messaging: Recipient<Outbound>,
+    pub listen: Recipient<Listen>,
+    pub download: Recipient<StartDownload>,
+    pub abort: Recipient<AbortDownload>,
+    pub verify: Recipient<VerifyMsg>,
+    pub flash: Recipient<FlashImage>,
+}
+
+/// Outbox entries sent without a commit (the store itself failed) carry this
+/// sequence number and are never marked delivered.
+pub const UNCOMMITTED: u64 = u64::MAX;
+
+pub struct Upgrade {
+    store: Store,
+    policy: Policy,
+    paths: Paths,
+    parse: ParseOptions,
+    transfer: Transfer,
+    protocols: HashSet<Protocol>,
+    peers: Option<Wire>,
+    input_closed: bool,
+}
+
+impl Upgrade {
+    pub fn new(
+        store: Store,
+        policy: Policy,
+        paths: Paths,
+        parse: ParseOptions,
+        transfer: Transfer,
+        protocols: HashSet<Protocol>,
+    ) -> Self {
+        Upgrade {
+            store,
+            policy,
+            paths,
+            parse,
+            transfer,
+            protocols,
+            peers: None,
+            input_closed: false,
+        }
+    }
+
+    /// Commit `t`, then send its outbox and start its commands.
+    fn commit_and_dispatch(&mut self, t: Transition, ctx: &mut Context<Self>) -> Result<Vec<OutboxEntry>, String> {
+        let entries = self.store.commit(&t).map_err(|e| e.to_string())?;
+        if let Some(job) = &t.job {
+            if let Some(log) = &t.log {
+                tracing::info!(upgrade = %job.request.message_id, phase = %job.phase.name(), event = %log.event, error = log.error.as_deref().unwrap_or(""), "transition");
+            }
+        }
+        self.dispatch(&entries, &t, ctx);
+        Ok(entries)
+    }
+
+    fn dispatch(&mut self, entries: &[OutboxEntry], t: &Transition, ctx: &mut Context<Self>) {
+        let Some(peers) = self.peers.clone() else {
+            tracing::error!("upgrade actor not wired; dropping commands");
+            return;
+        };
+        for entry in entries {
+            peers.messaging.do_send(Outbound(entry.clone()));
+        }
+        for command in &t.commands {
+            self.run_command(command, t.job.as_ref(), &peers, ctx);
+        }
+        self.maybe_exit();
+    }
+
+    fn run_command(&mut self, command: &Command, job: Option<&Job>, peers: &Wire, ctx: &mut Context<Self>) {
+        let Some(job) = job else {
+            tracing::error!(?command, "command without its job; ignored");
+            return;
+        };
+        match command {
+            Command::Begin { job: id } => ctx.notify(JobEvent {
+                job: *id,
+                event: Event::Start,
+            }),
+            Command::Download {
+                job: id,
+                offset,
+                validator,
+                delay,
+            } => peers.download.do_send(StartDownload {
+                fetch: FetchJob {
+                    job: *id,
+                    source: job.request.source.clone(),
+                    firmware: job.request.firmware.clone(),
+                    transfer: self.transfer.clone(),
+                },
+                part: self.paths.part(*id),
+                offset: *offset,
+                validator: validator.clone(),
+                delay: *delay,
+            }),
+            Command::Verify { job: id } => peers.verify.do_send(VerifyMsg::Finish {
+                job: *id,
+                path: self.paths.part(*id),
+                firmware: job.request.firmware.clone(),
+            }),
+            Command::Flash { job: id } => peers.flash.do_send(FlashImage {
+                job: *id,
+                image: self.paths.part(*id),
+                firmware: job.request.firmware.clone(),
+            }),
+            Command::Reboot { job: id } => {
+                tracing::warn!(upgrade = id, "this flash backend cannot reboot; waiting for an external reboot");
+            }
+            Command::CheckBoot { job: id } => {
+                // Only A/B backends leave an upgrade awaiting a reboot, and
+                // none is built yet: say so rather than wait forever.
+                ctx.notify(JobEvent {
+                    job: *id,
+                    event: Event::Booted {
+                        ok: false,
+                        detail: "no boot-checking flash backend is configured".into(),
+                    },
+                });
+            }
+            Command::Abort { job: id } => peers.abort.do_send(AbortDownload { job: *id }),
+            Command::Cleanup { job: id } => {
+                let part = self.paths.part(*id);
+                match std::fs::remove_file(&part) {
+                    Ok(()) => tracing::debug!(upgrade = id, "partial file removed"),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => tracing::warn!(upgrade = id, path = %part.display(), error = %e, "cannot remove the partial file"),
+                }
+            }
+        }
+    }
+
+    /// With stdin closed: stop once nothing is under way and the outbox is empty.
+    fn maybe_exit(&self) {
+        if !self.input_closed {
+            return;
+        }
+        let idle = match self.store.active() {
+            Ok(None) => true,
+            Ok(Some(job)) => job.phase == Phase::AwaitingReboot,
+            Err(_) => true,
+        };
+        let flushed = self.store.pending_outbox().map(|p| p.is_empty()).unwrap_or(true);
+        if idle && flushed {
+            tracing::info!("input closed and nothing under way; exiting");
+            System::current().stop();
+        }
+    }
+
+    /// The answer when the store cannot record a decision: errorNo 8, sent
+    /// directly (there is no outbox to put it in).
+    fn store_failed(&self, incoming: &Incoming, error: String) -> Ack {
+        let (session_id, message_id) = match incoming {
+            Incoming::Valid(r) => (r.session_id.clone(), r.message_id.clone()),
+            Incoming::Invalid(a) => (a.session_id.clone(), a.message_id.clone()),
+        };
+        tracing::error!(%error, "the state store failed; request not accepted");
+        let ack = Ack {
+            operator: OP_UPGRADE.to_string(),
+            session_id,
+            message_id: message_id.clone(),
+            result: Outcome::new(ack_no::STORE_FAILED, format!("the state store failed: {error}")),
+        };
+        if let Some(peers) = &self.peers {
+            peers.messaging.do_send(Outbound(OutboxEntry {
+                seq: UNCOMMITTED,
+                message_id,
+                job: None,
+                message: Outgoing::Ack(ack.clone()),
+            }));
+        }
+        ack
+    }
+
+    /// Partial files of upgrades that are no longer under way.
+    fn remove_stale_parts(&self, active: Option<&Job>) {
+        let Ok(dir) = std::fs::read_dir(self.paths.downloads()) else {
+            return;
+        };
+        let keep = active.map(|j| format!("{}.part", j.id));
+        for entry in dir.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.ends_with(".part") && Some(&name) != keep.as_ref() {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+    }
+}
+
+impl Actor for Upgrade {
+    type Context = Context<Self>;
+}
+
+impl Handler<Wire> for Upgrade {
+    type Result = ();
+
+    fn handle(&mut self, wire: Wire, ctx: &mut Context<Self>) {
+        self.peers = Some(wire.clone());
+        match self.store.pending_outbox() {
+            Ok(pending) => {
+                if !pending.is_empty() {
+                    tracing::info!(count = pending.len(), "re-sending the pending outbox");
+                }
+                for entry in pending {
+                    wire.messaging.do_send(Outbound(entry));
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "cannot read the outbox"),
+        }
+        match self.store.active() {
+            Ok(active) => {
+                self.remove_stale_parts(active.as_ref());
+                if let Some(job) = active {
+                    tracing::info!(upgrade = %job.request.message_id, phase = %job.phase.name(), "resuming");
+                    ctx.notify(JobEvent {
+                        job: job.id,
+                        event: Event::Start,
+                    });
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "cannot read the active upgrade"),
+        }
+        wire.listen.do_send(Listen);
+    }
+}
+
+impl Handler<IncomingRequest> for Upgrade {
+    type Result = ();
+
+    fn handle(&mut self, msg: IncomingRequest, ctx: &mut Context<Self>) {
+        crash::point("before-request-commit");
+        let mut incoming = protocol::parse_request(&msg.bytes, &self.parse);
+        if let Incoming::Valid(req) = &incoming {
+            let protocol = req.source.protocol;
+            if !self.protocols.contains(&protocol) {
+                incoming = Incoming::Invalid(Ack {
+                    operator: OP_UPGRADE.to_string(),
+                    session_id: req.session_id.clone(),
+                    message_id: req.message_id.clone(),
+                    result: Outcome::new(
+                        ack_no::UNSUPPORTED_PROTOCOL,
+                        format!("unsupported protocol: {protocol} is not built into this agent"),
+                    ),
+                });
+            }
+        }
+        let free = fsutil::free_bytes(&self.paths.state_dir).ok();
+        let view = match self.store.request_view(incoming.message_id(), free) {
+            Ok(view) => view,
+            Err(e) => {
+                let ack = self.store_failed(&incoming, e.to_string());
+                if let Some(reply) = msg.reply {
+                    let _ = reply.send(ack);
+                }
+                return;
+            }
+        };
+        let t = on_request(&view, incoming.clone(), OffsetDateTime::now_utc());
+        let accepted = t.job.is_some();
+        let ack = t.outbox.iter().find_map(|o| match o {
+            Outgoing::Ack(a) => Some(a.clone()),
+            Outgoing::Progress { .. } | Outgoing::Result { .. } => None,
+        });
+        let entries = match self.store.commit(&t) {
+            Ok(entries) => entries,
+            Err(e) => {
+                let ack = self.store_failed(&incoming, e.to_string());
+                if let Some(reply) = msg.reply {
+                    let _ = reply.send(ack);
+                }
+                return;
+            }
+        };
+        if let (Some(ack), Some(job)) = (&ack, &t.job) {
+            tracing::info!(upgrade = %ack.message_id, job = job.id, "request accepted");
+        } else if let Some(ack) = &ack {
+            tracing::info!(upgrade = %ack.message_id, error_no = ack.result.error_no, description = %ack.result.description, "request answered");
+        }
+        if accepted {
+            crash::point("after-accept");
+        }
+        if let (Some(reply), Some(ack)) = (msg.reply, ack) {
+            let _ = reply.send(ack);
+        }
+        self.dispatch(&entries, &t, ctx);
+    }
+}
+
+impl Handler<JobEvent> for Upgrade {
+    type Result = ();
+
+    fn handle(&mut self, msg: JobEvent, ctx: &mut Context<Self>) {
+        let job = match self.store.job(msg.job) {
+            Ok(Some(job)) => job,
+            Ok(None) => {
+                tracing::warn!(job = msg.job, "event for an unknown upgrade; ignored");
+                return;
+            }
+            Err(e) => {
+                tracing::error!(job = msg.job, error = %e, "cannot read the upgrade");
+                return;
+            }
+        };
+        let is_checkpoint = matches!(msg.event, Event::Checkpoint { offset, .. } if offset > 0);
+        let t = match transition(&job, msg.event, OffsetDateTime::now_utc(), &self.policy) {
+            Ok(t) => t,
+            Err(refused) => {
+                tracing::debug!(upgrade = %job.request.message_id, %refused, "event ignored");
+                return;
+            }
+        };
+        if let Err(e) = self.commit_and_dispatch(t, ctx) {
+            // Nothing was committed and nothing started: the last durable
+            // state stands, and a restart resumes from it.
+            tracing::error!(upgrade = %job.request.message_id, error = %e, "cannot commit; stopping so a restart resumes from the store");
+            System::current().stop_with_code(3);
+            return;
+        }
+        if is_checkpoint {
+            crash::point("after-checkpoint");
+        }
+    }
+}
+
+impl Handler<Delivered> for Upgrade {
+    type Result = ();
+
+    fn handle(&mut self, msg: Delivered, _ctx: &mut Context<Self>) {
+        if msg.seq != UNCOMMITTED {
+            if let Err(e) = self.store.delivered(msg.seq) {
+                tracing::error!(seq = msg.seq, error = %e, "cannot mark a message delivered; it will be sent again");
+            }
+        }
+        self.maybe_exit();
+    }
+}
+
+impl Handler<InputClosed> for Upgrade {
+    type Result = ();
+
+    fn handle(&mut self, _msg: InputClosed, _ctx: &mut Context<Self>) {
+        self.input_closed = true;
+        self.maybe_exit();
+    }
+}
