@@ -1,0 +1,338 @@
+//! Upgrades over HTTP against the real nginx that `make test` starts: the
+//! seed's message end to end, kill -9 at random moments and at every named
+//! crash point, verification failures, a file that changes on the server
+//! between crash and resume, and duplicate messageIds.
+
+mod common;
+
+use common::*;
+use serde_json::Value;
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+const LONG: Duration = Duration::from_secs(120);
+
+/// The seed's first message, with its server rewritten to our nginx.
+fn seed_request(servers: &Servers, fw: &Firmware) -> Value {
+    let text = include_str!("../examples/requests/seed-1-ftp.json");
+    let mut req: Value = serde_json::from_str(text).expect("the seed example is JSON");
+    let server = &mut req["info"]["serverConfig"];
+    assert_eq!(server["host"], "127.0.0.1", "examples never name the seed's host");
+    server["protocol"] = "http".into();
+    server["port"] = servers.nginx_port.into();
+    server["path"] = "/".into();
+    server["userName"] = "".into();
+    server["password"] = "".into();
+    let file = &mut req["info"]["fileInfo"];
+    file["firmwareName"] = format!("{} ", fw.name).into(); // the seed's trailing space
+    file["md5sum"] = fw.md5.clone().into();
+    file["upgradeFileSize"] = fw.len.into();
+    req["messageId"] = format!("MID:{}", unique_name("seed")).into();
+    req
+}
+
+fn operator(v: &Value) -> &str {
+    v["operator"].as_str().unwrap_or_default()
+}
+
+/// The result reports among `lines`.
+fn results(lines: &[Value]) -> Vec<&Value> {
+    lines
+        .iter()
+        .filter(|v| operator(v) == "reportCloudUpgradeResult")
+        .collect()
+}
+
+fn no_env() -> HashMap<&'static str, &'static str> {
+    HashMap::new()
+}
+
+#[test]
+fn seed_message_installs_the_image() {
+    let servers = Servers::from_env();
+    let fw = servers.put_http("seed", 66143);
+    let dir = temp_dir();
+    let target = dir.path().join("flash.bin");
+    let req = seed_request(&servers, &fw);
+    let run = run_stdio_upgrade(&dir.path().join("state"), &target, std::slice::from_ref(&req), &no_env(), LONG);
+    assert_eq!(run.code(), Some(0), "{run}");
+    let lines = run.json_lines();
+    assert_eq!(operator(&lines[0]), "setCloudUpgradeConfig-Ack", "{run}");
+    assert_eq!(lines[0]["result"]["errorNo"], 0, "{run}");
+    assert_eq!(lines[0]["messageId"], req["messageId"]);
+    assert_eq!(lines[0]["sessionId"], req["sessionId"]);
+    assert_eq!(lines[0]["info"], "none");
+    let progress: Vec<_> = lines
+        .iter()
+        .filter(|v| operator(v) == "reportCloudUpgradeProgress")
+        .collect();
+    assert!(!progress.is_empty(), "no progress reports: {run}");
+    for p in &progress {
+        assert_eq!(p["info"]["requestMessageId"], req["messageId"]);
+        assert_eq!(p["info"]["totalBytes"], fw.len);
+    }
+    let results = results(&lines);
+    assert_eq!(results.len(), 1, "{run}");
+    assert_eq!(results[0]["result"]["errorNo"], 0, "{run}");
+    assert_eq!(results[0]["info"]["phase"], "completed");
+    assert_eq!(operator(lines.last().unwrap()), "reportCloudUpgradeResult", "the result comes last");
+    assert_eq!(md5_file(&target), fw.md5);
+    assert!(
+        !dir.path().join("state/downloads").read_dir().unwrap().any(|_| true),
+        "the partial file is removed once the upgrade ends"
+    );
+}
+
+#[test]
+fn basic_auth_credentials_are_sent_and_wrong_ones_refused() {
+    let servers = Servers::from_env();
+    let fw = servers.put_http("auth", 100_000);
+    let dir = temp_dir();
+    let target = dir.path().join("flash.bin");
+    let ok = servers.http_auth_request(&fw);
+    let run = run_stdio_upgrade(&dir.path().join("s1"), &target, &[ok], &no_env(), LONG);
+    assert_eq!(results(&run.json_lines())[0]["result"]["errorNo"], 0, "{run}");
+    assert_eq!(md5_file(&target), fw.md5);
+
+    let mut bad = servers.http_auth_request(&fw);
+    bad["info"]["serverConfig"]["password"] = b64("not-the-password").into();
+    let run = run_stdio_upgrade(&dir.path().join("s2"), &target, &[bad], &no_env(), LONG);
+    let lines = run.json_lines();
+    assert_eq!(results(&lines)[0]["result"]["errorNo"], 21, "{run}");
+    assert!(!run.stderr.contains(&servers.http_pass), "the password reached the log");
+}
+
+#[test]
+fn missing_file_and_dead_server_map_to_their_results() {
+    let servers = Servers::from_env();
+    let mut fw = servers.put_http("missing", 1000);
+    std::fs::remove_file(&fw.path).unwrap();
+    let dir = temp_dir();
+    let target = dir.path().join("flash.bin");
+    let run = run_stdio_upgrade(&dir.path().join("s1"), &target, &[servers.http_request(&fw)], &no_env(), LONG);
+    assert_eq!(results(&run.json_lines())[0]["result"]["errorNo"], 22, "{run}");
+
+    // Nothing listens on a port we just freed: 20 after the bounded retries.
+    fw.name = "x.bin".into();
+    let mut req = servers.http_request(&fw);
+    req["info"]["serverConfig"]["port"] = free_port().into();
+    let mut cmd = fwagent(["run", "--transport", "stdio", "--download-attempts", "3", "--retry-base-ms", "50", "--state-dir"]);
+    cmd.arg(dir.path().join("s2")).arg("--flash").arg(format!("file:{}", target.display()));
+    let started = Instant::now();
+    let run = run_with_timeout(cmd, format!("{req}\n").as_bytes(), LONG);
+    let lines = run.json_lines();
+    assert_eq!(results(&lines)[0]["result"]["errorNo"], 20, "{run}");
+    assert!(started.elapsed() < Duration::from_secs(30), "retries are bounded");
+    assert!(!target.exists(), "nothing is flashed");
+}
+
+#[test]
+fn wrong_md5_fails_with_31_and_leaves_the_target_alone() {
+    let servers = Servers::from_env();
+    let fw = servers.put_http("badmd5", 200_000);
+    let dir = temp_dir();
+    let target = dir.path().join("flash.bin");
+    std::fs::write(&target, b"the old image").unwrap();
+    let mut req = servers.http_request(&fw);
+    req["info"]["fileInfo"]["md5sum"] = "0123456789abcdef0123456789abcdef".into();
+    let run = run_stdio_upgrade(&dir.path().join("state"), &target, &[req], &no_env(), LONG);
+    let lines = run.json_lines();
+    let r = results(&lines);
+    assert_eq!(r.len(), 1, "{run}");
+    assert_eq!(r[0]["result"]["errorNo"], 31, "{run}");
+    assert_eq!(r[0]["info"]["phase"], "failed");
+    assert_eq!(std::fs::read(&target).unwrap(), b"the old image");
+}
+
+#[test]
+fn wrong_size_fails_with_30() {
+    let servers = Servers::from_env();
+    let fw = servers.put_http("badsize", 200_000);
+    let dir = temp_dir();
+    let target = dir.path().join("flash.bin");
+    for size in [199_999u64, 200_001] {
+        let mut req = servers.http_request(&fw);
+        req["info"]["fileInfo"]["upgradeFileSize"] = size.into();
+        let state = dir.path().join(format!("state-{size}"));
+        let run = run_stdio_upgrade(&state, &target, &[req], &no_env(), LONG);
+        assert_eq!(results(&run.json_lines())[0]["result"]["errorNo"], 30, "{run}");
+        assert!(!target.exists(), "nothing is flashed");
+    }
+}
+
+#[test]
+fn same_message_id_twice_gets_the_same_ack_and_one_download() {
+    let servers = Servers::from_env();
+    let fw = servers.put_http("dup", 300_000);
+    let dir = temp_dir();
+    let state = dir.path().join("state");
+    let target = dir.path().join("flash.bin");
+    let req = servers.http_request(&fw);
+    let run = run_stdio_upgrade(&state, &target, &[req.clone(), req.clone()], &no_env(), LONG);
+    let lines = run.json_lines();
+    let acks: Vec<_> = lines
+        .iter()
+        .filter(|v| operator(v) == "setCloudUpgradeConfig-Ack")
+        .collect();
+    assert_eq!(acks.len(), 2, "{run}");
+    assert_eq!(acks[0], acks[1]);
+    assert_eq!(acks[0]["result"]["errorNo"], 0);
+    assert_eq!(results(&lines).len(), 1, "{run}");
+
+    // Again after completion: the same ack, nothing new.
+    let run = run_stdio_upgrade(&state, &target, &[req], &no_env(), LONG);
+    let again = run.json_lines();
+    assert_eq!(again.len(), 1, "{run}");
+    assert_eq!(&again[0], acks[0]);
+    let gets = servers.nginx_requests(&fw.uri("/"));
+    assert_eq!(gets.len(), 1, "one download: {gets:#?}");
+}
+
+fn twelve_mib_upgrade(servers: &Servers, prefix: &str) -> (Firmware, Value) {
+    let fw = servers.put_http(prefix, 12 << 20);
+    let req = servers.http_request(&fw);
+    (fw, req)
+}
+
+/// All stdout lines of several runs, in order.
+fn all_lines(runs: &[Run]) -> Vec<Value> {
+    runs.iter().flat_map(|r| r.json_lines()).collect()
+}
+
+#[test]
+fn every_crash_point_recovers_to_a_completed_upgrade() {
+    let servers = Servers::from_env();
+    let points = [
+        "before-request-commit",
+        "after-accept",
+        "mid-download",
+        "after-checkpoint-fsync",
+        "after-checkpoint",
+        "after-download",
+        "mid-verify",
+        "mid-flash",
+        "after-flash",
+        "before-delivered",
+    ];
+    for point in points {
+        let (fw, req) = twelve_mib_upgrade(&servers, point);
+        let dir = temp_dir();
+        let state = dir.path().join("state");
+        let target = dir.path().join("flash.bin");
+        let env = HashMap::from([("FWAGENT_CRASH_AT", point)]);
+        let first = run_stdio_upgrade(&state, &target, std::slice::from_ref(&req), &env, LONG);
+        assert_eq!(first.signal(), Some(libc::SIGKILL), "{point}: the crash point fired: {first}");
+        // Over stdio a request read but never committed is gone: the cloud
+        // (or MQTT's redelivery) sends it again.
+        let again: Vec<Value> = if point == "before-request-commit" { vec![req.clone()] } else { vec![] };
+        let second = run_stdio_upgrade(&state, &target, &again, &no_env(), LONG);
+        assert_eq!(second.code(), Some(0), "{point}: {second}");
+        let lines = all_lines(&[first, second]);
+        let first_ack = lines.iter().position(|v| operator(v) == "setCloudUpgradeConfig-Ack");
+        let first_report = lines.iter().position(|v| operator(v).starts_with("report"));
+        assert!(first_ack.is_some() && first_ack < first_report, "{point}: the ack comes first: {lines:#?}");
+        let r = results(&lines);
+        assert!(!r.is_empty(), "{point}: a result was reported");
+        assert!(r.iter().all(|v| v["result"]["errorNo"] == 0 && v["messageId"] == r[0]["messageId"]), "{point}: one result, completed: {r:#?}");
+        assert_eq!(md5_file(&target), fw.md5, "{point}: the right image");
+    }
+}
+
+/// Spawn the agent and SIGKILL it after `after`; feed it `input` (then EOF).
+fn run_and_kill(state: &Path, target: &Path, input: &str, after: Duration) {
+    let mut cmd = fwagent(["run", "--transport", "stdio", "--checkpoint-bytes", "4194304", "--state-dir"]);
+    cmd.arg(state).arg("--flash").arg(format!("file:{}", target.display()));
+    cmd.stdin(Stdio::piped()).stdout(Stdio::null()).stderr(Stdio::null());
+    let mut child = cmd.spawn().expect("spawn fwagent");
+    let mut stdin = child.stdin.take().unwrap();
+    let _ = stdin.write_all(input.as_bytes());
+    drop(stdin);
+    std::thread::sleep(after);
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// A small deterministic generator, seeded from the clock (printed, so a
+/// failing run can be replayed with FWAGENT_TEST_SEED).
+struct XorShift(u64);
+
+impl XorShift {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+#[test]
+fn kill_9_at_random_moments_resumes_and_completes() {
+    let servers = Servers::from_env();
+    let size: u64 = 64 << 20;
+    let checkpoint: u64 = 4 << 20;
+    let fw = servers.put_http("kill9", size);
+    // Served at a limited rate, so the kills land across the whole download.
+    let mut req = servers.http_request(&fw);
+    req["info"]["serverConfig"]["path"] = "/slow8m/".into();
+    let uri = fw.uri("/slow8m/");
+    let dir = temp_dir();
+    let state = dir.path().join("state");
+    let target = dir.path().join("flash.bin");
+    let seed = std::env::var("FWAGENT_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64 | 1);
+    eprintln!("kill -9 test seed: {seed}");
+    let mut rng = XorShift(seed);
+    let kills = 30;
+    let input = format!("{req}\n");
+    for round in 0..kills {
+        let after = Duration::from_millis(50 + rng.next() % 400);
+        run_and_kill(&state, &target, if round == 0 { &input } else { "" }, after);
+    }
+    let last = run_stdio_upgrade(&state, &target, &[], &no_env(), Duration::from_secs(300));
+    assert_eq!(last.code(), Some(0), "{last}");
+    // The result may have been sent before the last kill: look in the store.
+    let status = run_fwagent(["status", "--json", "--state-dir", state.to_str().unwrap()], b"", LONG);
+    let job: Value = serde_json::from_str(status.stdout.trim()).unwrap_or_else(|e| panic!("{e}: {status}"));
+    assert_eq!(job["phase"], "completed", "{status}");
+    assert_eq!(md5_file(&target), fw.md5);
+    let sent = servers.nginx_body_bytes_sent(&uri);
+    eprintln!("served {sent} bytes for a {size}-byte image over {kills} kills");
+    assert!(
+        sent <= size + kills * checkpoint,
+        "resumed rather than restarted: served {sent} bytes, bound {}",
+        size + kills * checkpoint
+    );
+}
+
+#[test]
+fn a_file_changed_between_crash_and_resume_is_fetched_again_not_spliced() {
+    let servers = Servers::from_env();
+    // The request names image B; the server first has A (same size), then B.
+    let (mut fw, mut req) = twelve_mib_upgrade(&servers, "changed");
+    let a_md5 = fw.md5.clone();
+    let b_seed = fw.seed ^ 0xdead_beef;
+    let b_md5 = write_firmware(&temp_dir().path().join("b"), fw.len, b_seed);
+    assert_ne!(a_md5, b_md5);
+    req["info"]["fileInfo"]["md5sum"] = b_md5.clone().into();
+    let dir = temp_dir();
+    let state = dir.path().join("state");
+    let target = dir.path().join("flash.bin");
+    let env = HashMap::from([("FWAGENT_CRASH_AT", "after-checkpoint")]);
+    let first = run_stdio_upgrade(&state, &target, &[req], &env, LONG);
+    assert_eq!(first.signal(), Some(libc::SIGKILL), "{first}");
+    // Replace the file (a new mtime, so a new ETag and Last-Modified).
+    std::thread::sleep(Duration::from_millis(1100));
+    fw.rewrite(b_seed);
+    assert_eq!(fw.md5, b_md5);
+    let second = run_stdio_upgrade(&state, &target, &[], &no_env(), LONG);
+    let lines = second.json_lines();
+    let r = results(&lines);
+    assert_eq!(r.len(), 1, "{second}");
+    assert_eq!(r[0]["result"]["errorNo"], 0, "no splice of A and B: {second}");
+    assert_eq!(md5_file(&target), b_md5);
+}
