@@ -58,7 +58,9 @@ impl Default for Policy {
 impl Policy {
     /// The delay before retry number `retry` (1 = the first retry).
     pub fn backoff(&self, retry: u32) -> Duration {
-        let factor = 1u32.checked_shl(retry.saturating_sub(1)).unwrap_or(u32::MAX);
+        let factor = 1u32
+            .checked_shl(retry.saturating_sub(1))
+            .unwrap_or(u32::MAX);
         self.backoff_base
             .checked_mul(factor)
             .unwrap_or(self.backoff_max)
@@ -102,7 +104,9 @@ pub enum Event {
     /// accept, and after every restart of the agent. Counts as an attempt.
     Start,
     /// Bytes fetched so far (not yet durable).
-    Progress { bytes_done: u64 },
+    Progress {
+        bytes_done: u64,
+    },
     /// The partial file is fsynced up to `offset`.
     Checkpoint {
         offset: u64,
@@ -110,7 +114,9 @@ pub enum Event {
     },
     /// The server's file is not the one the partial file came from; the
     /// download starts again from zero.
-    SourceChanged { validator: Option<String> },
+    SourceChanged {
+        validator: Option<String>,
+    },
     /// Every byte is in the partial file, fsynced.
     Downloaded,
     /// The transfer failed; the partial file is durable up to `durable_offset`.
@@ -120,13 +126,22 @@ pub enum Event {
     },
     /// Size and md5 match.
     Verified,
-    VerifyFailed { failure: Failure },
+    VerifyFailed {
+        failure: Failure,
+    },
     /// The image is written and read back; `reboot` when the backend needs
     /// a reboot into the new image before it counts.
-    Flashed { reboot: bool },
-    FlashFailed { failure: Failure },
+    Flashed {
+        reboot: bool,
+    },
+    FlashFailed {
+        failure: Failure,
+    },
     /// After a reboot: did the new image boot and pass its health check?
-    Booted { ok: bool, detail: String },
+    Booted {
+        ok: bool,
+        detail: String,
+    },
     /// An operator or the cloud asked to stop.
     Cancel,
 }
@@ -354,7 +369,11 @@ pub fn transition(
                         return Err(wrong())
                     }
                 };
-                return Ok(step.finish(Phase::Failed, Outcome::new(error_no, why), "attempts exhausted"));
+                return Ok(step.finish(
+                    Phase::Failed,
+                    Outcome::new(error_no, why),
+                    "attempts exhausted",
+                ));
             }
             step.job.attempts = attempts;
             let id = job.id;
@@ -365,7 +384,10 @@ pub fn transition(
                     step.command(download(job, 0, Duration::ZERO));
                 }
                 Phase::Downloading { offset } => {
-                    step.log(format!("download resumed at byte {offset} (attempt {attempts})"), None);
+                    step.log(
+                        format!("download resumed at byte {offset} (attempt {attempts})"),
+                        None,
+                    );
                     step.command(download(job, offset, Duration::ZERO));
                 }
                 Phase::Verifying => {
@@ -377,7 +399,10 @@ pub fn transition(
                     step.command(Command::Flash { job: id });
                 }
                 Phase::AwaitingReboot => {
-                    step.log(format!("checking the booted image (check {attempts})"), None);
+                    step.log(
+                        format!("checking the booted image (check {attempts})"),
+                        None,
+                    );
                     step.command(Command::CheckBoot { job: id });
                 }
                 Phase::Completed | Phase::Failed | Phase::Cancelled | Phase::RolledBack => {
@@ -418,6 +443,9 @@ pub fn transition(
                 "the file on the server changed; starting again from byte 0".into(),
                 None,
             );
+            // Progress went back: say so, and move the throttle's mark with
+            // it, or nothing would be reported until the old percent is passed.
+            step.progress_report();
             Ok(step.done())
         }
         Event::Downloaded => {
@@ -491,7 +519,11 @@ pub fn transition(
                 return Err(wrong());
             }
             if ok {
-                return Ok(step.finish(Phase::Completed, Outcome::ok(), "new image booted and committed"));
+                return Ok(step.finish(
+                    Phase::Completed,
+                    Outcome::ok(),
+                    "new image booted and committed",
+                ));
             }
             step.job.last_error = Some(detail.clone());
             Ok(step.finish(
@@ -594,7 +626,8 @@ impl<'a> Step<'a> {
             None => true,
             Some(mark) => {
                 mark.phase != self.job.phase.name()
-                    || (self.job.percent() >= mark.percent.saturating_add(self.policy.progress_step)
+                    || (self.job.percent()
+                        >= mark.percent.saturating_add(self.policy.progress_step)
                         && self.now - mark.at >= self.policy.progress_interval)
             }
         };

@@ -1,0 +1,100 @@
+//! Builders shared by the state crate's integration tests: requests, jobs
+//! in a given phase, and a fixed clock.
+
+#![allow(dead_code)]
+
+use fwagent_state::{
+    Failure, Firmware, Incoming, Job, Outgoing, Phase, Protocol, Secret, Source, UpgradeRequest,
+};
+use time::macros::datetime;
+use time::{Duration, OffsetDateTime};
+
+/// The image size every test request asks for.
+pub const SIZE: u64 = 1000;
+
+/// A fixed start of time.
+pub fn t0() -> OffsetDateTime {
+    datetime!(2024-05-01 12:00:00 UTC)
+}
+
+/// `t0` plus `ms` milliseconds.
+pub fn at_ms(ms: i64) -> OffsetDateTime {
+    t0() + Duration::milliseconds(ms)
+}
+
+/// An md5 made of one repeated hex digit.
+pub fn md5(c: char) -> String {
+    c.to_string().repeat(32)
+}
+
+/// A valid request for `firmware.bin` of [`SIZE`] bytes.
+pub fn request(mid: &str, md5: &str) -> UpgradeRequest {
+    UpgradeRequest {
+        message_id: mid.to_string(),
+        session_id: format!("SID:{mid}"),
+        source: Source {
+            protocol: Protocol::Http,
+            host: "127.0.0.1".into(),
+            port: 8080,
+            path: "/fw/".into(),
+            url: "http://127.0.0.1:8080/fw/firmware.bin".into(),
+            user: Secret::new("user"),
+            password: Secret::new("hunter2"),
+        },
+        firmware: Firmware {
+            name: "firmware.bin".into(),
+            md5: md5.to_string(),
+            size: SIZE,
+        },
+        pass_port: Some(Secret::new("pass-port-secret")),
+    }
+}
+
+pub fn valid(mid: &str, md5: &str) -> Incoming {
+    Incoming::Valid(Box::new(request(mid, md5)))
+}
+
+/// A job in `phase`, as if accepted at `t0`, with no attempts yet made.
+pub fn job_in(phase: Phase) -> Job {
+    Job {
+        id: 1,
+        request: request("MID:req-1", &md5('a')),
+        phase,
+        attempts: 0,
+        bytes_done: 0,
+        validator: None,
+        result: None,
+        last_error: None,
+        last_progress: None,
+        created_at: t0(),
+        updated_at: t0(),
+    }
+}
+
+pub fn retryable(error_no: u32) -> Failure {
+    Failure::new(error_no, "connection reset", true)
+}
+
+pub fn fatal(error_no: u32) -> Failure {
+    Failure::new(error_no, "final failure", false)
+}
+
+/// The result reports in `out`: (phase, errorNo).
+pub fn results(out: &[Outgoing]) -> Vec<(fwagent_state::PhaseName, u32)> {
+    out.iter()
+        .filter_map(|m| match m {
+            Outgoing::Result { phase, result, .. } => Some((*phase, result.error_no)),
+            Outgoing::Ack(_) | Outgoing::Progress { .. } => None,
+        })
+        .collect()
+}
+
+/// The progress reports in `out`: (phase, percent).
+pub fn progress(out: &[Outgoing]) -> Vec<(fwagent_state::PhaseName, u8)> {
+    out.iter()
+        .filter_map(|m| match m {
+            Outgoing::Progress { phase, percent, .. } => Some((*phase, *percent)),
+            Outgoing::Ack(_) | Outgoing::Result { .. } => None,
+        })
+        .collect()
+}

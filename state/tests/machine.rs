@@ -1,0 +1,899 @@
+//! Unit tests of the pure state machine: every transition of `on_request`
+//! and `transition`, and every refusal.
+
+mod common;
+
+use common::*;
+use fwagent_state::{
+    ack_no, on_request, result_no, transition, Ack, Command, Event, Incoming, Job, Outcome,
+    Outgoing, Phase, PhaseName, Policy, ProgressMark, Refused, RequestView, Transition,
+};
+use std::time::Duration;
+
+fn policy() -> Policy {
+    Policy::default()
+}
+
+fn apply(job: &Job, event: Event, ms: i64) -> Transition {
+    transition(job, event, at_ms(ms), &policy()).expect("event applies")
+}
+
+fn job_after(job: &Job, event: Event, ms: i64) -> Job {
+    apply(job, event, ms).job.expect("a job record")
+}
+
+fn only_ack(t: &Transition) -> &Ack {
+    match t.outbox.as_slice() {
+        [Outgoing::Ack(ack)] => ack,
+        other => panic!("expected one ack, got {other:?}"),
+    }
+}
+
+/// A job that has just started downloading.
+fn downloading() -> Job {
+    job_after(&job_in(Phase::Accepted), Event::Start, 0)
+}
+
+fn at_phase(phase: Phase, attempts: u32) -> Job {
+    Job {
+        attempts,
+        ..job_in(phase)
+    }
+}
+
+// ---- on_request ---------------------------------------------------------------
+
+#[test]
+fn accept_records_job_log_ack_and_begins() {
+    let view = RequestView {
+        next_id: 7,
+        ..RequestView::default()
+    };
+    let t = on_request(&view, valid("MID:a", &md5('a')), t0());
+    let job = t.job.clone().expect("a job");
+    assert_eq!(job.id, 7);
+    assert_eq!(job.phase, Phase::Accepted);
+    assert_eq!(job.attempts, 0);
+    assert_eq!(job.result, None);
+    assert_eq!(job.created_at, t0());
+    let log = t.log.clone().expect("a log entry");
+    assert_eq!((log.from, log.to), (None, PhaseName::Accepted));
+    let ack = only_ack(&t);
+    assert_eq!(ack.message_id, "MID:a");
+    assert_eq!(ack.session_id, "SID:MID:a");
+    assert_eq!(ack.operator, "setCloudUpgradeConfig");
+    assert_eq!(ack.result, Outcome::ok());
+    assert_eq!(t.record_ack.as_ref(), Some(ack));
+    assert_eq!(t.commands, vec![Command::Begin { job: 7 }]);
+}
+
+#[test]
+fn duplicate_message_id_gets_the_same_ack_and_nothing_new() {
+    let first = on_request(&RequestView::default(), valid("MID:a", &md5('a')), t0());
+    let previous = first.record_ack.clone().expect("recorded");
+    let view = RequestView {
+        previous: Some(previous.clone()),
+        active: first.job.clone(),
+        next_id: 2,
+        free_bytes: Some(0),
+    };
+    // Even a different md5, or a malformed resend, gets the first answer.
+    for incoming in [
+        valid("MID:a", &md5('a')),
+        valid("MID:a", &md5('b')),
+        Incoming::Invalid(Ack {
+            operator: "setCloudUpgradeConfig".into(),
+            session_id: "SID:x".into(),
+            message_id: "MID:a".into(),
+            result: Outcome::new(ack_no::INVALID_FIELD, "info.fileInfo.md5sum: not hex"),
+        }),
+    ] {
+        let t = on_request(&view, incoming, at_ms(10));
+        assert_eq!(only_ack(&t), &previous);
+        assert_eq!(t.job, None);
+        assert_eq!(t.log, None);
+        assert_eq!(t.record_ack, None);
+        assert!(t.commands.is_empty());
+    }
+}
+
+#[test]
+fn empty_message_id_is_never_a_duplicate() {
+    let previous = Ack {
+        operator: "setCloudUpgradeConfig".into(),
+        session_id: String::new(),
+        message_id: String::new(),
+        result: Outcome::new(ack_no::MALFORMED, "not JSON"),
+    };
+    let view = RequestView {
+        previous: Some(previous),
+        ..RequestView::default()
+    };
+    let t = on_request(&view, valid("", &md5('a')), t0());
+    assert!(
+        t.job.is_some(),
+        "a request without messageId is decided afresh"
+    );
+}
+
+#[test]
+fn same_md5_as_active_is_ok_already_in_progress() {
+    let view = RequestView {
+        active: Some(downloading()),
+        next_id: 2,
+        ..RequestView::default()
+    };
+    let t = on_request(&view, valid("MID:b", &md5('a')), t0());
+    let ack = only_ack(&t);
+    assert_eq!(
+        ack.result,
+        Outcome::new(ack_no::OK, "ok: already in progress")
+    );
+    assert_eq!(ack.message_id, "MID:b");
+    assert_eq!(t.record_ack.as_ref(), Some(ack));
+    assert_eq!(t.job, None);
+    assert!(t.commands.is_empty());
+}
+
+#[test]
+fn another_md5_while_active_is_busy_6() {
+    let view = RequestView {
+        active: Some(downloading()),
+        next_id: 2,
+        ..RequestView::default()
+    };
+    let t = on_request(&view, valid("MID:b", &md5('b')), t0());
+    let ack = only_ack(&t);
+    assert_eq!(ack.result.error_no, ack_no::BUSY);
+    assert!(ack.result.description.contains("MID:req-1"), "{ack:?}");
+    assert_eq!(t.record_ack.as_ref(), Some(ack));
+    assert_eq!(t.job, None);
+}
+
+#[test]
+fn not_enough_storage_is_7_with_both_numbers() {
+    let view = RequestView {
+        free_bytes: Some(SIZE - 1),
+        next_id: 1,
+        ..RequestView::default()
+    };
+    let t = on_request(&view, valid("MID:a", &md5('a')), t0());
+    let ack = only_ack(&t);
+    assert_eq!(ack.result.error_no, ack_no::NO_STORAGE);
+    assert!(ack.result.description.contains(&SIZE.to_string()));
+    assert!(ack.result.description.contains(&(SIZE - 1).to_string()));
+    assert_eq!(t.record_ack.as_ref(), Some(ack));
+    assert_eq!(t.job, None);
+
+    for free in [Some(SIZE), None] {
+        let view = RequestView {
+            free_bytes: free,
+            ..RequestView::default()
+        };
+        let t = on_request(&view, valid("MID:a", &md5('a')), t0());
+        assert!(t.job.is_some(), "free {free:?} is enough");
+    }
+}
+
+#[test]
+fn busy_is_decided_before_storage() {
+    let view = RequestView {
+        active: Some(downloading()),
+        free_bytes: Some(0),
+        ..RequestView::default()
+    };
+    let t = on_request(&view, valid("MID:b", &md5('b')), t0());
+    assert_eq!(only_ack(&t).result.error_no, ack_no::BUSY);
+}
+
+#[test]
+fn rejection_is_sent_and_recorded() {
+    let rejection = Ack {
+        operator: "setCloudUpgradeConfig".into(),
+        session_id: "SID:1".into(),
+        message_id: "MID:bad".into(),
+        result: Outcome::new(ack_no::UNSUPPORTED_PROTOCOL, "gopher"),
+    };
+    let t = on_request(
+        &RequestView::default(),
+        Incoming::Invalid(rejection.clone()),
+        t0(),
+    );
+    assert_eq!(only_ack(&t), &rejection);
+    assert_eq!(t.record_ack, Some(rejection));
+    assert_eq!(t.job, None);
+    assert_eq!(t.log, None);
+    assert!(t.commands.is_empty());
+}
+
+#[test]
+fn rejection_without_message_id_is_sent_not_recorded() {
+    let rejection = Ack {
+        operator: "unknown".into(),
+        session_id: String::new(),
+        message_id: String::new(),
+        result: Outcome::new(ack_no::MALFORMED, "expected value at line 1 column 1"),
+    };
+    let t = on_request(
+        &RequestView::default(),
+        Incoming::Invalid(rejection.clone()),
+        t0(),
+    );
+    assert_eq!(only_ack(&t), &rejection);
+    assert_eq!(t.record_ack, None);
+}
+
+// ---- Start: first start, restarts, attempt bounds -------------------------------
+
+#[test]
+fn start_from_accepted_begins_the_download_and_reports_it() {
+    let t = apply(&job_in(Phase::Accepted), Event::Start, 5);
+    let job = t.job.clone().expect("job");
+    assert_eq!(job.phase, Phase::Downloading { offset: 0 });
+    assert_eq!(job.attempts, 1);
+    assert_eq!(job.updated_at, at_ms(5));
+    assert_eq!(
+        t.commands,
+        vec![Command::Download {
+            job: 1,
+            offset: 0,
+            validator: None,
+            delay: Duration::ZERO
+        }]
+    );
+    let log = t.log.expect("log");
+    assert_eq!(
+        (log.from, log.to),
+        (Some(PhaseName::Accepted), PhaseName::Downloading)
+    );
+    assert_eq!(progress(&t.outbox), vec![(PhaseName::Downloading, 0)]);
+}
+
+#[test]
+fn restart_while_downloading_resumes_at_the_committed_offset() {
+    let job = Job {
+        validator: Some("\"etag-1\"".into()),
+        bytes_done: 700,
+        ..at_phase(Phase::Downloading { offset: 512 }, 2)
+    };
+    let t = apply(&job, Event::Start, 0);
+    assert_eq!(t.job.as_ref().map(|j| j.attempts), Some(3));
+    assert_eq!(
+        t.commands,
+        vec![Command::Download {
+            job: 1,
+            offset: 512,
+            validator: Some("\"etag-1\"".into()),
+            delay: Duration::ZERO
+        }]
+    );
+    assert!(t.log.is_some());
+    assert!(t.outbox.is_empty());
+}
+
+#[test]
+fn restart_repeats_verify_flash_and_boot_check() {
+    for (phase, command) in [
+        (Phase::Verifying, Command::Verify { job: 1 }),
+        (Phase::Flashing, Command::Flash { job: 1 }),
+        (Phase::AwaitingReboot, Command::CheckBoot { job: 1 }),
+    ] {
+        let t = apply(&at_phase(phase, 1), Event::Start, 0);
+        let job = t.job.clone().expect("job");
+        assert_eq!(job.phase, phase);
+        assert_eq!(job.attempts, 2);
+        assert_eq!(t.commands, vec![command]);
+        assert!(t.log.is_some());
+    }
+}
+
+#[test]
+fn start_beyond_the_attempt_bound_fails_the_upgrade() {
+    let p = policy();
+    for (phase, bound, error_no) in [
+        (
+            Phase::Downloading { offset: 10 },
+            p.download_attempts,
+            result_no::TRANSFER,
+        ),
+        (Phase::Verifying, p.verify_attempts, result_no::TRANSFER),
+        (Phase::Flashing, p.flash_attempts, result_no::FLASH_FAILED),
+        (Phase::AwaitingReboot, p.boot_checks, result_no::ROLLED_BACK),
+    ] {
+        // The last allowed start still runs...
+        let t = apply(&at_phase(phase, bound - 1), Event::Start, 0);
+        assert_eq!(t.job.expect("job").phase, phase);
+        // ...one more gives up, with a result report.
+        let t = apply(&at_phase(phase, bound), Event::Start, 0);
+        let job = t.job.clone().expect("job");
+        assert_eq!(job.phase, Phase::Failed, "{phase:?}");
+        assert_eq!(job.result.as_ref().map(|r| r.error_no), Some(error_no));
+        assert_eq!(results(&t.outbox), vec![(PhaseName::Failed, error_no)]);
+        assert_eq!(t.commands, vec![Command::Cleanup { job: 1 }]);
+    }
+}
+
+#[test]
+fn download_attempts_are_bounded_across_restarts_and_retries() {
+    let p = policy();
+    let mut job = job_in(Phase::Accepted);
+    let mut starts = 0;
+    let mut ms = 0;
+    // Alternate a restart and a retryable failure until the machine gives up.
+    while !job.phase.is_terminal() {
+        ms += 1000;
+        let t = apply(&job, Event::Start, ms);
+        if t.commands
+            .iter()
+            .any(|c| matches!(c, Command::Download { .. }))
+        {
+            starts += 1;
+        }
+        job = t.job.expect("job");
+        if job.phase.is_terminal() {
+            break;
+        }
+        let t = apply(
+            &job,
+            Event::DownloadFailed {
+                failure: retryable(result_no::CONNECT),
+                durable_offset: 0,
+            },
+            ms + 1,
+        );
+        if t.commands
+            .iter()
+            .any(|c| matches!(c, Command::Download { .. }))
+        {
+            starts += 1;
+        }
+        job = t.job.expect("job");
+        assert!(job.attempts <= p.download_attempts);
+    }
+    assert_eq!(starts, p.download_attempts);
+    assert_eq!(job.phase, Phase::Failed);
+}
+
+// ---- downloading ----------------------------------------------------------------
+
+#[test]
+fn progress_needs_5_percent_and_2_seconds() {
+    let job = downloading(); // reported 0 % at t=0
+                             // 4 % later: nothing, however long after.
+    let t = apply(&job, Event::Progress { bytes_done: 40 }, 10_000);
+    assert!(t.outbox.is_empty());
+    assert_eq!(t.job.as_ref().map(|j| j.bytes_done), Some(40));
+    assert_eq!(t.log, None);
+    // 5 % but within 2 s: nothing.
+    let t = apply(&job, Event::Progress { bytes_done: 50 }, 1999);
+    assert!(t.outbox.is_empty());
+    // 5 % and 2 s: reported, and the mark moves.
+    let t = apply(&job, Event::Progress { bytes_done: 50 }, 2000);
+    assert_eq!(progress(&t.outbox), vec![(PhaseName::Downloading, 5)]);
+    let job = t.job.expect("job");
+    assert_eq!(
+        job.last_progress,
+        Some(ProgressMark {
+            percent: 5,
+            phase: PhaseName::Downloading,
+            at: at_ms(2000)
+        })
+    );
+    // The next one needs 10 % and 4 s.
+    assert!(apply(&job, Event::Progress { bytes_done: 99 }, 9000)
+        .outbox
+        .is_empty());
+    assert!(apply(&job, Event::Progress { bytes_done: 100 }, 3999)
+        .outbox
+        .is_empty());
+    assert_eq!(
+        progress(&apply(&job, Event::Progress { bytes_done: 100 }, 4000).outbox),
+        vec![(PhaseName::Downloading, 10)]
+    );
+}
+
+#[test]
+fn progress_is_clamped_to_the_size() {
+    let t = apply(&downloading(), Event::Progress { bytes_done: 5000 }, 3000);
+    assert_eq!(t.job.as_ref().map(|j| j.bytes_done), Some(SIZE));
+    assert_eq!(progress(&t.outbox), vec![(PhaseName::Downloading, 100)]);
+}
+
+#[test]
+fn phase_changes_are_always_reported() {
+    // Within 2 s and with no growth, each new phase is still reported.
+    let job = downloading();
+    let t = apply(&job, Event::Downloaded, 1);
+    assert_eq!(progress(&t.outbox), vec![(PhaseName::Verifying, 100)]);
+    let job = t.job.expect("job");
+    let t = apply(&job, Event::Verified, 2);
+    assert_eq!(progress(&t.outbox), vec![(PhaseName::Flashing, 100)]);
+    let job = t.job.expect("job");
+    let t = apply(&job, Event::Flashed { reboot: true }, 3);
+    assert_eq!(progress(&t.outbox), vec![(PhaseName::AwaitingReboot, 100)]);
+}
+
+#[test]
+fn checkpoint_moves_the_durable_offset_and_keeps_the_validator() {
+    let job = downloading();
+    let job = job_after(
+        &job,
+        Event::Checkpoint {
+            offset: 300,
+            validator: Some("v1".into()),
+        },
+        1,
+    );
+    assert_eq!(job.phase, Phase::Downloading { offset: 300 });
+    assert_eq!(job.bytes_done, 300);
+    assert_eq!(job.validator.as_deref(), Some("v1"));
+    let job = job_after(
+        &job,
+        Event::Checkpoint {
+            offset: 5000,
+            validator: None,
+        },
+        2,
+    );
+    assert_eq!(job.phase, Phase::Downloading { offset: SIZE });
+    assert_eq!(job.validator.as_deref(), Some("v1"));
+}
+
+#[test]
+fn source_changed_starts_again_from_zero_and_reports_it() {
+    let job = Job {
+        bytes_done: 800,
+        validator: Some("old".into()),
+        last_progress: Some(ProgressMark {
+            percent: 80,
+            phase: PhaseName::Downloading,
+            at: t0(),
+        }),
+        ..at_phase(Phase::Downloading { offset: 600 }, 1)
+    };
+    let t = apply(
+        &job,
+        Event::SourceChanged {
+            validator: Some("new".into()),
+        },
+        100,
+    );
+    let next = t.job.clone().expect("job");
+    assert_eq!(next.phase, Phase::Downloading { offset: 0 });
+    assert_eq!(next.bytes_done, 0);
+    assert_eq!(next.validator.as_deref(), Some("new"));
+    assert!(t.log.is_some());
+    // The cloud hears that progress went back to 0 %, and the throttle's
+    // mark follows, so the new download's progress is reported again.
+    assert_eq!(progress(&t.outbox), vec![(PhaseName::Downloading, 0)]);
+    let t = apply(&next, Event::Progress { bytes_done: 60 }, 2100);
+    assert_eq!(progress(&t.outbox), vec![(PhaseName::Downloading, 6)]);
+}
+
+#[test]
+fn downloaded_goes_to_verifying() {
+    let t = apply(&downloading(), Event::Downloaded, 1);
+    let job = t.job.clone().expect("job");
+    assert_eq!(job.phase, Phase::Verifying);
+    assert_eq!(job.bytes_done, SIZE);
+    assert_eq!(job.attempts, 1);
+    assert_eq!(t.commands, vec![Command::Verify { job: 1 }]);
+}
+
+#[test]
+fn retryable_download_failure_retries_with_backoff_from_the_durable_offset() {
+    let job = job_after(
+        &downloading(),
+        Event::Checkpoint {
+            offset: 200,
+            validator: Some("v".into()),
+        },
+        1,
+    );
+    let t = apply(
+        &job,
+        Event::DownloadFailed {
+            failure: retryable(result_no::TRANSFER),
+            durable_offset: 300,
+        },
+        2,
+    );
+    let next = t.job.clone().expect("job");
+    assert_eq!(next.phase, Phase::Downloading { offset: 300 });
+    assert_eq!(next.attempts, 2);
+    assert_eq!(next.last_error.as_deref(), Some("connection reset"));
+    assert_eq!(
+        t.commands,
+        vec![Command::Download {
+            job: 1,
+            offset: 300,
+            validator: Some("v".into()),
+            delay: policy().backoff(1)
+        }]
+    );
+    assert!(results(&t.outbox).is_empty());
+    // A smaller durable offset never moves the resume point back.
+    let t = apply(
+        &next,
+        Event::DownloadFailed {
+            failure: retryable(result_no::TRANSFER),
+            durable_offset: 0,
+        },
+        3,
+    );
+    assert_eq!(
+        t.job.expect("job").phase,
+        Phase::Downloading { offset: 300 }
+    );
+}
+
+#[test]
+fn final_download_failure_fails_with_its_number() {
+    for error_no in [
+        result_no::AUTH,
+        result_no::NOT_FOUND,
+        result_no::SIZE_MISMATCH,
+        result_no::NO_STORAGE,
+    ] {
+        let t = apply(
+            &downloading(),
+            Event::DownloadFailed {
+                failure: fatal(error_no),
+                durable_offset: 0,
+            },
+            1,
+        );
+        let job = t.job.clone().expect("job");
+        assert_eq!(job.phase, Phase::Failed);
+        assert_eq!(job.result, Some(Outcome::new(error_no, "final failure")));
+        assert_eq!(results(&t.outbox), vec![(PhaseName::Failed, error_no)]);
+        assert_eq!(t.commands, vec![Command::Cleanup { job: 1 }]);
+    }
+}
+
+#[test]
+fn retryable_failure_on_the_last_attempt_fails() {
+    let job = at_phase(Phase::Downloading { offset: 0 }, policy().download_attempts);
+    let t = apply(
+        &job,
+        Event::DownloadFailed {
+            failure: retryable(result_no::CONNECT),
+            durable_offset: 0,
+        },
+        1,
+    );
+    assert_eq!(
+        results(&t.outbox),
+        vec![(PhaseName::Failed, result_no::CONNECT)]
+    );
+}
+
+#[test]
+fn backoff_doubles_up_to_the_maximum() {
+    let p = policy();
+    assert_eq!(p.backoff(1), Duration::from_secs(1));
+    assert_eq!(p.backoff(2), Duration::from_secs(2));
+    assert_eq!(p.backoff(3), Duration::from_secs(4));
+    assert_eq!(p.backoff(6), Duration::from_secs(30));
+    assert_eq!(p.backoff(40), Duration::from_secs(30));
+}
+
+// ---- verifying, flashing, rebooting ---------------------------------------------
+
+#[test]
+fn verified_goes_to_flashing() {
+    let t = apply(&at_phase(Phase::Verifying, 2), Event::Verified, 1);
+    let job = t.job.clone().expect("job");
+    assert_eq!(job.phase, Phase::Flashing);
+    assert_eq!(job.attempts, 1);
+    assert_eq!(t.commands, vec![Command::Flash { job: 1 }]);
+}
+
+#[test]
+fn verify_failure_fails_with_its_number() {
+    let t = apply(
+        &at_phase(Phase::Verifying, 1),
+        Event::VerifyFailed {
+            failure: fatal(result_no::MD5_MISMATCH),
+        },
+        1,
+    );
+    assert_eq!(t.job.expect("job").phase, Phase::Failed);
+    assert_eq!(
+        results(&t.outbox),
+        vec![(PhaseName::Failed, result_no::MD5_MISMATCH)]
+    );
+}
+
+#[test]
+fn flashed_without_reboot_completes() {
+    let t = apply(
+        &at_phase(Phase::Flashing, 1),
+        Event::Flashed { reboot: false },
+        1,
+    );
+    let job = t.job.clone().expect("job");
+    assert_eq!(job.phase, Phase::Completed);
+    assert_eq!(job.result, Some(Outcome::ok()));
+    assert_eq!(results(&t.outbox), vec![(PhaseName::Completed, 0)]);
+    assert_eq!(t.commands, vec![Command::Cleanup { job: 1 }]);
+}
+
+#[test]
+fn flashed_with_reboot_awaits_it() {
+    let t = apply(
+        &at_phase(Phase::Flashing, 1),
+        Event::Flashed { reboot: true },
+        1,
+    );
+    let job = t.job.clone().expect("job");
+    assert_eq!(job.phase, Phase::AwaitingReboot);
+    assert_eq!(
+        job.attempts, 0,
+        "the boot check after the reboot is attempt 1"
+    );
+    assert_eq!(job.result, None);
+    assert_eq!(t.commands, vec![Command::Reboot { job: 1 }]);
+    assert!(results(&t.outbox).is_empty());
+}
+
+#[test]
+fn flash_failure_is_always_50() {
+    let t = apply(
+        &at_phase(Phase::Flashing, 1),
+        Event::FlashFailed {
+            failure: retryable(result_no::TRANSFER),
+        },
+        1,
+    );
+    assert_eq!(
+        results(&t.outbox),
+        vec![(PhaseName::Failed, result_no::FLASH_FAILED)]
+    );
+}
+
+#[test]
+fn booted_ok_completes_and_not_ok_rolls_back() {
+    let waiting = at_phase(Phase::AwaitingReboot, 1);
+    let t = apply(
+        &waiting,
+        Event::Booted {
+            ok: true,
+            detail: "slot b".into(),
+        },
+        1,
+    );
+    assert_eq!(t.job.expect("job").phase, Phase::Completed);
+    assert_eq!(results(&t.outbox), vec![(PhaseName::Completed, 0)]);
+
+    let t = apply(
+        &waiting,
+        Event::Booted {
+            ok: false,
+            detail: "booted slot a".into(),
+        },
+        1,
+    );
+    let job = t.job.clone().expect("job");
+    assert_eq!(job.phase, Phase::RolledBack);
+    assert_eq!(
+        job.result,
+        Some(Outcome::new(result_no::ROLLED_BACK, "booted slot a"))
+    );
+    assert_eq!(
+        results(&t.outbox),
+        vec![(PhaseName::RolledBack, result_no::ROLLED_BACK)]
+    );
+}
+
+// ---- cancel -----------------------------------------------------------------------
+
+#[test]
+fn cancel_is_allowed_until_flashing() {
+    for phase in [
+        Phase::Accepted,
+        Phase::Downloading { offset: 40 },
+        Phase::Verifying,
+    ] {
+        let t = apply(&at_phase(phase, 1), Event::Cancel, 1);
+        let job = t.job.clone().expect("job");
+        assert_eq!(job.phase, Phase::Cancelled);
+        assert_eq!(
+            job.result,
+            Some(Outcome::new(result_no::CANCELLED, "cancelled"))
+        );
+        assert_eq!(
+            results(&t.outbox),
+            vec![(PhaseName::Cancelled, result_no::CANCELLED)]
+        );
+        assert_eq!(
+            t.commands,
+            vec![Command::Abort { job: 1 }, Command::Cleanup { job: 1 }]
+        );
+    }
+}
+
+#[test]
+fn cancel_is_refused_once_flashing_began() {
+    for phase in [Phase::Flashing, Phase::AwaitingReboot] {
+        assert_eq!(
+            transition(&at_phase(phase, 1), Event::Cancel, t0(), &policy()),
+            Err(Refused::FlashingBegun(phase.name()))
+        );
+    }
+}
+
+// ---- refusals -----------------------------------------------------------------------
+
+fn every_event() -> Vec<Event> {
+    vec![
+        Event::Start,
+        Event::Progress { bytes_done: 1 },
+        Event::Checkpoint {
+            offset: 1,
+            validator: None,
+        },
+        Event::SourceChanged { validator: None },
+        Event::Downloaded,
+        Event::DownloadFailed {
+            failure: retryable(result_no::CONNECT),
+            durable_offset: 0,
+        },
+        Event::Verified,
+        Event::VerifyFailed {
+            failure: fatal(result_no::MD5_MISMATCH),
+        },
+        Event::Flashed { reboot: false },
+        Event::FlashFailed {
+            failure: fatal(result_no::FLASH_FAILED),
+        },
+        Event::Booted {
+            ok: true,
+            detail: String::new(),
+        },
+        Event::Cancel,
+    ]
+}
+
+/// Does `event` apply in `phase` (non-terminal)? Written out by hand from
+/// ARCHITECTURE.md's phases, not derived from the machine.
+fn applies(event: &Event, phase: Phase) -> bool {
+    let downloading = matches!(phase, Phase::Downloading { .. });
+    match event {
+        Event::Start | Event::Cancel => true,
+        Event::Progress { .. }
+        | Event::Checkpoint { .. }
+        | Event::SourceChanged { .. }
+        | Event::Downloaded
+        | Event::DownloadFailed { .. } => downloading,
+        Event::Verified | Event::VerifyFailed { .. } => phase == Phase::Verifying,
+        Event::Flashed { .. } | Event::FlashFailed { .. } => phase == Phase::Flashing,
+        Event::Booted { .. } => phase == Phase::AwaitingReboot,
+    }
+}
+
+#[test]
+fn every_event_in_a_wrong_phase_is_refused() {
+    for phase in [
+        Phase::Accepted,
+        Phase::Downloading { offset: 0 },
+        Phase::Verifying,
+        Phase::Flashing,
+        Phase::AwaitingReboot,
+    ] {
+        for event in every_event() {
+            let outcome = transition(&at_phase(phase, 1), event.clone(), t0(), &policy());
+            match (applies(&event, phase), outcome) {
+                (true, Ok(t)) => assert!(t.job.is_some()),
+                (true, Err(Refused::FlashingBegun(_))) => {
+                    assert_eq!(event, Event::Cancel);
+                    assert!(matches!(phase, Phase::Flashing | Phase::AwaitingReboot));
+                }
+                (false, Err(Refused::WrongPhase { phase: p, .. })) => {
+                    assert_eq!(p, phase.name());
+                }
+                (applies, outcome) => {
+                    panic!("{event:?} in {phase:?} (applies: {applies}) gave {outcome:?}")
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn every_event_after_the_end_is_refused() {
+    for phase in [
+        Phase::Completed,
+        Phase::Failed,
+        Phase::Cancelled,
+        Phase::RolledBack,
+    ] {
+        for event in every_event() {
+            assert_eq!(
+                transition(&at_phase(phase, 1), event, t0(), &policy()),
+                Err(Refused::Ended(phase.name()))
+            );
+        }
+    }
+}
+
+#[test]
+fn refusals_name_the_event_and_phase() {
+    let err = transition(
+        &at_phase(Phase::Verifying, 1),
+        Event::Downloaded,
+        t0(),
+        &policy(),
+    )
+    .expect_err("refused");
+    assert_eq!(
+        err.to_string(),
+        "event `downloaded` does not apply in phase verifying"
+    );
+}
+
+// ---- whole upgrades -----------------------------------------------------------------
+
+/// Run an upgrade from accept to the end, returning everything queued.
+fn run_to_end(policy: &Policy, reboot: bool) -> (Job, Vec<Outgoing>) {
+    let accept = on_request(&RequestView::default(), valid("MID:a", &md5('a')), t0());
+    let mut out = accept.outbox.clone();
+    let mut job = accept.job.expect("accepted");
+    let mut events = vec![Event::Start];
+    events.extend((1..=10).map(|i| Event::Progress {
+        bytes_done: i * 100,
+    }));
+    events.extend([
+        Event::Downloaded,
+        Event::Verified,
+        Event::Flashed { reboot },
+    ]);
+    if reboot {
+        events.extend([
+            Event::Start,
+            Event::Booted {
+                ok: true,
+                detail: "ok".into(),
+            },
+        ]);
+    }
+    for (i, event) in events.into_iter().enumerate() {
+        let t = transition(&job, event, at_ms(i as i64 * 3000), policy).expect("applies");
+        out.extend(t.outbox);
+        job = t.job.expect("job");
+    }
+    (job, out)
+}
+
+#[test]
+fn exactly_one_result_report_per_upgrade() {
+    for reboot in [false, true] {
+        let (job, out) = run_to_end(&policy(), reboot);
+        assert_eq!(job.phase, Phase::Completed);
+        assert_eq!(results(&out), vec![(PhaseName::Completed, 0)]);
+        // Progress went up in steps and every phase was announced.
+        let reported = progress(&out);
+        assert!(reported.contains(&(PhaseName::Downloading, 100)));
+        assert!(reported.contains(&(PhaseName::Flashing, 100)));
+        // Nothing more can happen.
+        for event in every_event() {
+            assert!(transition(&job, event, t0(), &policy()).is_err());
+        }
+    }
+}
+
+#[test]
+fn no_reports_when_reports_are_off() {
+    let quiet = Policy {
+        reports: false,
+        ..Policy::default()
+    };
+    let (job, out) = run_to_end(&quiet, true);
+    assert_eq!(job.phase, Phase::Completed);
+    assert!(out.iter().all(|m| matches!(m, Outgoing::Ack(_))), "{out:?}");
+    assert_eq!(out.len(), 1, "the accept's ack only");
+    // Failures and cancels are silent too.
+    let t = transition(&downloading(), Event::Cancel, t0(), &quiet).expect("applies");
+    assert!(t.outbox.is_empty());
+    assert_eq!(t.job.expect("job").phase, Phase::Cancelled);
+}
