@@ -371,3 +371,48 @@ impl Handler<InputClosed> for Upgrade {
         self.maybe_exit();
     }
 }
+
+/// Run a read-only function over the store inside the actor that owns it
+/// (the control socket's queries: sled allows one process per store).
+pub struct ReadStore<R: Send + 'static>(pub Box<dyn FnOnce(&Store) -> R + Send>);
+
+impl<R: Send + 'static> Message for ReadStore<R> {
+    type Result = R;
+}
+
+impl<R: Send + 'static> Handler<ReadStore<R>> for Upgrade {
+    type Result = MessageResult<ReadStore<R>>;
+
+    fn handle(&mut self, msg: ReadStore<R>, _ctx: &mut Context<Self>) -> Self::Result {
+        MessageResult((msg.0)(&self.store))
+    }
+}
+
+/// Cancel an upgrade (the active one when `message_id` is `None`). Answers
+/// the job as cancelled, or why it cannot be.
+#[derive(Message, Debug)]
+#[rtype(result = "Result<Job, String>")]
+pub struct CancelRequest {
+    pub message_id: Option<String>,
+}
+
+impl Handler<CancelRequest> for Upgrade {
+    type Result = Result<Job, String>;
+
+    fn handle(&mut self, msg: CancelRequest, ctx: &mut Context<Self>) -> Self::Result {
+        let job = match &msg.message_id {
+            Some(mid) => self.store.job_by_message_id(mid),
+            None => self.store.active(),
+        }
+        .map_err(|e| format!("the state store failed: {e}"))?;
+        let job = job.ok_or_else(|| match &msg.message_id {
+            Some(mid) => format!("no upgrade with messageId {mid}"),
+            None => "no upgrade is active".to_string(),
+        })?;
+        let t = transition(&job, Event::Cancel, OffsetDateTime::now_utc(), &self.policy)
+            .map_err(|refused| refused.to_string())?;
+        let cancelled = t.job.clone().ok_or("the cancel produced no record")?;
+        self.commit_and_dispatch(t, ctx)?;
+        Ok(cancelled)
+    }
+}
