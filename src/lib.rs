@@ -6,6 +6,7 @@
 //! line ([`cli`]).
 
 pub mod cli;
+pub mod control;
 pub mod crash;
 pub mod fsutil;
 pub mod logging;

@@ -1,13 +1,791 @@
-//! `fwagent status|history|show|watch|submit|cancel` (being written)
-use super::*;
+//! `fwagent status|history|show|watch|submit|cancel`: inspecting and steering
+//! the agent without stopping it.
+//!
+//! Each command first tries the agent's control socket
+//! (`<state-dir>/control.sock`, see [`crate::control`]). When nothing answers
+//! there (no socket, or a stale file a dead agent left), `status`, `history`
+//! and `show` open the store themselves and say so; `watch` prints one status
+//! line; `submit` and `cancel` need the agent and exit 3. A store that is
+//! locked while its socket does not answer is an agent we cannot reach: exit 3.
+//!
+//! Output: `--json` prints the shapes of spec/INTERFACE.md (one JSON value, on
+//! one line; `watch --json` one view per change); otherwise the renderings of
+//! [`super::view`]. Nothing printed ever carries a credential or a `passPort`:
+//! only views go out, never a stored job.
+//!
+//! Exit codes: 0 done; 1 `submit` got an ack with errorNo ≠ 0, `cancel` was
+//! refused, `show` found no such upgrade, or the upgrade `watch` followed did
+//! not complete; 2 usage (clap), or `submit` could not read its file; 3 no
+//! state directory, the store cannot be opened, or the agent cannot be reached.
+
+use super::view::{self, DetailView, JobView, Paint};
+use super::{exit, CancelArgs, HistoryArgs, ShowArgs, StateArgs, SubmitArgs};
+use crate::control::{Client, ClientError, ErrorCode, Refusal, Request};
+use crate::protocol::MAX_REQUEST_BYTES;
+use crate::runtime::Paths;
+use base64::Engine as _;
+use fwagent_state::{PhaseName, Store};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde::Serialize;
+use serde_json::Value;
+use std::collections::VecDeque;
+use std::io::{IsTerminal, Read, Write};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-fn todo() -> ExitCode {
-    eprintln!("not built yet");
-    ExitCode::from(exit::UNREACHABLE)
+use std::time::{Duration, Instant};
+use time::OffsetDateTime;
+
+/// Why a command stops: its exit code and what to say on stderr.
+#[derive(Debug)]
+struct Failure {
+    code: u8,
+    message: String,
 }
-pub fn status(_a: StateArgs) -> ExitCode { todo() }
-pub fn history(_a: HistoryArgs) -> ExitCode { todo() }
-pub fn show(_a: ShowArgs) -> ExitCode { todo() }
-pub fn watch(_a: StateArgs) -> ExitCode { todo() }
-pub fn submit(_a: SubmitArgs) -> ExitCode { todo() }
-pub fn cancel(_a: CancelArgs) -> ExitCode { todo() }
+
+impl Failure {
+    fn unreachable(message: impl Into<String>) -> Failure {
+        Failure {
+            code: exit::UNREACHABLE,
+            message: message.into(),
+        }
+    }
+
+    fn rejected(message: impl Into<String>) -> Failure {
+        Failure {
+            code: exit::REJECTED,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<ClientError> for Failure {
+    fn from(e: ClientError) -> Self {
+        Failure::unreachable(e.to_string())
+    }
+}
+
+/// Run a command body; report its failure on stderr as `fwagent <verb>: ...`.
+fn finish(verb: &str, result: Result<u8, Failure>) -> ExitCode {
+    match result {
+        Ok(code) => ExitCode::from(code),
+        Err(f) => {
+            eprintln!("fwagent {verb}: {}", f.message);
+            ExitCode::from(f.code)
+        }
+    }
+}
+
+/// Write to stdout; a closed pipe (`| head`) is not an error worth a panic.
+fn out(text: &str) {
+    let mut stdout = std::io::stdout().lock();
+    let _ = stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush());
+}
+
+fn json_line<T: Serialize>(value: &T) -> Result<String, Failure> {
+    serde_json::to_string(value)
+        .map(|mut s| {
+            s.push('\n');
+            s
+        })
+        .map_err(|e| Failure::unreachable(format!("cannot encode the output: {e}")))
+}
+
+fn socket_of(state: &StateArgs) -> PathBuf {
+    Paths {
+        state_dir: state.state_dir.clone(),
+    }
+    .control_socket()
+}
+
+fn require_state_dir(state: &StateArgs) -> Result<(), Failure> {
+    if state.state_dir.is_dir() {
+        return Ok(());
+    }
+    Err(Failure::unreachable(format!(
+        "no state directory at {} (no agent has run with this --state-dir; \
+         set --state-dir or FWAGENT_STATE_DIR)",
+        state.state_dir.display()
+    )))
+}
+
+/// Where the answers come from.
+enum Source {
+    /// The running agent, through its control socket.
+    Live { client: Client, pid: Option<u64> },
+    /// The store itself (no agent runs); `None` when the directory holds no
+    /// store yet.
+    Offline { store: Option<Store>, dir: PathBuf },
+}
+
+/// Send one request; a transport failure is exit 3.
+fn call(client: &mut Client, request: &Request) -> Result<Result<Value, Refusal>, Failure> {
+    Ok(client.call(request)?)
+}
+
+/// A request whose refusal is the agent's trouble, not the user's: exit 3.
+fn call_ok(client: &mut Client, request: &Request) -> Result<Value, Failure> {
+    call(client, request)?
+        .map_err(|r| Failure::unreachable(format!("the agent could not answer: {}", r.error)))
+}
+
+fn field<T: serde::de::DeserializeOwned>(mut payload: Value, key: &str) -> Result<T, Failure> {
+    serde_json::from_value(payload[key].take())
+        .map_err(|e| Failure::unreachable(format!("the agent's answer has no valid `{key}`: {e}")))
+}
+
+/// Connect to the agent, and check it answers. `Ok(Err(_))`: nobody listens
+/// (no socket, a stale one, or an agent that closes on us as it stops).
+fn connect(state: &StateArgs) -> Result<Result<(Client, Option<u64>), ClientError>, Failure> {
+    let mut client = match Client::connect(&socket_of(state)) {
+        Ok(c) => c,
+        Err(e) => return Ok(Err(e)),
+    };
+    let hello = match client.call(&Request::Hello {}) {
+        Ok(Ok(hello)) => hello,
+        Ok(Err(r)) => {
+            return Err(Failure::unreachable(format!(
+                "the agent could not answer: {}",
+                r.error
+            )))
+        }
+        Err(e @ ClientError::Closed { .. }) => return Ok(Err(e)),
+        Err(e) => return Err(e.into()),
+    };
+    let pid = hello["pid"].as_u64();
+    Ok(Ok((client, pid)))
+}
+
+fn open(state: &StateArgs) -> Result<Source, Failure> {
+    require_state_dir(state)?;
+    match connect(state)? {
+        Ok((client, pid)) => Ok(Source::Live { client, pid }),
+        Err(not_live) => open_store(&state.state_dir, &not_live),
+    }
+}
+
+/// Open the store directly, after `not_live` said no agent answers. An
+/// agent that is stopping releases the store a moment after its socket goes:
+/// wait that long, no longer.
+fn open_store(dir: &Path, not_live: &ClientError) -> Result<Source, Failure> {
+    const GRACE: Duration = Duration::from_secs(3);
+    if !dir.join("db").exists() {
+        return Ok(Source::Offline {
+            store: None,
+            dir: dir.to_path_buf(),
+        });
+    }
+    let started = Instant::now();
+    loop {
+        match Store::open(dir, "fwagent-cli") {
+            Ok(store) => {
+                return Ok(Source::Offline {
+                    store: Some(store),
+                    dir: dir.to_path_buf(),
+                })
+            }
+            Err(fwagent_state::StoreError::Locked { .. }) if started.elapsed() < GRACE => {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(fwagent_state::StoreError::Locked { .. }) => {
+                return Err(Failure::unreachable(format!(
+                    "the store in {} is held by another process (an agent?), but no agent \
+                     answers on its control socket ({not_live}); if an agent is starting, \
+                     try again in a moment",
+                    dir.display()
+                )))
+            }
+            Err(e) => return Err(Failure::unreachable(format!("cannot read the store: {e}"))),
+        }
+    }
+}
+
+fn store_failed(e: fwagent_state::StoreError) -> Failure {
+    Failure::unreachable(format!("cannot read the store: {e}"))
+}
+
+impl Source {
+    fn latest(&mut self) -> Result<Option<JobView>, Failure> {
+        match self {
+            Source::Live { client, .. } => field(
+                call_ok(client, &Request::Status { message_id: None })?,
+                "job",
+            ),
+            Source::Offline { store: None, .. } => Ok(None),
+            Source::Offline { store: Some(s), .. } => view::latest(s).map_err(store_failed),
+        }
+    }
+
+    fn history(&mut self, limit: Option<usize>) -> Result<Vec<JobView>, Failure> {
+        match self {
+            Source::Live { client, .. } => {
+                field(call_ok(client, &Request::History { limit })?, "jobs")
+            }
+            Source::Offline { store: None, .. } => Ok(Vec::new()),
+            Source::Offline { store: Some(s), .. } => view::history(s, limit).map_err(store_failed),
+        }
+    }
+
+    fn detail(&mut self, message_id: &str) -> Result<Option<DetailView>, Failure> {
+        match self {
+            Source::Live { client, .. } => {
+                let request = Request::Show {
+                    message_id: message_id.to_string(),
+                };
+                match call(client, &request)? {
+                    Ok(payload) => field(payload, "job"),
+                    Err(Refusal {
+                        code: Some(ErrorCode::NotFound),
+                        ..
+                    }) => Ok(None),
+                    Err(r) => Err(Failure::unreachable(format!(
+                        "the agent could not answer: {}",
+                        r.error
+                    ))),
+                }
+            }
+            Source::Offline { store: None, .. } => Ok(None),
+            Source::Offline { store: Some(s), .. } => {
+                view::detail(s, message_id).map_err(store_failed)
+            }
+        }
+    }
+
+    /// Which way the answer came, for people.
+    fn describe(&self) -> String {
+        match self {
+            Source::Live { pid: Some(pid), .. } => {
+                format!("live from the running agent, pid {pid}")
+            }
+            Source::Live { pid: None, .. } => "live from the running agent".to_string(),
+            Source::Offline { dir, .. } => {
+                format!(
+                    "no agent is running: read from the store in {}",
+                    dir.display()
+                )
+            }
+        }
+    }
+
+    fn is_live(&self) -> bool {
+        matches!(self, Source::Live { .. })
+    }
+
+    /// Human output ends with where it came from; `--json` output stays
+    /// clean, and an offline read is noted on stderr.
+    fn footer(&self, verb: &str, json: bool, paint: Paint) -> String {
+        if json {
+            if !self.is_live() {
+                eprintln!("fwagent {verb}: {}", self.describe());
+            }
+            String::new()
+        } else {
+            format!("{}\n", paint.dim(&format!("({})", self.describe())))
+        }
+    }
+}
+
+fn now() -> OffsetDateTime {
+    OffsetDateTime::now_utc()
+}
+
+/// A detail view for a job whose log could not be fetched (it vanished
+/// between two live calls): the view alone.
+fn bare(v: JobView) -> DetailView {
+    DetailView {
+        job: v,
+        url: String::new(),
+        last_error: None,
+        log: Vec::new(),
+        outbox: Vec::new(),
+    }
+}
+
+// ---- status, history, show ---------------------------------------------------------
+
+pub fn status(a: StateArgs) -> ExitCode {
+    finish("status", status_(&a))
+}
+
+fn status_(a: &StateArgs) -> Result<u8, Failure> {
+    let mut src = open(a)?;
+    let latest = src.latest()?;
+    let paint = Paint::stdout();
+    let text = if a.json {
+        json_line(&latest)?
+    } else {
+        match latest {
+            None => "no upgrade recorded yet\n".to_string(),
+            Some(v) => {
+                let d = src.detail(&v.message_id)?.unwrap_or_else(|| bare(v));
+                view::render_status(&d, now(), paint)
+            }
+        }
+    };
+    out(&(text + &src.footer("status", a.json, paint)));
+    Ok(exit::OK)
+}
+
+pub fn history(a: HistoryArgs) -> ExitCode {
+    finish("history", history_(&a))
+}
+
+fn history_(a: &HistoryArgs) -> Result<u8, Failure> {
+    let mut src = open(&a.state)?;
+    let jobs = src.history(a.limit)?;
+    let paint = Paint::stdout();
+    let text = if a.state.json {
+        json_line(&jobs)?
+    } else {
+        view::render_history(&jobs, now(), paint)
+    };
+    out(&(text + &src.footer("history", a.state.json, paint)));
+    Ok(exit::OK)
+}
+
+pub fn show(a: ShowArgs) -> ExitCode {
+    finish("show", show_(&a))
+}
+
+fn show_(a: &ShowArgs) -> Result<u8, Failure> {
+    let mut src = open(&a.state)?;
+    let Some(d) = src.detail(&a.message_id)? else {
+        return Err(Failure::rejected(format!(
+            "no upgrade with messageId {} ({})",
+            a.message_id,
+            src.describe()
+        )));
+    };
+    let paint = Paint::stdout();
+    let text = if a.state.json {
+        json_line(&d)?
+    } else {
+        view::render_show(&d, now(), paint)
+    };
+    out(&(text + &src.footer("show", a.state.json, paint)));
+    Ok(exit::OK)
+}
+
+// ---- watch ---------------------------------------------------------------------------
+
+pub fn watch(a: StateArgs) -> ExitCode {
+    finish("watch", watch_(&a))
+}
+
+/// The phases `watch` stops at: terminal, or waiting for a reboot that no
+/// amount of watching brings.
+fn settled(phase: PhaseName) -> bool {
+    view::is_terminal(phase) || phase == PhaseName::AwaitingReboot
+}
+
+fn watch_(a: &StateArgs) -> Result<u8, Failure> {
+    require_state_dir(a)?;
+    let paint = Paint::stdout();
+    let (mut client, _pid) = match connect(a)? {
+        Ok(live) => live,
+        Err(not_live) => {
+            // Offline: one status line, then done.
+            let mut src = open_store(&a.state_dir, &not_live)?;
+            let latest = src.latest()?;
+            let text = if a.json {
+                json_line(&latest)?
+            } else {
+                match &latest {
+                    Some(v) => format!("{}\n", view::headline(v, None, paint)),
+                    None => "no upgrade recorded yet\n".to_string(),
+                }
+            };
+            out(&(text + &src.footer("watch", a.json, paint)));
+            return Ok(exit::OK);
+        }
+    };
+    let first: Option<JobView> = field(
+        call_ok(&mut client, &Request::Status { message_id: None })?,
+        "job",
+    )?;
+    let Some(mut v) = first else {
+        out(if a.json {
+            "null\n"
+        } else {
+            "no upgrade recorded yet\n"
+        });
+        return Ok(exit::OK);
+    };
+    if settled(v.phase) {
+        let text = if a.json {
+            json_line(&v)?
+        } else {
+            format!(
+                "nothing under way; the last upgrade:\n{}\n",
+                view::headline(&v, None, paint)
+            )
+        };
+        out(&text);
+        return Ok(exit::OK);
+    }
+    let mut display = Display::new(&v, a.json, paint)?;
+    let request = Request::Status {
+        message_id: Some(v.message_id.clone()),
+    };
+    loop {
+        display.update(&v)?;
+        if settled(v.phase) {
+            break;
+        }
+        std::thread::sleep(Display::POLL);
+        v = match client.call(&request) {
+            Ok(Ok(payload)) => field(payload, "job")?,
+            Ok(Err(r)) => {
+                display.abandon();
+                return Err(Failure::unreachable(format!(
+                    "the agent could not answer: {}",
+                    r.error
+                )));
+            }
+            Err(e) => {
+                // The agent went away; it may have finished first (a one-shot
+                // run exits once the upgrade ends): ask the store.
+                let ended = ended_offline(&a.state_dir, &e, &v.message_id);
+                let Some((last, detail)) = ended else {
+                    display.abandon();
+                    return Err(Failure::unreachable(format!(
+                        "{e}; the upgrade was at {} and resumes when the agent starts again",
+                        v.phase
+                    )));
+                };
+                display.update(&last)?;
+                display.finish(&last, detail.as_ref())?;
+                return Ok(watch_code(last.phase));
+            }
+        };
+    }
+    // For the average rate and the last error; the agent may be gone already.
+    let show = Request::Show {
+        message_id: v.message_id.clone(),
+    };
+    let detail = match client.call(&show) {
+        Ok(Ok(payload)) => field::<DetailView>(payload, "job").ok(),
+        Ok(Err(_)) | Err(_) => None,
+    };
+    display.finish(&v, detail.as_ref())?;
+    Ok(watch_code(v.phase))
+}
+
+/// `watch`'s exit code for the phase it stopped at.
+fn watch_code(phase: PhaseName) -> u8 {
+    match phase {
+        PhaseName::Completed | PhaseName::AwaitingReboot => exit::OK,
+        PhaseName::Accepted
+        | PhaseName::Downloading
+        | PhaseName::Verifying
+        | PhaseName::Flashing
+        | PhaseName::Failed
+        | PhaseName::Cancelled
+        | PhaseName::RolledBack => exit::REJECTED,
+    }
+}
+
+/// After the agent went away: the upgrade from the store, if it had settled.
+fn ended_offline(
+    dir: &Path,
+    gone: &ClientError,
+    message_id: &str,
+) -> Option<(JobView, Option<DetailView>)> {
+    let Ok(Source::Offline {
+        store: Some(store), ..
+    }) = open_store(dir, gone)
+    else {
+        return None;
+    };
+    let detail = view::detail(&store, message_id).ok().flatten()?;
+    settled(detail.job.phase).then(|| (detail.job.clone(), Some(detail)))
+}
+
+/// The recent transfer rate, from the agent's own record of when it had how
+/// many bytes (`updatedAt`), over the last few seconds.
+struct Rate {
+    samples: VecDeque<(OffsetDateTime, u64)>,
+}
+
+impl Rate {
+    const WINDOW: time::Duration = time::Duration::seconds(5);
+
+    fn new() -> Self {
+        Rate {
+            samples: VecDeque::new(),
+        }
+    }
+
+    fn sample(&mut self, at: OffsetDateTime, bytes: u64) -> Option<f64> {
+        match self.samples.back() {
+            Some(&(t, _)) if t == at => {}
+            Some(&(_, b)) if b > bytes => {
+                // Went back: the download started again from zero.
+                self.samples.clear();
+                self.samples.push_back((at, bytes));
+            }
+            _ => self.samples.push_back((at, bytes)),
+        }
+        while self.samples.len() > 2
+            && self
+                .samples
+                .front()
+                .is_some_and(|&(t, _)| at - t > Self::WINDOW)
+        {
+            self.samples.pop_front();
+        }
+        let (&(t0, b0), &(t1, b1)) = (self.samples.front()?, self.samples.back()?);
+        let secs = (t1 - t0).as_seconds_f64();
+        (secs >= 1.0).then(|| b1.saturating_sub(b0) as f64 / secs)
+    }
+}
+
+/// How `watch` shows progress: a bar on a terminal, plain lines otherwise,
+/// JSON views with `--json`.
+enum Display {
+    Bar {
+        bar: ProgressBar,
+        phase: PhaseName,
+        paint: Paint,
+    },
+    Plain {
+        last: Option<(Instant, PhaseName, u64)>,
+        rate: Rate,
+        paint: Paint,
+    },
+    Json {
+        last: Option<JobView>,
+    },
+}
+
+impl Display {
+    const POLL: Duration = Duration::from_millis(250);
+    const PLAIN_EVERY: Duration = Duration::from_secs(1);
+
+    fn new(v: &JobView, json: bool, paint: Paint) -> Result<Display, Failure> {
+        if json {
+            return Ok(Display::Json { last: None });
+        }
+        if !std::io::stdout().is_terminal() {
+            return Ok(Display::Plain {
+                last: None,
+                rate: Rate::new(),
+                paint,
+            });
+        }
+        // Styled and positioned before it is first drawn.
+        let bar = ProgressBar::with_draw_target(Some(v.total_bytes), ProgressDrawTarget::hidden())
+            .with_style(Self::bar_style(v.phase, paint)?)
+            .with_message(v.phase.as_str())
+            .with_position(v.bytes_done);
+        bar.reset_eta();
+        bar.set_draw_target(ProgressDrawTarget::stdout());
+        Self::tick(&bar, v.phase);
+        Ok(Display::Bar {
+            bar,
+            phase: v.phase,
+            paint,
+        })
+    }
+
+    /// Bytes, rate and ETA while downloading; bytes and time elapsed after.
+    fn bar_style(phase: PhaseName, paint: Paint) -> Result<ProgressStyle, Failure> {
+        let template = match (phase == PhaseName::Downloading, paint.0) {
+            (true, true) => "{msg:<11.cyan.bold} [{wide_bar:.cyan/blue}] {bytes}/{total_bytes}  {binary_bytes_per_sec}  ETA {eta}",
+            (true, false) => "{msg:<11} [{wide_bar}] {bytes}/{total_bytes}  {binary_bytes_per_sec}  ETA {eta}",
+            (false, true) => "{msg:<11.cyan.bold} [{wide_bar:.cyan/blue}] {bytes}/{total_bytes}  {spinner} {elapsed}",
+            (false, false) => "{msg:<11} [{wide_bar}] {bytes}/{total_bytes}  {spinner} {elapsed}",
+        };
+        Ok(ProgressStyle::with_template(template)
+            .map_err(|e| Failure::unreachable(format!("progress bar template: {e}")))?
+            .progress_chars("=> "))
+    }
+
+    /// A spinner keeps moving while nothing counts bytes (verify, flash).
+    fn tick(bar: &ProgressBar, phase: PhaseName) {
+        if phase == PhaseName::Downloading {
+            bar.disable_steady_tick();
+        } else {
+            bar.enable_steady_tick(Duration::from_millis(120));
+        }
+    }
+
+    fn update(&mut self, v: &JobView) -> Result<(), Failure> {
+        match self {
+            Display::Bar { bar, phase, paint } => {
+                if *phase != v.phase {
+                    bar.set_style(Self::bar_style(v.phase, *paint)?);
+                    bar.set_message(v.phase.as_str());
+                    Self::tick(bar, v.phase);
+                    *phase = v.phase;
+                }
+                bar.set_position(v.bytes_done);
+            }
+            Display::Plain { last, rate, .. } => {
+                let r = rate.sample(v.updated_at, v.bytes_done);
+                let due = match *last {
+                    None => true,
+                    Some((at, phase, bytes)) => {
+                        phase != v.phase
+                            || (bytes != v.bytes_done && at.elapsed() >= Self::PLAIN_EVERY)
+                    }
+                };
+                if due && !settled(v.phase) {
+                    out(&format!("{}\n", view::progress_line(v, r)));
+                    *last = Some((Instant::now(), v.phase, v.bytes_done));
+                }
+            }
+            Display::Json { last } => {
+                if last.as_ref() != Some(v) {
+                    out(&json_line(v)?);
+                    *last = Some(v.clone());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn abandon(&self) {
+        if let Display::Bar { bar, .. } = self {
+            bar.abandon();
+        }
+    }
+
+    /// The result, after the last update.
+    fn finish(&self, v: &JobView, detail: Option<&DetailView>) -> Result<(), Failure> {
+        let paint = match self {
+            Display::Bar { bar, paint, .. } => {
+                bar.finish_and_clear();
+                *paint
+            }
+            Display::Plain { paint, .. } => *paint,
+            Display::Json { .. } => return Ok(()),
+        };
+        let avg = detail.and_then(view::average_rate);
+        let mut text = format!("{}\n", view::headline(v, avg, paint));
+        if v.phase != PhaseName::Completed {
+            if let Some(err) = detail.and_then(|d| d.last_error.as_deref()) {
+                text.push_str(&format!("last error: {}\n", paint.red(err)));
+            }
+        }
+        out(&text);
+        Ok(())
+    }
+}
+
+// ---- submit, cancel -------------------------------------------------------------------
+
+/// Connect for a command that needs the agent.
+fn live_only(state: &StateArgs, verb: &str) -> Result<Client, Failure> {
+    require_state_dir(state)?;
+    match connect(state)? {
+        Ok((client, _)) => Ok(client),
+        Err(e) => Err(Failure::unreachable(format!(
+            "no agent is running ({e}); `{verb}` needs one: start it with `fwagent run --state-dir {}`",
+            state.state_dir.display()
+        ))),
+    }
+}
+
+pub fn submit(a: SubmitArgs) -> ExitCode {
+    finish("submit", submit_(&a))
+}
+
+/// The request's bytes, at most one byte over the protocol's limit (the
+/// agent answers an oversized request as such).
+fn read_request(file: &Path) -> std::io::Result<Vec<u8>> {
+    let limit = MAX_REQUEST_BYTES as u64 + 1;
+    let mut bytes = Vec::new();
+    if file == Path::new("-") {
+        std::io::stdin()
+            .lock()
+            .take(limit)
+            .read_to_end(&mut bytes)?;
+    } else {
+        std::fs::File::open(file)?
+            .take(limit)
+            .read_to_end(&mut bytes)?;
+    }
+    Ok(bytes)
+}
+
+fn submit_(a: &SubmitArgs) -> Result<u8, Failure> {
+    let bytes = read_request(&a.file).map_err(|e| Failure {
+        code: exit::USAGE,
+        message: format!("cannot read {}: {e}", a.file.display()),
+    })?;
+    let mut client = live_only(&a.state, "submit")?;
+    let request = match String::from_utf8(bytes) {
+        Ok(text) => Request::Submit {
+            request: Some(text),
+            request_base64: None,
+        },
+        Err(e) => Request::Submit {
+            request: None,
+            request_base64: Some(base64::engine::general_purpose::STANDARD.encode(e.into_bytes())),
+        },
+    };
+    let payload = call_ok(&mut client, &request)?;
+    let ack = payload["ack"]
+        .as_str()
+        .ok_or_else(|| Failure::unreachable("the agent's answer has no ack"))?;
+    let error_no = payload["errorNo"].as_u64().unwrap_or(u64::MAX);
+    let mut text = format!("{ack}\n");
+    if !a.state.json {
+        let paint = Paint::stdout();
+        if error_no == 0 {
+            text.push_str(&paint.dim(&format!(
+                "(accepted; follow it with `fwagent watch --state-dir {}`)\n",
+                a.state.state_dir.display()
+            )));
+        } else {
+            text.push_str(&paint.dim(&format!("(rejected with errorNo {error_no})\n")));
+        }
+    }
+    out(&text);
+    Ok(if error_no == 0 {
+        exit::OK
+    } else {
+        exit::REJECTED
+    })
+}
+
+pub fn cancel(a: CancelArgs) -> ExitCode {
+    finish("cancel", cancel_(&a))
+}
+
+fn cancel_(a: &CancelArgs) -> Result<u8, Failure> {
+    let mut client = live_only(&a.state, "cancel")?;
+    let request = Request::Cancel {
+        message_id: a.message_id.clone(),
+    };
+    match call(&mut client, &request)? {
+        Ok(payload) => {
+            let v: JobView = field(payload, "job")?;
+            let text = if a.state.json {
+                json_line(&v)?
+            } else {
+                let paint = Paint::stdout();
+                format!(
+                    "{}\n{}\n",
+                    view::headline(&v, None, paint),
+                    paint.dim(&format!(
+                        "({} {}: the result is reported to the cloud and the partial download removed)",
+                        v.firmware_name, v.message_id
+                    ))
+                )
+            };
+            out(&text);
+            Ok(exit::OK)
+        }
+        Err(Refusal {
+            code: Some(ErrorCode::Refused | ErrorCode::NotFound),
+            error,
+        }) => Err(Failure::rejected(format!("refused: {error}"))),
+        Err(r) => Err(Failure::unreachable(format!(
+            "the agent could not answer: {}",
+            r.error
+        ))),
+    }
+}

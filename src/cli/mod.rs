@@ -5,6 +5,7 @@
 pub mod check;
 pub mod inspect;
 pub mod run;
+pub mod view;
 
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;

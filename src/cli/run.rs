@@ -239,6 +239,7 @@ fn start(config: AgentConfig, store: Store) -> Result<(), String> {
         transfer,
         ..
     } = config;
+    let control_socket = paths.control_socket();
     let upgrade = Upgrade::start_in_arbiter(&Arbiter::new().handle(), move |_| {
         Upgrade::new(store, policy, paths, parse, transfer, protocols)
     });
@@ -279,6 +280,7 @@ fn start(config: AgentConfig, store: Store) -> Result<(), String> {
         verify: verify.recipient(),
         flash: flash.recipient(),
     });
+    crate::control::serve(control_socket, upgrade.clone());
     actix_rt::spawn(async {
         use tokio::signal::unix::{signal, SignalKind};
         let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
