@@ -761,6 +761,12 @@ impl Store {
     fn meta_u64(&self, key: &str) -> Result<Option<u64>, StoreError> {
         self.inner.meta_u64(key)
     }
+
+    /// Make every write so far durable (delivery marks are not flushed one
+    /// by one; the agent calls this before it exits).
+    pub fn flush(&self) -> Result<(), StoreError> {
+        self.inner.flush()
+    }
 }
 
 impl Inner {
