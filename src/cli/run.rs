@@ -5,6 +5,7 @@ use super::{exit, DEFAULT_STATE_DIR};
 use crate::protocol::ParseOptions;
 use crate::runtime::download::{Download, Fetchers};
 use crate::runtime::flash::{Flash, FlashSpec};
+use crate::runtime::ftp::FtpFetcher;
 use crate::runtime::http::HttpFetcher;
 use crate::runtime::messaging::{Messaging, Stdio, Transport};
 use crate::runtime::upgrade::{Upgrade, Wire};
@@ -225,7 +226,8 @@ pub fn main(args: Box<RunArgs>) -> ExitCode {
 fn start(config: AgentConfig, store: Store) -> Result<(), String> {
     let fetchers = Fetchers::default()
         .with(Protocol::Http, Arc::new(HttpFetcher::new(config.transfer.connect_timeout)))
-        .with(Protocol::Https, Arc::new(HttpFetcher::new(config.transfer.connect_timeout)));
+        .with(Protocol::Https, Arc::new(HttpFetcher::new(config.transfer.connect_timeout)))
+        .with(Protocol::Ftp, Arc::new(FtpFetcher::new()));
     let protocols = [Protocol::Http, Protocol::Https, Protocol::Ftp, Protocol::Ftps]
         .into_iter()
         .filter(|p| fetchers.supports(*p))

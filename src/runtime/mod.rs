@@ -14,6 +14,7 @@
 
 pub mod download;
 pub mod flash;
+pub mod ftp;
 pub mod http;
 pub mod messaging;
 pub mod upgrade;
