@@ -20,7 +20,10 @@ use time::OffsetDateTime;
 /// The knobs of the state machine. `Default` gives the documented defaults.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Policy {
-    /// Starts of the download allowed (retries and restarts both count).
+    /// Starts of the download allowed (retries and restarts both count)
+    /// without durable progress: a checkpoint that moves the offset resets
+    /// the count, so many power cuts during a long download never fail it,
+    /// while a server or image that crashes the agent at once still does.
     pub download_attempts: u32,
     /// Starts of verification allowed (only restarts repeat it).
     pub verify_attempts: u32,
@@ -420,10 +423,15 @@ pub fn transition(
             Ok(step.done())
         }
         Event::Checkpoint { offset, validator } => {
-            let Phase::Downloading { .. } = phase else {
+            let Phase::Downloading { offset: before } = phase else {
                 return Err(wrong());
             };
             let offset = offset.min(job.request.firmware.size);
+            if offset > before {
+                // Durable progress: the attempts so far were not a loop.
+                // Only starts without progress count towards the bound.
+                step.job.attempts = 1;
+            }
             step.job.phase = Phase::Downloading { offset };
             step.job.bytes_done = job.bytes_done.max(offset);
             if validator.is_some() {

@@ -354,6 +354,40 @@ fn download_attempts_are_bounded_across_restarts_and_retries() {
     assert_eq!(job.phase, Phase::Failed);
 }
 
+#[test]
+fn durable_progress_resets_the_attempt_count_so_many_crashes_can_finish() {
+    let p = policy();
+    let mut job = downloading();
+    let mut offset = 0;
+    // Far more restarts than the bound, each with a checkpoint in between.
+    for round in 0..(3 * p.download_attempts) {
+        let ms = 1000 * i64::from(round + 1);
+        job = job_after(&job, Event::Start, ms);
+        assert_eq!(job.phase.name(), PhaseName::Downloading, "round {round}");
+        offset += 1;
+        job = job_after(
+            &job,
+            Event::Checkpoint {
+                offset,
+                validator: None,
+            },
+            ms + 1,
+        );
+        assert_eq!(job.attempts, 1, "progress resets the count");
+    }
+    // A checkpoint that does not move the offset is no progress.
+    let stuck = at_phase(Phase::Downloading { offset: 100 }, 3);
+    let after = job_after(
+        &stuck,
+        Event::Checkpoint {
+            offset: 100,
+            validator: None,
+        },
+        1,
+    );
+    assert_eq!(after.attempts, 3);
+}
+
 // ---- downloading ----------------------------------------------------------------
 
 #[test]

@@ -283,6 +283,10 @@ impl Model {
             Ev::Checkpoint(pc) if downloading => {
                 let offset = u64::from(*pc) * SIZE / 100;
                 let j = &mut self.jobs[i];
+                if offset > j.offset {
+                    // Durable progress resets the attempt count.
+                    j.attempts = 1;
+                }
                 j.offset = offset;
                 j.bytes = j.bytes.max(offset);
                 self.maybe_progress(i);
