@@ -20,7 +20,10 @@ fn seed_request(servers: &Servers, fw: &Firmware) -> Value {
     let text = include_str!("../examples/requests/seed-1-ftp.json");
     let mut req: Value = serde_json::from_str(text).expect("the seed example is JSON");
     let server = &mut req["info"]["serverConfig"];
-    assert_eq!(server["host"], "127.0.0.1", "examples never name the seed's host");
+    assert_eq!(
+        server["host"], "127.0.0.1",
+        "examples never name the seed's host"
+    );
     server["protocol"] = "http".into();
     server["port"] = servers.nginx_port.into();
     server["path"] = "/".into();
@@ -57,7 +60,13 @@ fn seed_message_installs_the_image() {
     let dir = temp_dir();
     let target = dir.path().join("flash.bin");
     let req = seed_request(&servers, &fw);
-    let run = run_stdio_upgrade(&dir.path().join("state"), &target, std::slice::from_ref(&req), &no_env(), LONG);
+    let run = run_stdio_upgrade(
+        &dir.path().join("state"),
+        &target,
+        std::slice::from_ref(&req),
+        &no_env(),
+        LONG,
+    );
     assert_eq!(run.code(), Some(0), "{run}");
     let lines = run.json_lines();
     assert_eq!(operator(&lines[0]), "setCloudUpgradeConfig-Ack", "{run}");
@@ -78,10 +87,18 @@ fn seed_message_installs_the_image() {
     assert_eq!(results.len(), 1, "{run}");
     assert_eq!(results[0]["result"]["errorNo"], 0, "{run}");
     assert_eq!(results[0]["info"]["phase"], "completed");
-    assert_eq!(operator(lines.last().unwrap()), "reportCloudUpgradeResult", "the result comes last");
+    assert_eq!(
+        operator(lines.last().unwrap()),
+        "reportCloudUpgradeResult",
+        "the result comes last"
+    );
     assert_eq!(md5_file(&target), fw.md5);
     assert!(
-        !dir.path().join("state/downloads").read_dir().unwrap().any(|_| true),
+        !dir.path()
+            .join("state/downloads")
+            .read_dir()
+            .unwrap()
+            .any(|_| true),
         "the partial file is removed once the upgrade ends"
     );
 }
@@ -94,7 +111,11 @@ fn basic_auth_credentials_are_sent_and_wrong_ones_refused() {
     let target = dir.path().join("flash.bin");
     let ok = servers.http_auth_request(&fw);
     let run = run_stdio_upgrade(&dir.path().join("s1"), &target, &[ok], &no_env(), LONG);
-    assert_eq!(results(&run.json_lines())[0]["result"]["errorNo"], 0, "{run}");
+    assert_eq!(
+        results(&run.json_lines())[0]["result"]["errorNo"],
+        0,
+        "{run}"
+    );
     assert_eq!(md5_file(&target), fw.md5);
 
     let mut bad = servers.http_auth_request(&fw);
@@ -102,7 +123,10 @@ fn basic_auth_credentials_are_sent_and_wrong_ones_refused() {
     let run = run_stdio_upgrade(&dir.path().join("s2"), &target, &[bad], &no_env(), LONG);
     let lines = run.json_lines();
     assert_eq!(results(&lines)[0]["result"]["errorNo"], 21, "{run}");
-    assert!(!run.stderr.contains(&servers.http_pass), "the password reached the log");
+    assert!(
+        !run.stderr.contains(&servers.http_pass),
+        "the password reached the log"
+    );
 }
 
 #[test]
@@ -112,20 +136,44 @@ fn missing_file_and_dead_server_map_to_their_results() {
     std::fs::remove_file(&fw.path).unwrap();
     let dir = temp_dir();
     let target = dir.path().join("flash.bin");
-    let run = run_stdio_upgrade(&dir.path().join("s1"), &target, &[servers.http_request(&fw)], &no_env(), LONG);
-    assert_eq!(results(&run.json_lines())[0]["result"]["errorNo"], 22, "{run}");
+    let run = run_stdio_upgrade(
+        &dir.path().join("s1"),
+        &target,
+        &[servers.http_request(&fw)],
+        &no_env(),
+        LONG,
+    );
+    assert_eq!(
+        results(&run.json_lines())[0]["result"]["errorNo"],
+        22,
+        "{run}"
+    );
 
     // Nothing listens on a port we just freed: 20 after the bounded retries.
     fw.name = "x.bin".into();
     let mut req = servers.http_request(&fw);
     req["info"]["serverConfig"]["port"] = free_port().into();
-    let mut cmd = fwagent(["run", "--transport", "stdio", "--download-attempts", "3", "--retry-base-ms", "50", "--state-dir"]);
-    cmd.arg(dir.path().join("s2")).arg("--flash").arg(format!("file:{}", target.display()));
+    let mut cmd = fwagent([
+        "run",
+        "--transport",
+        "stdio",
+        "--download-attempts",
+        "3",
+        "--retry-base-ms",
+        "50",
+        "--state-dir",
+    ]);
+    cmd.arg(dir.path().join("s2"))
+        .arg("--flash")
+        .arg(format!("file:{}", target.display()));
     let started = Instant::now();
     let run = run_with_timeout(cmd, format!("{req}\n").as_bytes(), LONG);
     let lines = run.json_lines();
     assert_eq!(results(&lines)[0]["result"]["errorNo"], 20, "{run}");
-    assert!(started.elapsed() < Duration::from_secs(30), "retries are bounded");
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "retries are bounded"
+    );
     assert!(!target.exists(), "nothing is flashed");
 }
 
@@ -158,7 +206,11 @@ fn wrong_size_fails_with_30() {
         req["info"]["fileInfo"]["upgradeFileSize"] = size.into();
         let state = dir.path().join(format!("state-{size}"));
         let run = run_stdio_upgrade(&state, &target, &[req], &no_env(), LONG);
-        assert_eq!(results(&run.json_lines())[0]["result"]["errorNo"], 30, "{run}");
+        assert_eq!(
+            results(&run.json_lines())[0]["result"]["errorNo"],
+            30,
+            "{run}"
+        );
         assert!(!target.exists(), "nothing is flashed");
     }
 }
@@ -171,7 +223,13 @@ fn same_message_id_twice_gets_the_same_ack_and_one_download() {
     let state = dir.path().join("state");
     let target = dir.path().join("flash.bin");
     let req = servers.http_request(&fw);
-    let run = run_stdio_upgrade(&state, &target, &[req.clone(), req.clone()], &no_env(), LONG);
+    let run = run_stdio_upgrade(
+        &state,
+        &target,
+        &[req.clone(), req.clone()],
+        &no_env(),
+        LONG,
+    );
     let lines = run.json_lines();
     let acks: Vec<_> = lines
         .iter()
@@ -224,28 +282,56 @@ fn every_crash_point_recovers_to_a_completed_upgrade() {
         let target = dir.path().join("flash.bin");
         let env = HashMap::from([("FWAGENT_CRASH_AT", point)]);
         let first = run_stdio_upgrade(&state, &target, std::slice::from_ref(&req), &env, LONG);
-        assert_eq!(first.signal(), Some(libc::SIGKILL), "{point}: the crash point fired: {first}");
+        assert_eq!(
+            first.signal(),
+            Some(libc::SIGKILL),
+            "{point}: the crash point fired: {first}"
+        );
         // Over stdio a request read but never committed is gone: the cloud
         // (or MQTT's redelivery) sends it again.
-        let again: Vec<Value> = if point == "before-request-commit" { vec![req.clone()] } else { vec![] };
+        let again: Vec<Value> = if point == "before-request-commit" {
+            vec![req.clone()]
+        } else {
+            vec![]
+        };
         let second = run_stdio_upgrade(&state, &target, &again, &no_env(), LONG);
         assert_eq!(second.code(), Some(0), "{point}: {second}");
         let lines = all_lines(&[first, second]);
-        let first_ack = lines.iter().position(|v| operator(v) == "setCloudUpgradeConfig-Ack");
+        let first_ack = lines
+            .iter()
+            .position(|v| operator(v) == "setCloudUpgradeConfig-Ack");
         let first_report = lines.iter().position(|v| operator(v).starts_with("report"));
-        assert!(first_ack.is_some() && first_ack < first_report, "{point}: the ack comes first: {lines:#?}");
+        assert!(
+            first_ack.is_some() && first_ack < first_report,
+            "{point}: the ack comes first: {lines:#?}"
+        );
         let r = results(&lines);
         assert!(!r.is_empty(), "{point}: a result was reported");
-        assert!(r.iter().all(|v| v["result"]["errorNo"] == 0 && v["messageId"] == r[0]["messageId"]), "{point}: one result, completed: {r:#?}");
+        assert!(
+            r.iter()
+                .all(|v| v["result"]["errorNo"] == 0 && v["messageId"] == r[0]["messageId"]),
+            "{point}: one result, completed: {r:#?}"
+        );
         assert_eq!(md5_file(&target), fw.md5, "{point}: the right image");
     }
 }
 
 /// Spawn the agent and SIGKILL it after `after`; feed it `input` (then EOF).
 fn run_and_kill(state: &Path, target: &Path, input: &str, after: Duration) {
-    let mut cmd = fwagent(["run", "--transport", "stdio", "--checkpoint-bytes", "4194304", "--state-dir"]);
-    cmd.arg(state).arg("--flash").arg(format!("file:{}", target.display()));
-    cmd.stdin(Stdio::piped()).stdout(Stdio::null()).stderr(Stdio::null());
+    let mut cmd = fwagent([
+        "run",
+        "--transport",
+        "stdio",
+        "--checkpoint-bytes",
+        "4194304",
+        "--state-dir",
+    ]);
+    cmd.arg(state)
+        .arg("--flash")
+        .arg(format!("file:{}", target.display()));
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
     let mut child = cmd.spawn().expect("spawn fwagent");
     let mut stdin = child.stdin.take().unwrap();
     let _ = stdin.write_all(input.as_bytes());
@@ -284,7 +370,13 @@ fn kill_9_at_random_moments_resumes_and_completes() {
     let seed = std::env::var("FWAGENT_TEST_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64 | 1);
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+                | 1
+        });
     eprintln!("kill -9 test seed: {seed}");
     let mut rng = XorShift(seed);
     let kills = 30;
@@ -296,8 +388,13 @@ fn kill_9_at_random_moments_resumes_and_completes() {
     let last = run_stdio_upgrade(&state, &target, &[], &no_env(), Duration::from_secs(300));
     assert_eq!(last.code(), Some(0), "{last}");
     // The result may have been sent before the last kill: look in the store.
-    let status = run_fwagent(["status", "--json", "--state-dir", state.to_str().unwrap()], b"", LONG);
-    let job: Value = serde_json::from_str(status.stdout.trim()).unwrap_or_else(|e| panic!("{e}: {status}"));
+    let status = run_fwagent(
+        ["status", "--json", "--state-dir", state.to_str().unwrap()],
+        b"",
+        LONG,
+    );
+    let job: Value =
+        serde_json::from_str(status.stdout.trim()).unwrap_or_else(|e| panic!("{e}: {status}"));
     assert_eq!(job["phase"], "completed", "{status}");
     assert_eq!(md5_file(&target), fw.md5);
     let sent = servers.nginx_body_bytes_sent(&uri);
@@ -333,6 +430,9 @@ fn a_file_changed_between_crash_and_resume_is_fetched_again_not_spliced() {
     let lines = second.json_lines();
     let r = results(&lines);
     assert_eq!(r.len(), 1, "{second}");
-    assert_eq!(r[0]["result"]["errorNo"], 0, "no splice of A and B: {second}");
+    assert_eq!(
+        r[0]["result"]["errorNo"], 0,
+        "no splice of A and B: {second}"
+    );
     assert_eq!(md5_file(&target), b_md5);
 }

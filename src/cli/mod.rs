@@ -22,7 +22,11 @@ pub mod exit {
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/fwagent";
 
 #[derive(Parser, Debug)]
-#[command(name = "fwagent", version, about = "Firmware-upgrade agent for embedded gateways")]
+#[command(
+    name = "fwagent",
+    version,
+    about = "Firmware-upgrade agent for embedded gateways"
+)]
 pub struct Cli {
     /// More log output on stderr (-v debug, -vv trace). RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]

@@ -43,7 +43,11 @@ pub trait Fetcher: Send + Sync + 'static {
     /// still matches `sink.validator()`; otherwise call [`Sink::restart`].
     /// Return once `sink.offset()` equals the firmware's size, or with the
     /// failure in PROTOCOL.md's result numbers.
-    fn fetch<'a>(&'a self, job: &'a FetchJob, sink: &'a mut Sink) -> BoxFuture<'a, Result<(), Failure>>;
+    fn fetch<'a>(
+        &'a self,
+        job: &'a FetchJob,
+        sink: &'a mut Sink,
+    ) -> BoxFuture<'a, Result<(), Failure>>;
 }
 
 /// Chunks handed to the verifier before we wait for it to catch up.
@@ -114,7 +118,12 @@ impl Sink {
         let mut offset = offset.min(fetch.firmware.size);
         let mut validator = validator;
         if len < offset {
-            tracing::warn!(upgrade = fetch.job, offset, len, "partial file shorter than its checkpoint; starting from zero");
+            tracing::warn!(
+                upgrade = fetch.job,
+                offset,
+                len,
+                "partial file shorter than its checkpoint; starting from zero"
+            );
             offset = 0;
             validator = None;
             events.do_send(JobEvent {
@@ -186,7 +195,10 @@ impl Sink {
     /// The server's file is not the one we began: drop what we have and
     /// start again from byte zero.
     pub fn restart(&mut self, validator: Option<String>) -> Result<(), Failure> {
-        tracing::info!(upgrade = self.job, "the server's file changed; starting from zero");
+        tracing::info!(
+            upgrade = self.job,
+            "the server's file changed; starting from zero"
+        );
         self.buf.clear();
         self.file
             .set_len(0)
@@ -260,10 +272,11 @@ impl Sink {
                 let _ = oldest.await;
             }
         }
-        self.in_flight.push_back(self.verifier.send(VerifyMsg::Chunk {
-            job: self.job,
-            data: chunk,
-        }));
+        self.in_flight
+            .push_back(self.verifier.send(VerifyMsg::Chunk {
+                job: self.job,
+                data: chunk,
+            }));
         if !self.crossed_half && self.written * 2 >= self.size {
             self.crossed_half = true;
             crash::point("mid-download");
@@ -346,7 +359,11 @@ pub struct Download {
 }
 
 impl Download {
-    pub fn new(fetchers: Fetchers, events: Recipient<JobEvent>, verifier: Recipient<VerifyMsg>) -> Self {
+    pub fn new(
+        fetchers: Fetchers,
+        events: Recipient<JobEvent>,
+        verifier: Recipient<VerifyMsg>,
+    ) -> Self {
         Download {
             fetchers,
             events,
@@ -412,7 +429,14 @@ async fn run(
             durable_offset: msg.offset,
         };
     };
-    let mut sink = match Sink::open(&msg.fetch, msg.part, msg.offset, msg.validator, events, verifier) {
+    let mut sink = match Sink::open(
+        &msg.fetch,
+        msg.part,
+        msg.offset,
+        msg.validator,
+        events,
+        verifier,
+    ) {
         Ok(sink) => sink,
         Err(failure) => {
             return Event::DownloadFailed {

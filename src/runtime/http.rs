@@ -33,7 +33,9 @@ impl HttpFetcher {
         http.set_connect_timeout(Some(connect_timeout));
         http.set_nodelay(true);
         let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_provider_and_webpki_roots(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+            .with_provider_and_webpki_roots(std::sync::Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
             .expect("the ring provider supports the default TLS versions")
             .https_or_http()
             .enable_http1()
@@ -79,8 +81,10 @@ impl HttpFetcher {
         let mut redirects = 0;
         let response = loop {
             let offset = sink.offset();
-            let mut req = Request::get(url.as_str())
-                .header(header::USER_AGENT, concat!("fwagent/", env!("CARGO_PKG_VERSION")));
+            let mut req = Request::get(url.as_str()).header(
+                header::USER_AGENT,
+                concat!("fwagent/", env!("CARGO_PKG_VERSION")),
+            );
             let user = job.source.user.expose();
             if !user.is_empty() {
                 let pair = format!("{}:{}", user, job.source.password.expose());
@@ -102,12 +106,19 @@ impl HttpFetcher {
                 Ok(Err(e)) if e.is_connect() => {
                     return Err(Failure::new(
                         result_no::CONNECT,
-                        format!("cannot connect to {}: {}", host_port(&url), source_chain(&e)),
+                        format!(
+                            "cannot connect to {}: {}",
+                            host_port(&url),
+                            source_chain(&e)
+                        ),
                         true,
                     ))
                 }
                 Ok(Err(e)) => {
-                    return Err(transfer(format!("request failed: {}", source_chain(&e)), true))
+                    return Err(transfer(
+                        format!("request failed: {}", source_chain(&e)),
+                        true,
+                    ))
                 }
                 Ok(Ok(resp)) => resp,
             };
@@ -116,13 +127,18 @@ impl HttpFetcher {
                     .headers()
                     .get(header::LOCATION)
                     .and_then(|v| v.to_str().ok())
-                    .ok_or_else(|| transfer(format!("{} without a Location", resp.status()), false))?;
+                    .ok_or_else(|| {
+                        transfer(format!("{} without a Location", resp.status()), false)
+                    })?;
                 let next = url
                     .join(location)
                     .map_err(|e| transfer(format!("bad redirect: {e}"), false))?;
                 redirects += 1;
                 if redirects > t.max_redirects {
-                    return Err(transfer(format!("more than {} redirects", t.max_redirects), false));
+                    return Err(transfer(
+                        format!("more than {} redirects", t.max_redirects),
+                        false,
+                    ));
                 }
                 if next.host_str().map(str::to_string) != origin_host {
                     return Err(transfer(
@@ -173,7 +189,9 @@ impl HttpFetcher {
                 if total != size {
                     return Err(Failure::new(
                         result_no::SIZE_MISMATCH,
-                        format!("size mismatch: the server's file is {total} bytes, expected {size}"),
+                        format!(
+                            "size mismatch: the server's file is {total} bytes, expected {size}"
+                        ),
                         false,
                     ));
                 }
@@ -198,7 +216,12 @@ impl HttpFetcher {
                     false,
                 ))
             }
-            s => return Err(transfer(format!("the server answered {s}"), s.is_server_error())),
+            s => {
+                return Err(transfer(
+                    format!("the server answered {s}"),
+                    s.is_server_error(),
+                ))
+            }
         }
         let mut body = response.into_body();
         loop {
@@ -247,7 +270,11 @@ fn source_chain(e: &dyn std::error::Error) -> String {
 }
 
 impl Fetcher for HttpFetcher {
-    fn fetch<'a>(&'a self, job: &'a FetchJob, sink: &'a mut Sink) -> BoxFuture<'a, Result<(), Failure>> {
+    fn fetch<'a>(
+        &'a self,
+        job: &'a FetchJob,
+        sink: &'a mut Sink,
+    ) -> BoxFuture<'a, Result<(), Failure>> {
         Box::pin(self.fetch_inner(job, sink))
     }
 }
@@ -260,15 +287,24 @@ mod tests {
     fn content_range_parses() {
         let v = HeaderValue::from_static("bytes 100-199/1000");
         assert_eq!(content_range(&v), Some((100, 1000)));
-        assert_eq!(content_range(&HeaderValue::from_static("bytes */1000")), None);
+        assert_eq!(
+            content_range(&HeaderValue::from_static("bytes */1000")),
+            None
+        );
     }
 
     #[test]
     fn weak_etags_are_not_validators() {
         let mut h = hyper::HeaderMap::new();
         h.insert(header::ETAG, HeaderValue::from_static("W/\"abc\""));
-        h.insert(header::LAST_MODIFIED, HeaderValue::from_static("Mon, 01 Jan 2024 00:00:00 GMT"));
-        assert_eq!(validator_of(&h).as_deref(), Some("Mon, 01 Jan 2024 00:00:00 GMT"));
+        h.insert(
+            header::LAST_MODIFIED,
+            HeaderValue::from_static("Mon, 01 Jan 2024 00:00:00 GMT"),
+        );
+        assert_eq!(
+            validator_of(&h).as_deref(),
+            Some("Mon, 01 Jan 2024 00:00:00 GMT")
+        );
         h.insert(header::ETAG, HeaderValue::from_static("\"abc\""));
         assert_eq!(validator_of(&h).as_deref(), Some("\"abc\""));
     }

@@ -23,7 +23,11 @@ pub trait Transport: Send + 'static {
     fn start(&mut self, inbox: Recipient<IncomingRequest>, closed: Recipient<InputClosed>);
 
     /// Send one rendered message; `Ok` once the peer has it.
-    fn send<'a>(&'a mut self, entry: &'a OutboxEntry, json: String) -> BoxFuture<'a, Result<(), String>>;
+    fn send<'a>(
+        &'a mut self,
+        entry: &'a OutboxEntry,
+        json: String,
+    ) -> BoxFuture<'a, Result<(), String>>;
 }
 
 /// Send this committed outbox entry.
@@ -73,7 +77,8 @@ impl Handler<Listen> for Messaging {
 
     /// Start the transport, and the sender that drains the queue in order.
     fn handle(&mut self, _msg: Listen, _ctx: &mut Context<Self>) {
-        let (Some(mut transport), Some(mut rx)) = (self.transport.take(), self.queued.take()) else {
+        let (Some(mut transport), Some(mut rx)) = (self.transport.take(), self.queued.take())
+        else {
             return;
         };
         transport.start(self.inbox.clone(), self.closed.clone());
@@ -170,7 +175,11 @@ impl Transport for Stdio {
             .expect("spawning the stdin reader thread");
     }
 
-    fn send<'a>(&'a mut self, _entry: &'a OutboxEntry, json: String) -> BoxFuture<'a, Result<(), String>> {
+    fn send<'a>(
+        &'a mut self,
+        _entry: &'a OutboxEntry,
+        json: String,
+    ) -> BoxFuture<'a, Result<(), String>> {
         Box::pin(async move {
             let mut out = std::io::stdout().lock();
             out.write_all(json.as_bytes())
@@ -190,7 +199,10 @@ mod tests {
         let mut input = std::io::Cursor::new(b"abc\n\nlong-line-here\nlast".to_vec());
         assert_eq!(read_line_bounded(&mut input, 8).unwrap().unwrap(), b"abc");
         assert_eq!(read_line_bounded(&mut input, 8).unwrap().unwrap(), b"");
-        assert_eq!(read_line_bounded(&mut input, 8).unwrap().unwrap(), b"long-line");
+        assert_eq!(
+            read_line_bounded(&mut input, 8).unwrap().unwrap(),
+            b"long-line"
+        );
         assert_eq!(read_line_bounded(&mut input, 8).unwrap().unwrap(), b"last");
         assert_eq!(read_line_bounded(&mut input, 8).unwrap(), None);
     }

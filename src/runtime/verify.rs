@@ -159,7 +159,11 @@ impl Handler<VerifyMsg> for Verify {
             } => {
                 crash::point("mid-verify");
                 let event = check(&path, &firmware, self.jobs.remove(&job));
-                tracing::info!(upgrade = job, ok = matches!(event, Event::Verified), "verification finished");
+                tracing::info!(
+                    upgrade = job,
+                    ok = matches!(event, Event::Verified),
+                    "verification finished"
+                );
                 self.events.do_send(JobEvent { job, event });
             }
             VerifyMsg::Forget { job } => {

@@ -358,13 +358,12 @@ fn download_attempts_are_bounded_across_restarts_and_retries() {
 fn durable_progress_resets_the_attempt_count_so_many_crashes_can_finish() {
     let p = policy();
     let mut job = downloading();
-    let mut offset = 0;
     // Far more restarts than the bound, each with a checkpoint in between.
     for round in 0..(3 * p.download_attempts) {
         let ms = 1000 * i64::from(round + 1);
         job = job_after(&job, Event::Start, ms);
         assert_eq!(job.phase.name(), PhaseName::Downloading, "round {round}");
-        offset += 1;
+        let offset = u64::from(round) + 1;
         job = job_after(
             &job,
             Event::Checkpoint {
