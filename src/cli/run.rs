@@ -4,7 +4,7 @@
 use super::{exit, DEFAULT_STATE_DIR};
 use crate::protocol::ParseOptions;
 use crate::runtime::download::{Download, Fetchers};
-use crate::runtime::flash::{Flash, FlashSpec};
+use crate::runtime::flash::{Flash, FlashOptions, FlashSpec};
 use crate::runtime::ftp::FtpFetcher;
 use crate::runtime::http::HttpFetcher;
 use crate::runtime::messaging::{Messaging, Stdio, Transport};
@@ -45,9 +45,26 @@ pub struct RunArgs {
     /// [default: devices/{deviceId}/response]
     #[arg(long)]
     pub response_topic: Option<String>,
-    /// Where verified images go: file:PATH.
+    /// Where verified images go: file:PATH, ab:DIR (docs/AB-SLOTS.md) or
+    /// command:CMD (an installer; `{image}` is replaced by the image's path).
     #[arg(long)]
     pub flash: Option<String>,
+    /// ab: the command that reboots into the new slot; "" = none, wait for
+    /// someone else to reboot [default: reboot].
+    #[arg(long, value_name = "CMD")]
+    pub reboot_command: Option<String>,
+    /// ab: run after a trial boot of the new slot; exit 0 = healthy, commit
+    /// [default: none, booting is enough].
+    #[arg(long, value_name = "CMD")]
+    pub health_command: Option<String>,
+    /// Seconds the installer (command:), the health check and the reboot
+    /// command may run before they are killed [default: 1800].
+    #[arg(long, value_name = "SECS")]
+    pub install_timeout: Option<u64>,
+    /// ab: trial boots of a new slot before the bootloader falls back
+    /// [default: 3].
+    #[arg(long, value_name = "N")]
+    pub boot_tries: Option<u32>,
     /// Larger images are refused with errorNo 4 [default: 1 GiB].
     #[arg(long, value_name = "BYTES")]
     pub max_image_size: Option<u64>,
@@ -97,6 +114,10 @@ impl RunArgs {
             request_topic: self.request_topic.or(file.request_topic),
             response_topic: self.response_topic.or(file.response_topic),
             flash: self.flash.or(file.flash),
+            reboot_command: self.reboot_command.or(file.reboot_command),
+            health_command: self.health_command.or(file.health_command),
+            install_timeout: self.install_timeout.or(file.install_timeout),
+            boot_tries: self.boot_tries.or(file.boot_tries),
             max_image_size: self.max_image_size.or(file.max_image_size),
             credentials_decoder: self.credentials_decoder.or(file.credentials_decoder),
             no_reports: self.no_reports || file.no_reports,
@@ -116,6 +137,7 @@ pub struct AgentConfig {
     pub device_id: String,
     pub transport: String,
     pub flash: FlashSpec,
+    pub flash_options: FlashOptions,
     pub parse: ParseOptions,
     pub policy: Policy,
     pub transfer: Transfer,
@@ -135,7 +157,7 @@ impl AgentConfig {
         let flash = a
             .flash
             .as_deref()
-            .ok_or("--flash is required: where verified images go (file:PATH)")?
+            .ok_or("--flash is required: where verified images go (file:PATH, ab:DIR or command:CMD)")?
             .parse::<FlashSpec>()?;
         let transport = a.transport.unwrap_or_else(|| "stdio".into());
         if transport != "stdio" {
@@ -145,6 +167,24 @@ impl AgentConfig {
         }
         let defaults = Policy::default();
         let transfer_defaults = Transfer::default();
+        let flash_defaults = FlashOptions::default();
+        let flash_options = FlashOptions {
+            reboot_command: match a.reboot_command {
+                Some(cmd) if cmd.trim().is_empty() => None,
+                Some(cmd) => Some(cmd),
+                None => flash_defaults.reboot_command,
+            },
+            health_command: a.health_command.filter(|cmd| !cmd.trim().is_empty()),
+            command_timeout: a
+                .install_timeout
+                .map(|s| Duration::from_secs(s.max(1)))
+                .unwrap_or(flash_defaults.command_timeout),
+            boot_tries: a.boot_tries.unwrap_or(flash_defaults.boot_tries).max(1),
+        };
+        // Every trial boot may start the agent once, and the boot of the old
+        // slot after the last try once more; one start to spare for an agent
+        // restart before the reboot. Past that: failed, 51.
+        let boot_checks = flash_options.boot_tries.saturating_add(2);
         Ok(AgentConfig {
             paths: Paths {
                 state_dir: a.state_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
@@ -152,6 +192,7 @@ impl AgentConfig {
             device_id: a.device_id.unwrap_or_else(host_name),
             transport,
             flash,
+            flash_options,
             parse: ParseOptions {
                 max_image_size: a.max_image_size,
                 credentials_decoder: a.credentials_decoder,
@@ -163,6 +204,7 @@ impl AgentConfig {
                     .map(Duration::from_millis)
                     .unwrap_or(defaults.backoff_base),
                 reports: !a.no_reports,
+                boot_checks,
                 ..defaults
             },
             transfer: Transfer {
@@ -236,6 +278,7 @@ fn start(config: AgentConfig, store: Store) -> Result<(), String> {
         paths,
         transport,
         flash,
+        flash_options,
         parse,
         policy,
         transfer,
@@ -258,7 +301,9 @@ fn start(config: AgentConfig, store: Store) -> Result<(), String> {
     };
     let flash = {
         let events = events.clone();
-        Flash::start_in_arbiter(&Arbiter::new().handle(), move |_| Flash::new(flash, events))
+        Flash::start_in_arbiter(&Arbiter::new().handle(), move |_| {
+            Flash::new(flash, flash_options, events)
+        })
     };
     let transport: Box<dyn Transport> = match transport.as_str() {
         "stdio" => Box::new(Stdio),
@@ -280,6 +325,8 @@ fn start(config: AgentConfig, store: Store) -> Result<(), String> {
         download: download.clone().recipient(),
         abort: download.recipient(),
         verify: verify.recipient(),
+        reboot: flash.clone().recipient(),
+        check_boot: flash.clone().recipient(),
         flash: flash.recipient(),
     });
     crate::control::serve(control_socket, upgrade.clone());

@@ -1,25 +1,56 @@
-//! The Flash actor and its backends: where a verified image goes.
+//! The Flash actor and its backends: where a verified image goes, and, for
+//! A/B slots, the reboot and the check of what booted.
 //!
-//! `--flash file:PATH` writes the image to a file or block device, fsyncs it,
-//! reads it back and compares the md5. Flashing is repeatable: after a crash
-//! the whole image is written again. The actor runs on its own thread, so
-//! long writes never stall messaging.
+//! - `--flash file:PATH` writes the image to a file or block device, fsyncs
+//!   it, reads it back and compares the md5.
+//! - `--flash ab:DIR` does the same to the inactive one of two slots, then
+//!   points the boot-control record's next-boot at it ([`ab`], and
+//!   docs/AB-SLOTS.md); the upgrade waits in `awaiting_reboot`. After the
+//!   reboot [`CheckBoot`] finds out which slot runs, runs the health check and
+//!   commits, or reports the roll-back.
+//! - `--flash command:CMD` runs an installer (`rauc install {image}`) with a
+//!   deadline; exit 0 is success ([`exec`]).
+//!
+//! Flashing is repeatable: after a crash the whole image is written (or the
+//! installer run) again. The actor runs on its own thread, so long writes and
+//! commands never stall messaging.
+//!
+//! Crash points of this module (see `crate::crash`): `mid-flash`,
+//! `after-slot-write`, `before-switch-rename`, `after-flash`, `mid-install`,
+//! `before-reboot`, `before-commit-rename`, `after-boot-commit`.
+
+pub mod ab;
+pub mod exec;
 
 use super::verify::{hash_prefix, hex_digest};
 use super::JobEvent;
 use crate::crash;
+use ab::{BootControl, Slot, Slots, Trial, Verdict};
 use actix::prelude::*;
+use exec::{run_shell, shell_quote};
 use fwagent_state::{result_no, Event, Failure, Firmware, JobId};
 use std::fmt;
 use std::fs::OpenOptions;
-use std::io::{self, Read, Write};
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// `--reboot-command` on a real gateway.
+pub const DEFAULT_REBOOT_COMMAND: &str = "reboot";
+/// `--install-timeout`: the installer, the health check and the reboot command.
+pub const DEFAULT_INSTALL_TIMEOUT: Duration = Duration::from_secs(1800);
+/// `--boot-tries`: trial boots of a new slot before the bootloader falls back.
+pub const DEFAULT_BOOT_TRIES: u32 = 3;
 
 /// Where verified images go, as given by `--flash`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum FlashSpec {
     /// A file or block device, written in place.
     File(PathBuf),
+    /// Two slots and a boot-control record in this directory.
+    Ab(PathBuf),
+    /// An installer command line; `{image}` is replaced by the image's path.
+    Command(String),
 }
 
 impl std::str::FromStr for FlashSpec {
@@ -28,10 +59,13 @@ impl std::str::FromStr for FlashSpec {
     fn from_str(s: &str) -> Result<Self, String> {
         match s.split_once(':') {
             Some(("file", path)) if !path.is_empty() => Ok(FlashSpec::File(PathBuf::from(path))),
-            Some(("ab", _)) | Some(("command", _)) => Err(format!(
-                "flash backend `{s}` is not built yet; use file:PATH (see README, \"Not built yet\")"
+            Some(("ab", dir)) if !dir.is_empty() => Ok(FlashSpec::Ab(PathBuf::from(dir))),
+            Some(("command", cmd)) if !cmd.trim().is_empty() => {
+                Ok(FlashSpec::Command(cmd.to_string()))
+            }
+            _ => Err(format!(
+                "`{s}` is not a flash target: use file:PATH, ab:DIR or command:CMD"
             )),
-            _ => Err(format!("`{s}` is not a flash target: use file:PATH")),
         }
     }
 }
@@ -40,6 +74,32 @@ impl fmt::Display for FlashSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             FlashSpec::File(p) => write!(f, "file:{}", p.display()),
+            FlashSpec::Ab(p) => write!(f, "ab:{}", p.display()),
+            FlashSpec::Command(c) => write!(f, "command:{c}"),
+        }
+    }
+}
+
+/// The knobs of the backends that reboot or run commands.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FlashOptions {
+    /// Run to reboot into the new slot; `None`: wait for someone else to.
+    pub reboot_command: Option<String>,
+    /// Run after a trial boot of the new slot; exit 0 = healthy.
+    pub health_command: Option<String>,
+    /// Deadline of every command the backends run.
+    pub command_timeout: Duration,
+    /// Trial boots of a new slot (the record's `tries`).
+    pub boot_tries: u32,
+}
+
+impl Default for FlashOptions {
+    fn default() -> Self {
+        FlashOptions {
+            reboot_command: Some(DEFAULT_REBOOT_COMMAND.to_string()),
+            health_command: None,
+            command_timeout: DEFAULT_INSTALL_TIMEOUT,
+            boot_tries: DEFAULT_BOOT_TRIES,
         }
     }
 }
@@ -53,14 +113,46 @@ pub struct FlashImage {
     pub firmware: Firmware,
 }
 
+/// Reboot into the new image (answered once the reboot command has run).
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct RequestReboot {
+    pub job: JobId,
+}
+
+/// After a (possible) reboot: which image runs? Answered, not sent as a
+/// [`JobEvent`], so the Upgrade actor knows when the check is over.
+#[derive(Message, Debug)]
+#[rtype(result = "BootCheck")]
+pub struct CheckBoot {
+    pub job: JobId,
+    pub firmware: Firmware,
+}
+
+/// The answer to [`CheckBoot`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BootCheck {
+    /// `Booted { .. }` once it is decided; `None` while the reboot has not
+    /// happened yet.
+    pub event: Option<Event>,
+    /// Reboot now: the reboot into the new slot is still to come, or the
+    /// device runs a slot it will not boot again (a failed health check).
+    pub reboot: bool,
+}
+
 pub struct Flash {
     spec: FlashSpec,
+    options: FlashOptions,
     events: Recipient<JobEvent>,
 }
 
 impl Flash {
-    pub fn new(spec: FlashSpec, events: Recipient<JobEvent>) -> Self {
-        Flash { spec, events }
+    pub fn new(spec: FlashSpec, options: FlashOptions, events: Recipient<JobEvent>) -> Self {
+        Flash {
+            spec,
+            options,
+            events,
+        }
     }
 }
 
@@ -68,7 +160,7 @@ impl Actor for Flash {
     type Context = Context<Self>;
 }
 
-fn flash_failure(what: &str, path: &Path, e: io::Error) -> Failure {
+fn flash_failure(what: &str, path: &Path, e: impl fmt::Display) -> Failure {
     Failure::new(
         result_no::FLASH_FAILED,
         format!("{what} {}: {e}", path.display()),
@@ -78,7 +170,8 @@ fn flash_failure(what: &str, path: &Path, e: io::Error) -> Failure {
 
 /// Write `image` to `target`, fsync, read back and compare with `firmware.md5`.
 pub fn write_file(image: &Path, target: &Path, firmware: &Firmware) -> Result<(), Failure> {
-    let mut src = std::fs::File::open(image).map_err(|e| flash_failure("cannot open the image", image, e))?;
+    let mut src =
+        std::fs::File::open(image).map_err(|e| flash_failure("cannot open the image", image, e))?;
     let mut dst = OpenOptions::new()
         .write(true)
         .create(true)
@@ -89,11 +182,14 @@ pub fn write_file(image: &Path, target: &Path, firmware: &Firmware) -> Result<()
     let mut written = 0u64;
     let mut crossed_half = false;
     loop {
-        let n = src.read(&mut buf).map_err(|e| flash_failure("cannot read the image", image, e))?;
+        let n = src
+            .read(&mut buf)
+            .map_err(|e| flash_failure("cannot read the image", image, e))?;
         if n == 0 {
             break;
         }
-        dst.write_all(&buf[..n]).map_err(|e| flash_failure("cannot write", target, e))?;
+        dst.write_all(&buf[..n])
+            .map_err(|e| flash_failure("cannot write", target, e))?;
         written += n as u64;
         if !crossed_half && written * 2 >= firmware.size {
             crossed_half = true;
@@ -110,20 +206,214 @@ pub fn write_file(image: &Path, target: &Path, firmware: &Firmware) -> Result<()
     // A regular file is cut to the image; a block device keeps its size.
     let is_file = dst.metadata().map(|m| m.is_file()).unwrap_or(false);
     if is_file {
-        dst.set_len(written).map_err(|e| flash_failure("cannot truncate", target, e))?;
+        dst.set_len(written)
+            .map_err(|e| flash_failure("cannot truncate", target, e))?;
     }
-    dst.sync_all().map_err(|e| flash_failure("cannot fsync", target, e))?;
+    dst.sync_all()
+        .map_err(|e| flash_failure("cannot fsync", target, e))?;
     drop(dst);
-    let (md5, read) = hash_prefix(target, written).map_err(|e| flash_failure("cannot read back", target, e))?;
+    let (md5, read) =
+        hash_prefix(target, written).map_err(|e| flash_failure("cannot read back", target, e))?;
     let digest = hex_digest(md5);
     if read != written || digest != firmware.md5 {
         return Err(Failure::new(
             result_no::FLASH_FAILED,
-            format!("read-back of {} does not match: md5 {digest}", target.display()),
+            format!(
+                "read-back of {} does not match: md5 {digest}",
+                target.display()
+            ),
             false,
         ));
     }
     Ok(())
+}
+
+fn ab_failure(e: ab::AbError) -> Failure {
+    Failure::new(result_no::FLASH_FAILED, e.to_string(), false)
+}
+
+/// Write the inactive slot of `dir`, read it back, then switch next-boot to
+/// it with `tries` trial boots. Returns the slot written.
+pub fn flash_ab(
+    dir: &Path,
+    image: &Path,
+    firmware: &Firmware,
+    tries: u32,
+) -> Result<Slot, Failure> {
+    let slots = Slots::load(dir).map_err(ab_failure)?;
+    let mut record = match BootControl::load(dir).map_err(ab_failure)? {
+        Some(r) => r,
+        None => {
+            tracing::info!(dir = %dir.display(), "no boot-control record; creating one with slot a active");
+            let fresh = BootControl::fresh();
+            fresh.store(dir, "").map_err(ab_failure)?;
+            fresh
+        }
+    };
+    if record.booted != record.active {
+        return Err(Failure::new(
+            result_no::FLASH_FAILED,
+            format!(
+                "slot {} runs but slot {} is active: both are in use; reboot into slot {} first",
+                record.booted, record.active, record.active
+            ),
+            false,
+        ));
+    }
+    let target = record.active.other();
+    // Nothing may boot the target, nor take it for a known image, while it
+    // is being written.
+    if record.md5.get(target).is_some() || record.next.is_some() || record.trial.is_some() {
+        record.md5.set(target, None);
+        record.next = None;
+        record.tries = 0;
+        record.trial = None;
+        record.store(dir, "").map_err(ab_failure)?;
+    }
+    let path = slots.path(target);
+    tracing::info!(slot = %target, path = %path.display(), "writing the inactive slot");
+    write_file(image, path, firmware)?;
+    crash::point("after-slot-write");
+    record.md5.set(target, Some(firmware.md5.clone()));
+    record.next = Some(target);
+    record.tries = tries;
+    record.trial = Some(Trial {
+        slot: target,
+        md5: firmware.md5.clone(),
+    });
+    record
+        .store(dir, "before-switch-rename")
+        .map_err(ab_failure)?;
+    tracing::info!(slot = %target, tries, "slot written and read back; next boot switched to it");
+    Ok(target)
+}
+
+/// Run the installer `cmd` over `image`.
+pub fn install(
+    cmd: &str,
+    image: &Path,
+    firmware: &Firmware,
+    timeout: Duration,
+) -> Result<(), Failure> {
+    let quoted = shell_quote(&image.to_string_lossy());
+    let line = if cmd.contains("{image}") {
+        cmd.replace("{image}", &quoted)
+    } else {
+        format!("{cmd} {quoted}")
+    };
+    let envs = [
+        ("FWAGENT_IMAGE", image.to_string_lossy().into_owned()),
+        ("FWAGENT_MD5", firmware.md5.clone()),
+        ("FWAGENT_SIZE", firmware.size.to_string()),
+    ];
+    let ran = run_shell("installer", &line, &envs, timeout, "mid-install").map_err(|e| {
+        Failure::new(
+            result_no::FLASH_FAILED,
+            format!("cannot run the installer: {e}"),
+            false,
+        )
+    })?;
+    if ran.success() {
+        Ok(())
+    } else {
+        Err(Failure::new(
+            result_no::FLASH_FAILED,
+            format!("the installer failed: {}", ran.describe(timeout)),
+            false,
+        ))
+    }
+}
+
+/// A device that runs a slot its bootloader will not boot again is rebooted.
+fn needs_reboot(record: &BootControl) -> bool {
+    record.booted != record.active && record.next != Some(record.booted)
+}
+
+impl Flash {
+    fn check_ab(&self, dir: &Path, firmware: &Firmware) -> BootCheck {
+        let rejected = |detail: String| BootCheck {
+            event: Some(Event::Booted { ok: false, detail }),
+            reboot: false,
+        };
+        let mut record = match BootControl::load(dir) {
+            Ok(Some(r)) => r,
+            Ok(None) => {
+                return rejected(format!(
+                    "no boot-control record {}",
+                    dir.join(ab::RECORD).display()
+                ))
+            }
+            Err(e) => return rejected(e.to_string()),
+        };
+        let verdict = ab::decide(&record, &firmware.md5);
+        tracing::info!(?verdict, active = %record.active, booted = %record.booted, "boot checked");
+        match verdict {
+            Verdict::NotRebooted { slot } => {
+                tracing::info!(%slot, "the device has not rebooted into the new slot yet; asking again");
+                BootCheck {
+                    event: None,
+                    reboot: true,
+                }
+            }
+            Verdict::Committed { slot } => BootCheck {
+                event: Some(Event::Booted {
+                    ok: true,
+                    detail: format!("slot {slot} is active"),
+                }),
+                reboot: false,
+            },
+            Verdict::FellBack { detail, .. } | Verdict::Rejected { detail } => BootCheck {
+                reboot: needs_reboot(&record),
+                event: Some(Event::Booted { ok: false, detail }),
+            },
+            Verdict::TrialBooted { slot } => {
+                if let Some(health) = &self.options.health_command {
+                    let envs = [
+                        ("FWAGENT_SLOT", slot.to_string()),
+                        ("FWAGENT_MD5", firmware.md5.clone()),
+                    ];
+                    let timeout = self.options.command_timeout;
+                    let why = match run_shell("health", health, &envs, timeout, "mid-health") {
+                        Ok(ran) if ran.success() => None,
+                        Ok(ran) => Some(ran.describe(timeout)),
+                        Err(e) => Some(format!("cannot run it: {e}")),
+                    };
+                    if let Some(why) = why {
+                        // Back to the old slot on the next boot.
+                        record.next = None;
+                        record.tries = 0;
+                        let detail = match record.store(dir, "before-reject-rename") {
+                            Ok(()) => format!(
+                                "slot {slot} booted but its health check failed: {why}; slot {} stays active",
+                                record.active
+                            ),
+                            Err(e) => format!("slot {slot} booted but its health check failed: {why}; and {e}"),
+                        };
+                        return BootCheck {
+                            reboot: needs_reboot(&record),
+                            event: Some(Event::Booted { ok: false, detail }),
+                        };
+                    }
+                }
+                record.active = slot;
+                record.next = None;
+                record.tries = 0;
+                record.trial = None;
+                if let Err(e) = record.store(dir, "before-commit-rename") {
+                    return rejected(format!("slot {slot} booted but cannot be committed: {e}"));
+                }
+                crash::point("after-boot-commit");
+                tracing::info!(%slot, "new slot committed");
+                BootCheck {
+                    event: Some(Event::Booted {
+                        ok: true,
+                        detail: format!("slot {slot} booted and committed"),
+                    }),
+                    reboot: false,
+                }
+            }
+        }
+    }
 }
 
 impl Handler<FlashImage> for Flash {
@@ -131,15 +421,170 @@ impl Handler<FlashImage> for Flash {
 
     fn handle(&mut self, msg: FlashImage, _ctx: &mut Context<Self>) {
         tracing::info!(upgrade = msg.job, target = %self.spec, "flashing");
-        let event = match &self.spec {
-            FlashSpec::File(target) => match write_file(&msg.image, target, &msg.firmware) {
-                Ok(()) => {
-                    crash::point("after-flash");
-                    Event::Flashed { reboot: false }
-                }
-                Err(failure) => Event::FlashFailed { failure },
+        let done = match &self.spec {
+            FlashSpec::File(target) => {
+                write_file(&msg.image, target, &msg.firmware).map(|()| false)
+            }
+            FlashSpec::Ab(dir) => {
+                flash_ab(dir, &msg.image, &msg.firmware, self.options.boot_tries).map(|_| true)
+            }
+            FlashSpec::Command(cmd) => {
+                install(cmd, &msg.image, &msg.firmware, self.options.command_timeout)
+                    .map(|()| false)
+            }
+        };
+        let event = match done {
+            Ok(reboot) => {
+                crash::point("after-flash");
+                Event::Flashed { reboot }
+            }
+            Err(failure) => Event::FlashFailed { failure },
+        };
+        self.events.do_send(JobEvent {
+            job: msg.job,
+            event,
+        });
+    }
+}
+
+impl Handler<RequestReboot> for Flash {
+    type Result = ();
+
+    fn handle(&mut self, msg: RequestReboot, _ctx: &mut Context<Self>) {
+        let Some(cmd) = &self.options.reboot_command else {
+            tracing::warn!(
+                upgrade = msg.job,
+                "no reboot command is configured; waiting for the device to be rebooted"
+            );
+            return;
+        };
+        crash::point("before-reboot");
+        tracing::info!(upgrade = msg.job, command = %cmd, "requesting the reboot");
+        let timeout = self.options.command_timeout;
+        match run_shell("reboot", cmd, &[], timeout, "") {
+            Ok(ran) if ran.success() => tracing::info!(upgrade = msg.job, "reboot requested"),
+            Ok(ran) => {
+                tracing::error!(upgrade = msg.job, outcome = %ran.describe(timeout), "the reboot command failed; the next start asks again")
+            }
+            Err(e) => {
+                tracing::error!(upgrade = msg.job, error = %e, "cannot run the reboot command; the next start asks again")
+            }
+        }
+    }
+}
+
+impl Handler<CheckBoot> for Flash {
+    type Result = MessageResult<CheckBoot>;
+
+    fn handle(&mut self, msg: CheckBoot, _ctx: &mut Context<Self>) -> Self::Result {
+        let check = match &self.spec {
+            FlashSpec::Ab(dir) => self.check_ab(dir, &msg.firmware),
+            FlashSpec::File(_) | FlashSpec::Command(_) => BootCheck {
+                event: Some(Event::Booted {
+                    ok: false,
+                    detail: format!(
+                        "the flash backend {} cannot check which image booted",
+                        self.spec
+                    ),
+                }),
+                reboot: false,
             },
         };
-        self.events.do_send(JobEvent { job: msg.job, event });
+        tracing::info!(upgrade = msg.job, ?check, "boot check done");
+        MessageResult(check)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flash_specs_parse_and_print_back() {
+        for s in [
+            "file:/dev/mmcblk0p3",
+            "ab:/var/lib/fwagent/slots",
+            "command:rauc install {image}",
+        ] {
+            let spec: FlashSpec = s.parse().expect(s);
+            assert_eq!(spec.to_string(), s);
+        }
+        assert_eq!(
+            "command:swupdate -i {image} -e a:b".parse::<FlashSpec>(),
+            Ok(FlashSpec::Command("swupdate -i {image} -e a:b".into()))
+        );
+        for bad in ["file:", "ab:", "command: ", "tftp:x", "/dev/sda"] {
+            assert!(bad.parse::<FlashSpec>().is_err(), "{bad}");
+        }
+    }
+
+    fn image(dir: &Path, bytes: &[u8]) -> (PathBuf, Firmware) {
+        let path = dir.join("image");
+        std::fs::write(&path, bytes).expect("write image");
+        let (md5, _) = hash_prefix(&path, bytes.len() as u64).expect("hash");
+        let firmware = Firmware {
+            name: "image".into(),
+            md5: hex_digest(md5),
+            size: bytes.len() as u64,
+        };
+        (path, firmware)
+    }
+
+    #[test]
+    fn ab_writes_the_inactive_slot_and_switches_next_boot() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (img, fw) = image(dir.path(), b"new image");
+        let slots = dir.path().join("slots");
+        std::fs::create_dir(&slots).expect("mkdir");
+        std::fs::write(slots.join("slot-a"), b"running image").expect("write a");
+        assert_eq!(flash_ab(&slots, &img, &fw, 3), Ok(Slot::B));
+        assert_eq!(
+            std::fs::read(slots.join("slot-a")).expect("a"),
+            b"running image"
+        );
+        assert_eq!(
+            std::fs::read(slots.join("slot-b")).expect("b"),
+            b"new image"
+        );
+        let r = BootControl::load(&slots).expect("loads").expect("exists");
+        assert_eq!(
+            (r.active, r.next, r.tries, r.booted),
+            (Slot::A, Some(Slot::B), 3, Slot::A)
+        );
+        assert_eq!(r.md5.get(Slot::B), Some(fw.md5.as_str()));
+        // Again (a restart of flashing): same slot, same record.
+        assert_eq!(flash_ab(&slots, &img, &fw, 3), Ok(Slot::B));
+        assert_eq!(BootControl::load(&slots).expect("loads"), Some(r));
+    }
+
+    #[test]
+    fn ab_refuses_when_both_slots_are_in_use() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (img, fw) = image(dir.path(), b"new image");
+        let record = BootControl {
+            booted: Slot::B,
+            ..BootControl::fresh()
+        };
+        record.store(dir.path(), "").expect("store");
+        let failure = flash_ab(dir.path(), &img, &fw, 3).expect_err("refused");
+        assert_eq!(failure.error_no, result_no::FLASH_FAILED);
+        assert!(!dir.path().join("slot-a").exists() && !dir.path().join("slot-b").exists());
+    }
+
+    #[test]
+    fn the_installer_gets_the_image_and_its_failure_is_50() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (img, fw) = image(dir.path(), b"payload");
+        let out = dir.path().join("installed");
+        let cmd = format!("cp {{image}} {}", shell_quote(&out.to_string_lossy()));
+        install(&cmd, &img, &fw, Duration::from_secs(10)).expect("installs");
+        assert_eq!(std::fs::read(&out).expect("copied"), b"payload");
+        let failure = install("false", &img, &fw, Duration::from_secs(10)).expect_err("fails");
+        assert_eq!(failure.error_no, result_no::FLASH_FAILED);
+        assert!(
+            failure.description.contains("exit status 1"),
+            "{}",
+            failure.description
+        );
     }
 }

@@ -7,7 +7,7 @@
 //! outbox and restarts the active upgrade's current phase.
 
 use super::download::{AbortDownload, FetchJob, StartDownload};
-use super::flash::FlashImage;
+use super::flash::{BootCheck, CheckBoot, FlashImage, RequestReboot};
 use super::messaging::{Listen, Outbound};
 use super::verify::VerifyMsg;
 use super::{Delivered, IncomingRequest, InputClosed, JobEvent, Paths, Transfer};
@@ -15,7 +15,7 @@ use crate::protocol::{self, ParseOptions};
 use crate::{crash, fsutil};
 use actix::prelude::*;
 use fwagent_state::{
-    ack_no, on_request, transition, Ack, Command, Event, Incoming, Job, OutboxEntry, Outcome,
+    ack_no, on_request, transition, Ack, Command, Event, Incoming, Job, JobId, OutboxEntry, Outcome,
     Outgoing, Phase, Policy, Protocol, Store, Transition, OP_UPGRADE,
 };
 use std::collections::HashSet;
@@ -31,6 +31,8 @@ pub struct Wire {
     pub abort: Recipient<AbortDownload>,
     pub verify: Recipient<VerifyMsg>,
     pub flash: Recipient<FlashImage>,
+    pub reboot: Recipient<RequestReboot>,
+    pub check_boot: Recipient<CheckBoot>,
 }
 
 /// Outbox entries sent without a commit (the store itself failed) carry this
@@ -46,6 +48,13 @@ pub struct Upgrade {
     protocols: HashSet<Protocol>,
     peers: Option<Wire>,
     input_closed: bool,
+    /// Reboot requests and boot checks the Flash actor has not answered yet:
+    /// the agent does not exit before they are done.
+    flash_calls: u32,
+    /// This process has asked for the reboot or checked the boot: an upgrade
+    /// in `awaiting_reboot` has nothing more to do here. (Until then, with
+    /// stdin at EOF, the agent would exit before the resumed check ran.)
+    boot_settled: bool,
 }
 
 impl Upgrade {
@@ -66,6 +75,8 @@ impl Upgrade {
             protocols,
             peers: None,
             input_closed: false,
+            flash_calls: 0,
+            boot_settled: false,
         }
     }
 
@@ -132,19 +143,38 @@ impl Upgrade {
                 image: self.paths.part(*id),
                 firmware: job.request.firmware.clone(),
             }),
-            Command::Reboot { job: id } => {
-                tracing::warn!(upgrade = id, "this flash backend cannot reboot; waiting for an external reboot");
-            }
+            Command::Reboot { job: id } => self.request_reboot(*id, peers, ctx),
             Command::CheckBoot { job: id } => {
-                // Only A/B backends leave an upgrade awaiting a reboot, and
-                // none is built yet: say so rather than wait forever.
-                ctx.notify(JobEvent {
-                    job: *id,
-                    event: Event::Booted {
-                        ok: false,
-                        detail: "no boot-checking flash backend is configured".into(),
-                    },
+                // The answer comes back here rather than as a JobEvent, so
+                // the agent cannot exit between the check and its commit.
+                let id = *id;
+                self.flash_calls += 1;
+                let check = peers.check_boot.send(CheckBoot {
+                    job: id,
+                    firmware: job.request.firmware.clone(),
                 });
+                ctx.spawn(check.into_actor(self).map(move |answer, act, ctx| {
+                    let BootCheck { event, reboot } = match answer {
+                        Ok(check) => check,
+                        Err(e) => {
+                            tracing::error!(upgrade = id, error = %e, "the flash actor did not answer the boot check");
+                            BootCheck { event: None, reboot: false }
+                        }
+                    };
+                    // Commit the verdict first; this call still counts, so
+                    // the agent stays up until the reboot is asked for too.
+                    if let Some(event) = event {
+                        <Self as Handler<JobEvent>>::handle(act, JobEvent { job: id, event }, ctx);
+                    }
+                    if reboot {
+                        if let Some(peers) = act.peers.clone() {
+                            act.request_reboot(id, &peers, ctx);
+                        }
+                    }
+                    act.flash_calls -= 1;
+                    act.boot_settled = true;
+                    act.maybe_exit();
+                }));
             }
             Command::Abort { job: id } => peers.abort.do_send(AbortDownload { job: *id }),
             Command::Cleanup { job: id } => {
@@ -158,14 +188,28 @@ impl Upgrade {
         }
     }
 
+    /// Ask the Flash actor for the reboot; the agent stays up until it is made.
+    fn request_reboot(&mut self, id: JobId, peers: &Wire, ctx: &mut Context<Self>) {
+        self.flash_calls += 1;
+        let request = peers.reboot.send(RequestReboot { job: id });
+        ctx.spawn(request.into_actor(self).map(move |answer, act, _ctx| {
+            if let Err(e) = answer {
+                tracing::error!(upgrade = id, error = %e, "the flash actor did not answer the reboot request");
+            }
+            act.flash_calls -= 1;
+            act.boot_settled = true;
+            act.maybe_exit();
+        }));
+    }
+
     /// With stdin closed: stop once nothing is under way and the outbox is empty.
     fn maybe_exit(&self) {
-        if !self.input_closed {
+        if !self.input_closed || self.flash_calls > 0 {
             return;
         }
         let idle = match self.store.active() {
             Ok(None) => true,
-            Ok(Some(job)) => job.phase == Phase::AwaitingReboot,
+            Ok(Some(job)) => job.phase == Phase::AwaitingReboot && self.boot_settled,
             Err(_) => true,
         };
         let flushed = self.store.pending_outbox().map(|p| p.is_empty()).unwrap_or(true);

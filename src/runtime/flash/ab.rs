@@ -1,0 +1,470 @@
+//! `--flash ab:DIR`: two slots and the boot-control record that stands in
+//! for the bootloader's environment (docs/AB-SLOTS.md has the format).
+//!
+//! The agent writes only the slot that is neither active nor booted, reads
+//! it back, and only then points next-boot at it with a number of tries.
+//! After the reboot, [`decide`] reads the record and says what happened: the
+//! new slot booted (health check, then commit), the bootloader fell back, or
+//! the reboot has not happened yet. Every change of the record is atomic:
+//! temporary file, fsync, rename, fsync of the directory.
+
+use crate::{crash, fsutil};
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+/// The record's file name in DIR.
+pub const RECORD: &str = "bootctl.json";
+/// Its temporary name while it is rewritten.
+const RECORD_TMP: &str = ".bootctl.json.tmp";
+/// Optional: the slots' paths (block devices), instead of DIR/slot-a and DIR/slot-b.
+pub const SLOTS_CONFIG: &str = "slots.toml";
+/// The record's format version.
+pub const VERSION: u32 = 1;
+
+/// Why the slots or the record could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum AbError {
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
+    #[error("{path}: {reason}")]
+    Format { path: PathBuf, reason: String },
+}
+
+fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> AbError + 'a {
+    move |source| AbError::Io {
+        what,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Slot {
+    A,
+    B,
+}
+
+impl Slot {
+    pub fn other(self) -> Slot {
+        match self {
+            Slot::A => Slot::B,
+            Slot::B => Slot::A,
+        }
+    }
+}
+
+impl fmt::Display for Slot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Slot::A => "a",
+            Slot::B => "b",
+        })
+    }
+}
+
+/// What the agent wrote into each slot (lowercase hex md5), `null` when
+/// unknown or while the slot is being written.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SlotImages {
+    #[serde(default)]
+    pub a: Option<String>,
+    #[serde(default)]
+    pub b: Option<String>,
+}
+
+impl SlotImages {
+    pub fn get(&self, slot: Slot) -> Option<&str> {
+        match slot {
+            Slot::A => self.a.as_deref(),
+            Slot::B => self.b.as_deref(),
+        }
+    }
+
+    pub fn set(&mut self, slot: Slot, md5: Option<String>) {
+        match slot {
+            Slot::A => self.a = md5,
+            Slot::B => self.b = md5,
+        }
+    }
+}
+
+/// The trial boot the agent asked for: which slot, holding which image.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Trial {
+    pub slot: Slot,
+    pub md5: String,
+}
+
+/// `DIR/bootctl.json`. `active`, `next`, `tries` and `booted` are the
+/// bootloader's environment; `md5` and `trial` are the agent's own notes.
+/// Keys it does not know are kept as they are.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BootControl {
+    pub version: u32,
+    /// The committed slot: booted whenever no trial is pending.
+    pub active: Slot,
+    /// The slot to try on the next boots, while `tries` > 0.
+    pub next: Option<Slot>,
+    /// Trial boots left; the bootloader takes one per boot of `next`.
+    pub tries: u32,
+    /// The slot the running system was booted from (set by the bootloader).
+    pub booted: Slot,
+    #[serde(default)]
+    pub md5: SlotImages,
+    #[serde(default)]
+    pub trial: Option<Trial>,
+    #[serde(flatten)]
+    pub other: serde_json::Map<String, serde_json::Value>,
+}
+
+impl BootControl {
+    /// A device that runs slot `a` and has never been upgraded.
+    pub fn fresh() -> Self {
+        BootControl {
+            version: VERSION,
+            active: Slot::A,
+            next: None,
+            tries: 0,
+            booted: Slot::A,
+            md5: SlotImages::default(),
+            trial: None,
+            other: serde_json::Map::new(),
+        }
+    }
+
+    /// Read `DIR/bootctl.json`; `None` when there is none.
+    pub fn load(dir: &Path) -> Result<Option<Self>, AbError> {
+        let path = dir.join(RECORD);
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_err("cannot read", &path)(e)),
+        };
+        let record: BootControl = serde_json::from_slice(&bytes).map_err(|e| AbError::Format {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        if record.version != VERSION {
+            return Err(AbError::Format {
+                path,
+                reason: format!("version {} is not {VERSION}", record.version),
+            });
+        }
+        Ok(Some(record))
+    }
+
+    /// Replace `DIR/bootctl.json` atomically. `crash_at` names the crash
+    /// point between the fsynced temporary file and the rename.
+    pub fn store(&self, dir: &Path, crash_at: &str) -> Result<(), AbError> {
+        let path = dir.join(RECORD);
+        let tmp = dir.join(RECORD_TMP);
+        let mut text = serde_json::to_vec(self).map_err(|e| AbError::Format {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        text.push(b'\n');
+        let mut file = std::fs::File::create(&tmp).map_err(io_err("cannot create", &tmp))?;
+        file.write_all(&text)
+            .map_err(io_err("cannot write", &tmp))?;
+        file.sync_all().map_err(io_err("cannot fsync", &tmp))?;
+        drop(file);
+        crash::point(crash_at);
+        std::fs::rename(&tmp, &path).map_err(io_err("cannot rename into place", &path))?;
+        fsutil::sync_dir(dir).map_err(io_err("cannot fsync the directory", dir))?;
+        Ok(())
+    }
+}
+
+/// `DIR/slots.toml`: `a = "/dev/mmcblk0p2"`, `b = "/dev/mmcblk0p3"`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SlotsConfig {
+    a: PathBuf,
+    b: PathBuf,
+}
+
+/// Where the two slots are.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Slots {
+    pub a: PathBuf,
+    pub b: PathBuf,
+}
+
+impl Slots {
+    /// From `DIR/slots.toml` if there is one (relative paths are relative to
+    /// DIR), else `DIR/slot-a` and `DIR/slot-b`.
+    pub fn load(dir: &Path) -> Result<Self, AbError> {
+        let path = dir.join(SLOTS_CONFIG);
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Ok(Slots {
+                    a: dir.join("slot-a"),
+                    b: dir.join("slot-b"),
+                })
+            }
+            Err(e) => return Err(io_err("cannot read", &path)(e)),
+        };
+        let config: SlotsConfig = toml::from_str(&text).map_err(|e| AbError::Format {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        if config.a == config.b {
+            return Err(AbError::Format {
+                path,
+                reason: "slots a and b are the same path".into(),
+            });
+        }
+        Ok(Slots {
+            a: dir.join(config.a),
+            b: dir.join(config.b),
+        })
+    }
+
+    pub fn path(&self, slot: Slot) -> &Path {
+        match slot {
+            Slot::A => &self.a,
+            Slot::B => &self.b,
+        }
+    }
+}
+
+/// What the record says after a (possible) reboot, for the image `md5`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Next-boot still points at the new slot with tries left, but the old
+    /// one runs: the reboot has not happened yet.
+    NotRebooted { slot: Slot },
+    /// The new slot runs on a trial boot: check its health, then commit.
+    TrialBooted { slot: Slot },
+    /// The new slot is already the active one and runs (a crash after the
+    /// commit).
+    Committed { slot: Slot },
+    /// The bootloader ran out of tries and booted the old slot.
+    FellBack { slot: Slot, detail: String },
+    /// Anything else: the new image is not running and will not be.
+    Rejected { detail: String },
+}
+
+/// Read the record after a (possible) reboot.
+pub fn decide(record: &BootControl, md5: &str) -> Verdict {
+    match &record.trial {
+        Some(trial) if trial.md5 == md5 => {
+            let slot = trial.slot;
+            if record.booted == slot {
+                if record.next == Some(slot) {
+                    Verdict::TrialBooted { slot }
+                } else if record.active == slot {
+                    Verdict::Committed { slot }
+                } else {
+                    Verdict::Rejected {
+                        detail: format!(
+                            "slot {slot} booted but next-boot no longer points at it (its health check failed); slot {} stays active",
+                            record.active
+                        ),
+                    }
+                }
+            } else if record.next == Some(slot) && record.tries > 0 {
+                Verdict::NotRebooted { slot }
+            } else {
+                Verdict::FellBack {
+                    slot: record.booted,
+                    detail: format!(
+                        "slot {slot} did not boot within its tries; the bootloader fell back to slot {}",
+                        record.booted
+                    ),
+                }
+            }
+        }
+        Some(_) | None => {
+            if record.booted == record.active && record.md5.get(record.active) == Some(md5) {
+                Verdict::Committed {
+                    slot: record.active,
+                }
+            } else {
+                Verdict::Rejected {
+                    detail: format!(
+                        "no trial boot of this image is pending; slot {} runs and slot {} is active",
+                        record.booted, record.active
+                    ),
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NEW: &str = "0123456789abcdef0123456789abcdef";
+    const OLD: &str = "fedcba9876543210fedcba9876543210";
+
+    /// Slot b written with NEW and switched to, three tries.
+    fn switched() -> BootControl {
+        BootControl {
+            next: Some(Slot::B),
+            tries: 3,
+            md5: SlotImages {
+                a: Some(OLD.into()),
+                b: Some(NEW.into()),
+            },
+            trial: Some(Trial {
+                slot: Slot::B,
+                md5: NEW.into(),
+            }),
+            ..BootControl::fresh()
+        }
+    }
+
+    /// The bootloader stand-in of docs/AB-SLOTS.md.
+    fn boot(r: &mut BootControl) {
+        match r.next {
+            Some(next) if r.tries > 0 => {
+                r.tries -= 1;
+                r.booted = next;
+            }
+            _ => {
+                r.next = None;
+                r.tries = 0;
+                r.booted = r.active;
+            }
+        }
+    }
+
+    #[test]
+    fn before_the_reboot_the_reboot_is_asked_for_again() {
+        assert_eq!(
+            decide(&switched(), NEW),
+            Verdict::NotRebooted { slot: Slot::B }
+        );
+    }
+
+    #[test]
+    fn a_trial_boot_of_the_new_slot_is_found() {
+        let mut r = switched();
+        boot(&mut r);
+        assert_eq!(decide(&r, NEW), Verdict::TrialBooted { slot: Slot::B });
+        // Even on its last try.
+        boot(&mut r);
+        boot(&mut r);
+        assert_eq!(r.tries, 0);
+        assert_eq!(decide(&r, NEW), Verdict::TrialBooted { slot: Slot::B });
+    }
+
+    #[test]
+    fn tries_run_out_and_the_old_slot_boots() {
+        let mut r = switched();
+        for _ in 0..4 {
+            boot(&mut r);
+        }
+        assert_eq!(r.booted, Slot::A);
+        assert!(matches!(
+            decide(&r, NEW),
+            Verdict::FellBack { slot: Slot::A, .. }
+        ));
+    }
+
+    #[test]
+    fn after_the_commit_the_new_slot_is_committed() {
+        let mut r = switched();
+        boot(&mut r);
+        r.active = Slot::B;
+        r.next = None;
+        r.tries = 0;
+        r.trial = None;
+        assert_eq!(decide(&r, NEW), Verdict::Committed { slot: Slot::B });
+        // And stays so over later boots.
+        boot(&mut r);
+        assert_eq!(decide(&r, NEW), Verdict::Committed { slot: Slot::B });
+    }
+
+    #[test]
+    fn a_failed_health_check_is_a_rejection() {
+        let mut r = switched();
+        boot(&mut r);
+        r.next = None;
+        r.tries = 0;
+        assert!(matches!(decide(&r, NEW), Verdict::Rejected { .. }));
+        boot(&mut r);
+        assert!(matches!(
+            decide(&r, NEW),
+            Verdict::FellBack { slot: Slot::A, .. }
+        ));
+    }
+
+    #[test]
+    fn another_image_is_never_committed() {
+        let mut r = switched();
+        boot(&mut r);
+        assert!(matches!(decide(&r, OLD), Verdict::Rejected { .. }));
+        assert!(matches!(
+            decide(&BootControl::fresh(), NEW),
+            Verdict::Rejected { .. }
+        ));
+    }
+
+    #[test]
+    fn the_record_round_trips_and_keeps_unknown_keys() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let text =
+            r#"{"version":1,"active":"a","next":"b","tries":2,"booted":"b","vendor":{"x":1}}"#;
+        std::fs::write(dir.path().join(RECORD), text).expect("write");
+        let r = BootControl::load(dir.path())
+            .expect("loads")
+            .expect("exists");
+        assert_eq!(
+            (r.active, r.next, r.tries, r.booted),
+            (Slot::A, Some(Slot::B), 2, Slot::B)
+        );
+        assert_eq!(r.md5, SlotImages::default());
+        r.store(dir.path(), "").expect("stores");
+        let again = BootControl::load(dir.path())
+            .expect("loads")
+            .expect("exists");
+        assert_eq!(again, r);
+        assert_eq!(again.other["vendor"]["x"], 1);
+        assert!(!dir.path().join(RECORD_TMP).exists());
+    }
+
+    #[test]
+    fn bad_records_are_errors_not_panics() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        assert!(BootControl::load(dir.path())
+            .expect("no record is fine")
+            .is_none());
+        for text in [
+            "",
+            "{",
+            r#"{"version":2,"active":"a","next":null,"tries":0,"booted":"a"}"#,
+            r#"{"version":1,"active":"c","next":null,"tries":0,"booted":"a"}"#,
+        ] {
+            std::fs::write(dir.path().join(RECORD), text).expect("write");
+            assert!(
+                matches!(BootControl::load(dir.path()), Err(AbError::Format { .. })),
+                "{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn slots_come_from_the_config_or_default_to_two_files() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let d = dir.path();
+        assert_eq!(Slots::load(d).expect("default").b, d.join("slot-b"));
+        std::fs::write(d.join(SLOTS_CONFIG), "a = \"/dev/mmcblk0p2\"\nb = \"p3\"\n")
+            .expect("write");
+        let s = Slots::load(d).expect("config");
+        assert_eq!(s.a, PathBuf::from("/dev/mmcblk0p2"));
+        assert_eq!(s.b, d.join("p3"));
+        std::fs::write(d.join(SLOTS_CONFIG), "a = \"x\"\nb = \"x\"\n").expect("write");
+        assert!(Slots::load(d).is_err());
+    }
+}

@@ -1,0 +1,715 @@
+//! The installing backends end to end, with the real `fwagent` binary and
+//! images served by the real nginx that `make test` starts.
+//!
+//! `--flash ab:DIR` runs against a bootloader stand-in ([`Gateway::power_on`]):
+//! on each power-on it boots `next` while tries are left (taking one), else
+//! `active`, and writes `booted`, as docs/AB-SLOTS.md describes a real one; a
+//! slot holding a broken image resets the board (a watchdog) and the
+//! bootloader runs again. The "reboot" the agent asks for is a command that
+//! notes it in a file; the test then powers the board on and starts the agent
+//! again with stdin at EOF, as init would after a reboot. Shown: the healthy
+//! path (result only after the commit), the fall-back (51, old slot still
+//! active), a failed health check, kill -9 at every crash point of the slot
+//! write and of the commit, and the loop guards. `--flash command:CMD` runs
+//! installers that succeed, fail, hang past `--install-timeout`, die with the
+//! agent, and kill the agent.
+
+mod common;
+
+use common::*;
+use serde_json::Value;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+const LONG: Duration = Duration::from_secs(120);
+/// What slot a held before any upgrade.
+const OLD_IMAGE: &[u8] = b"the image the gateway runs today\n";
+
+fn operator(v: &Value) -> &str {
+    v["operator"].as_str().unwrap_or_default()
+}
+
+/// The result reports among `lines`.
+fn results(lines: &[Value]) -> Vec<&Value> {
+    lines
+        .iter()
+        .filter(|v| operator(v) == "reportCloudUpgradeResult")
+        .collect()
+}
+
+fn all_lines(runs: &[&Run]) -> Vec<Value> {
+    runs.iter().flat_map(|r| r.json_lines()).collect()
+}
+
+/// `fwagent status --json` of the store (no agent runs).
+fn status(state: &Path) -> Value {
+    let mut cmd = fwagent(["status", "--json", "--state-dir"]);
+    cmd.arg(state);
+    let run = run_with_timeout(cmd, b"", LONG);
+    serde_json::from_str(run.stdout.trim())
+        .unwrap_or_else(|e| panic!("status is not JSON ({e}): {run}"))
+}
+
+/// A gateway with two slots (a runs [`OLD_IMAGE`]) and a state dir.
+struct Gateway {
+    _dir: tempfile::TempDir,
+    state: PathBuf,
+    slots: PathBuf,
+    /// One line per reboot the agent asked for.
+    reboots: PathBuf,
+}
+
+impl Gateway {
+    fn new() -> Gateway {
+        let dir = temp_dir();
+        let slots = dir.path().join("slots");
+        fs::create_dir(&slots).expect("mkdir slots");
+        fs::write(slots.join("slot-a"), OLD_IMAGE).expect("write slot a");
+        Gateway {
+            state: dir.path().join("state"),
+            reboots: dir.path().join("reboots"),
+            slots,
+            _dir: dir,
+        }
+    }
+
+    /// `fwagent run` over stdio with `--flash ab:SLOTS`, fed `requests` then EOF.
+    fn run(&self, requests: &[&Value], extra: &[&str], crash_at: Option<&str>) -> Run {
+        let mut cmd = fwagent(["run", "--transport", "stdio", "--state-dir"]);
+        cmd.arg(&self.state)
+            .arg("--flash")
+            .arg(format!("ab:{}", self.slots.display()))
+            .arg("--reboot-command")
+            .arg(format!("echo reboot >> '{}'", self.reboots.display()))
+            .args(extra);
+        if let Some(point) = crash_at {
+            cmd.env("FWAGENT_CRASH_AT", point);
+        }
+        let input: String = requests.iter().map(|r| format!("{r}\n")).collect();
+        run_with_timeout(cmd, input.as_bytes(), LONG)
+    }
+
+    fn reboots(&self) -> usize {
+        fs::read_to_string(&self.reboots)
+            .map(|s| s.lines().count())
+            .unwrap_or(0)
+    }
+
+    fn record(&self) -> Value {
+        let text = fs::read_to_string(self.slots.join("bootctl.json")).expect("read bootctl.json");
+        serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("bootctl.json is not JSON ({e}): {text}"))
+    }
+
+    fn slot_md5(&self, slot: &str) -> String {
+        md5_file(&self.slots.join(format!("slot-{slot}")))
+    }
+
+    /// The bootloader stand-in: one power-on. Returns the slot that came up.
+    /// A slot whose image has the md5 `broken` never comes up: the watchdog
+    /// resets the board and the bootloader runs again.
+    fn power_on(&self, broken: Option<&str>) -> String {
+        let path = self.slots.join("bootctl.json");
+        for _ in 0..16 {
+            let mut r = self.record();
+            let next = r["next"].as_str().map(str::to_string);
+            let tries = r["tries"].as_u64().expect("tries is a number");
+            let slot = match next {
+                Some(next) if tries > 0 => {
+                    r["tries"] = (tries - 1).into();
+                    next
+                }
+                _ => {
+                    r["next"] = Value::Null;
+                    r["tries"] = 0.into();
+                    r["active"].as_str().expect("active is a slot").to_string()
+                }
+            };
+            r["booted"] = slot.clone().into();
+            fs::write(&path, format!("{r}\n")).expect("write bootctl.json");
+            if Some(self.slot_md5(&slot).as_str()) != broken {
+                return slot;
+            }
+        }
+        panic!(
+            "the bootloader stand-in never booted a working slot: {}",
+            self.record()
+        );
+    }
+}
+
+fn assert_record(r: &Value, active: &str, next: Option<&str>, booted: &str) {
+    assert_eq!(r["version"], 1, "{r}");
+    assert_eq!(r["active"], active, "{r}");
+    assert_eq!(r["next"].as_str(), next, "{r}");
+    assert_eq!(r["booted"], booted, "{r}");
+}
+
+#[test]
+fn ab_healthy_path_commits_after_the_reboot_then_the_next_upgrade_uses_the_other_slot() {
+    let servers = Servers::from_env();
+    let fw = servers.put_http("ab-ok", 3 << 20);
+    let gw = Gateway::new();
+    let req = servers.http_request(&fw);
+
+    // The request: the inactive slot is written, next-boot switched, reboot asked for.
+    let first = gw.run(&[&req], &[], None);
+    assert_eq!(first.code(), Some(0), "{first}");
+    let lines = first.json_lines();
+    assert_eq!(lines[0]["result"]["errorNo"], 0, "{first}");
+    assert!(
+        results(&lines).is_empty(),
+        "no result before the reboot: {first}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|v| v["info"]["phase"] == "awaiting_reboot"),
+        "progress reports awaiting_reboot: {first}"
+    );
+    assert_eq!(status(&gw.state)["phase"], "awaiting_reboot");
+    assert_eq!(
+        gw.reboots(),
+        1,
+        "the reboot was asked for once, before the agent exited"
+    );
+    let r = gw.record();
+    assert_record(&r, "a", Some("b"), "a");
+    assert_eq!(r["tries"], 3, "{r}");
+    assert_eq!(r["md5"]["b"], fw.md5.as_str(), "{r}");
+    assert_eq!(
+        gw.slot_md5("b"),
+        fw.md5,
+        "the inactive slot holds the image"
+    );
+    assert_eq!(
+        fs::read(gw.slots.join("slot-a")).expect("slot a"),
+        OLD_IMAGE,
+        "the running slot is untouched"
+    );
+
+    // The reboot: the new slot comes up on a trial boot.
+    assert_eq!(gw.power_on(None), "b");
+    let health = "test \"$FWAGENT_SLOT\" = b && echo health-check-ran";
+    let second = gw.run(&[], &["--health-command", health], None);
+    assert_eq!(second.code(), Some(0), "{second}");
+    assert!(
+        second.stderr.contains("health-check-ran"),
+        "the health check ran, logged: {second}"
+    );
+    let lines = second.json_lines();
+    let r = results(&lines);
+    assert_eq!(r.len(), 1, "{second}");
+    assert_eq!(r[0]["result"]["errorNo"], 0, "{second}");
+    assert_eq!(r[0]["info"]["phase"], "completed");
+    assert_eq!(r[0]["info"]["requestMessageId"], req["messageId"]);
+    let rec = gw.record();
+    assert_record(&rec, "b", None, "b");
+    assert_eq!(rec["tries"], 0, "{rec}");
+    assert_eq!(status(&gw.state)["phase"], "completed");
+    assert_eq!(gw.reboots(), 1);
+
+    // The result is sent once: a later start says nothing.
+    assert_eq!(gw.power_on(None), "b", "committed: b boots from now on");
+    let third = gw.run(&[], &[], None);
+    assert_eq!(third.code(), Some(0), "{third}");
+    assert!(third.json_lines().is_empty(), "{third}");
+
+    // The next upgrade writes slot a, which no longer runs.
+    let fw2 = servers.put_http("ab-ok2", 1 << 20);
+    let req2 = servers.http_request(&fw2);
+    let fourth = gw.run(&[&req2], &[], None);
+    assert_eq!(fourth.code(), Some(0), "{fourth}");
+    assert_record(&gw.record(), "b", Some("a"), "b");
+    assert_eq!(gw.slot_md5("a"), fw2.md5);
+    assert_eq!(gw.slot_md5("b"), fw.md5);
+    assert_eq!(gw.power_on(None), "a");
+    let fifth = gw.run(&[], &[], None);
+    let r = results(&fifth.json_lines())
+        .into_iter()
+        .cloned()
+        .collect::<Vec<_>>();
+    assert_eq!(r.len(), 1, "{fifth}");
+    assert_eq!(r[0]["result"]["errorNo"], 0, "{fifth}");
+    assert_record(&gw.record(), "a", None, "a");
+}
+
+#[test]
+fn ab_new_slot_that_never_boots_falls_back_and_reports_51() {
+    let servers = Servers::from_env();
+    let fw = servers.put_http("ab-dead", 1 << 20);
+    let gw = Gateway::new();
+    let first = gw.run(&[&servers.http_request(&fw)], &[], None);
+    assert_eq!(first.code(), Some(0), "{first}");
+    assert_record(&gw.record(), "a", Some("b"), "a");
+
+    // Slot b dies on each of its three tries; the bootloader falls back to a.
+    assert_eq!(gw.power_on(Some(&fw.md5)), "a");
+    let r = gw.record();
+    assert_record(&r, "a", None, "a");
+    assert_eq!(r["tries"], 0, "{r}");
+
+    let second = gw.run(&[], &[], None);
+    assert_eq!(second.code(), Some(0), "{second}");
+    let lines = second.json_lines();
+    let res = results(&lines);
+    assert_eq!(res.len(), 1, "{second}");
+    assert_eq!(res[0]["result"]["errorNo"], 51, "{second}");
+    assert_eq!(res[0]["info"]["phase"], "rolled_back");
+    assert!(
+        res[0]["result"]["description"]
+            .as_str()
+            .unwrap_or("")
+            .contains("fell back"),
+        "{second}"
+    );
+    assert_eq!(status(&gw.state)["phase"], "rolled_back");
+    assert_record(&gw.record(), "a", None, "a");
+    assert_eq!(
+        fs::read(gw.slots.join("slot-a")).expect("slot a"),
+        OLD_IMAGE,
+        "the old slot is intact"
+    );
+    assert_eq!(
+        gw.reboots(),
+        1,
+        "no reboot after a fall-back: the old slot already runs"
+    );
+}
+
+#[test]
+fn ab_failed_health_check_rolls_back_and_reboots_into_the_old_slot() {
+    let servers = Servers::from_env();
+    let fw = servers.put_http("ab-sick", 1 << 20);
+    let gw = Gateway::new();
+    let first = gw.run(&[&servers.http_request(&fw)], &[], None);
+    assert_eq!(first.code(), Some(0), "{first}");
+    assert_eq!(gw.power_on(None), "b");
+
+    let second = gw.run(
+        &[],
+        &["--health-command", "echo app-not-responding >&2; exit 1"],
+        None,
+    );
+    assert_eq!(second.code(), Some(0), "{second}");
+    let lines = second.json_lines();
+    let res = results(&lines);
+    assert_eq!(res.len(), 1, "{second}");
+    assert_eq!(res[0]["result"]["errorNo"], 51, "{second}");
+    assert_eq!(res[0]["info"]["phase"], "rolled_back");
+    let description = res[0]["result"]["description"].as_str().unwrap_or("");
+    assert!(
+        description.contains("health check failed") && description.contains("app-not-responding"),
+        "{description}"
+    );
+    assert_record(&gw.record(), "a", None, "b");
+    assert_eq!(
+        gw.reboots(),
+        2,
+        "the agent asked for the reboot back into the old slot"
+    );
+    assert_eq!(gw.power_on(None), "a");
+    let third = gw.run(&[], &["--health-command", "exit 1"], None);
+    assert!(
+        third.json_lines().is_empty(),
+        "nothing more to say: {third}"
+    );
+}
+
+/// Crash at `point` in the first run; then restart, reboot, restart: completed, one result.
+fn crash_before_the_reboot_then_complete(servers: &Servers, point: &str) {
+    let fw = servers.put_http(&format!("ab-{point}"), 3 << 20);
+    let gw = Gateway::new();
+    let req = servers.http_request(&fw);
+    let first = gw.run(&[&req], &[], Some(point));
+    assert_eq!(
+        first.signal(),
+        Some(libc::SIGKILL),
+        "{point}: the crash point fired: {first}"
+    );
+    if let Ok(text) = fs::read_to_string(gw.slots.join("bootctl.json")) {
+        let r: Value = serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("{point}: torn record ({e}): {text}"));
+        if point != "after-flash" && point != "before-reboot" {
+            assert!(
+                r["next"].is_null(),
+                "{point}: next-boot switched before the slot was verified: {r}"
+            );
+        }
+    }
+    assert_eq!(
+        gw.reboots(),
+        0,
+        "{point}: no reboot before awaiting_reboot is committed"
+    );
+
+    let second = gw.run(&[], &[], None);
+    assert_eq!(second.code(), Some(0), "{point}: {second}");
+    assert_eq!(status(&gw.state)["phase"], "awaiting_reboot", "{point}");
+    assert_eq!(gw.reboots(), 1, "{point}");
+    assert_record(&gw.record(), "a", Some("b"), "a");
+    assert_eq!(gw.slot_md5("b"), fw.md5, "{point}");
+
+    assert_eq!(gw.power_on(None), "b");
+    let third = gw.run(&[], &[], None);
+    assert_eq!(third.code(), Some(0), "{point}: {third}");
+    let lines = all_lines(&[&first, &second, &third]);
+    let res = results(&lines);
+    assert_eq!(res.len(), 1, "{point}: one result: {lines:#?}");
+    assert_eq!(res[0]["result"]["errorNo"], 0, "{point}: {lines:#?}");
+    assert_record(&gw.record(), "b", None, "b");
+}
+
+#[test]
+fn ab_kill_9_while_the_slot_is_written_or_switched_recovers() {
+    let servers = Servers::from_env();
+    for point in [
+        "mid-flash",
+        "after-slot-write",
+        "before-switch-rename",
+        "after-flash",
+        "before-reboot",
+    ] {
+        crash_before_the_reboot_then_complete(&servers, point);
+    }
+}
+
+#[test]
+fn ab_kill_9_during_the_commit_recovers_and_reports_once_after_it() {
+    let servers = Servers::from_env();
+    for point in ["mid-health", "before-commit-rename", "after-boot-commit"] {
+        let fw = servers.put_http(&format!("ab-{point}"), 1 << 20);
+        let gw = Gateway::new();
+        let first = gw.run(&[&servers.http_request(&fw)], &[], None);
+        assert_eq!(first.code(), Some(0), "{point}: {first}");
+        assert_eq!(gw.power_on(None), "b");
+        let health = ["--health-command", "sleep 0.2"];
+        let second = gw.run(&[], &health, Some(point));
+        assert_eq!(
+            second.signal(),
+            Some(libc::SIGKILL),
+            "{point}: the crash point fired: {second}"
+        );
+        assert!(
+            results(&second.json_lines()).is_empty(),
+            "{point}: no result before the commit is recorded: {second}"
+        );
+        let committed = point == "after-boot-commit";
+        assert_record(
+            &gw.record(),
+            if committed { "b" } else { "a" },
+            if committed { None } else { Some("b") },
+            "b",
+        );
+        assert_eq!(status(&gw.state)["phase"], "awaiting_reboot", "{point}");
+
+        let third = gw.run(&[], &health, None);
+        assert_eq!(third.code(), Some(0), "{point}: {third}");
+        let lines = all_lines(&[&first, &second, &third]);
+        let res = results(&lines);
+        assert_eq!(res.len(), 1, "{point}: one result: {lines:#?}");
+        assert_eq!(res[0]["result"]["errorNo"], 0, "{point}: {lines:#?}");
+        assert_record(&gw.record(), "b", None, "b");
+        assert_eq!(status(&gw.state)["phase"], "completed", "{point}");
+    }
+}
+
+#[test]
+fn ab_an_image_that_kills_the_agent_on_every_boot_ends_rolled_back() {
+    let servers = Servers::from_env();
+    let fw = servers.put_http("ab-killer", 1 << 20);
+    let gw = Gateway::new();
+    let first = gw.run(&[&servers.http_request(&fw)], &[], None);
+    assert_eq!(first.code(), Some(0), "{first}");
+    // The new image boots, but the agent dies before it can commit, boot after boot.
+    let mut runs = 0;
+    loop {
+        let slot = gw.power_on(None);
+        runs += 1;
+        assert!(runs <= 8, "no end after {runs} boots: {}", gw.record());
+        if slot == "a" {
+            break;
+        }
+        let run = gw.run(&[], &[], Some("before-commit-rename"));
+        assert_eq!(run.signal(), Some(libc::SIGKILL), "{run}");
+    }
+    assert_eq!(runs, 4, "three trial boots, then the old slot");
+    let last = gw.run(&[], &[], None);
+    assert_eq!(last.code(), Some(0), "{last}");
+    let lines = last.json_lines();
+    let res = results(&lines);
+    assert_eq!(res.len(), 1, "{last}");
+    assert_eq!(res[0]["result"]["errorNo"], 51, "{last}");
+    assert_eq!(res[0]["info"]["phase"], "rolled_back", "{last}");
+    assert_record(&gw.record(), "a", None, "a");
+}
+
+#[test]
+fn ab_a_reboot_that_never_happens_ends_failed_not_in_a_loop() {
+    let servers = Servers::from_env();
+    let fw = servers.put_http("ab-noreboot", 1 << 20);
+    let gw = Gateway::new();
+    // One try: the agent gives up after 1 + 2 starts in awaiting_reboot.
+    let args = ["--boot-tries", "1"];
+    let first = gw.run(&[&servers.http_request(&fw)], &args, None);
+    assert_eq!(first.code(), Some(0), "{first}");
+    let mut runs = Vec::new();
+    loop {
+        let run = gw.run(&[], &args, None);
+        assert_eq!(run.code(), Some(0), "{run}");
+        let done = !results(&run.json_lines()).is_empty();
+        runs.push(run);
+        if done {
+            break;
+        }
+        assert!(runs.len() < 10, "no end after {} starts", runs.len());
+    }
+    assert_eq!(
+        runs.len(),
+        4,
+        "three boot checks, then the fourth start gives up"
+    );
+    assert_eq!(gw.reboots(), 4, "every check asked for the reboot again");
+    let last = runs.last().expect("a run").json_lines();
+    let res = results(&last);
+    assert_eq!(res[0]["result"]["errorNo"], 51, "{last:#?}");
+    assert_eq!(res[0]["info"]["phase"], "failed", "{last:#?}");
+    assert_record(&gw.record(), "a", Some("b"), "a");
+}
+
+#[test]
+fn ab_slots_can_be_block_devices_named_in_slots_toml() {
+    let servers = Servers::from_env();
+    let fw = servers.put_http("ab-devices", 1 << 20);
+    let gw = Gateway::new();
+    let devices = gw.slots.parent().expect("parent").join("dev");
+    fs::create_dir(&devices).expect("mkdir");
+    fs::write(devices.join("p2"), OLD_IMAGE).expect("write p2");
+    fs::write(
+        gw.slots.join("slots.toml"),
+        format!(
+            "a = \"{}\"\nb = \"{}\"\n",
+            devices.join("p2").display(),
+            devices.join("p3").display()
+        ),
+    )
+    .expect("write slots.toml");
+    let first = gw.run(&[&servers.http_request(&fw)], &[], None);
+    assert_eq!(first.code(), Some(0), "{first}");
+    assert_eq!(md5_file(&devices.join("p3")), fw.md5);
+    assert_eq!(fs::read(devices.join("p2")).expect("p2"), OLD_IMAGE);
+    assert!(!gw.slots.join("slot-b").exists());
+}
+
+// ---------------------------------------------------------------- command:
+
+/// `fwagent run --flash command:CMD` over stdio, fed `requests` then EOF.
+fn run_installer(
+    state: &Path,
+    cmd: &str,
+    requests: &[&Value],
+    extra: &[&str],
+    crash_at: Option<&str>,
+) -> Run {
+    let mut c = fwagent(["run", "--transport", "stdio", "--state-dir"]);
+    c.arg(state)
+        .arg("--flash")
+        .arg(format!("command:{cmd}"))
+        .args(extra);
+    if let Some(point) = crash_at {
+        c.env("FWAGENT_CRASH_AT", point);
+    }
+    let input: String = requests.iter().map(|r| format!("{r}\n")).collect();
+    run_with_timeout(c, input.as_bytes(), LONG)
+}
+
+fn q(p: &Path) -> String {
+    format!("'{}'", p.display())
+}
+
+#[test]
+fn command_installer_that_succeeds_completes_with_its_output_in_the_log() {
+    let servers = Servers::from_env();
+    let fw = servers.put_http("cmd-ok", 1 << 20);
+    let dir = temp_dir();
+    let target = dir.path().join("installed.bin");
+    let cmd = format!(
+        "cp {{image}} {} && echo installer-stdout-line && echo installer-stderr-line >&2",
+        q(&target)
+    );
+    let run = run_installer(
+        &dir.path().join("state"),
+        &cmd,
+        &[&servers.http_request(&fw)],
+        &[],
+        None,
+    );
+    assert_eq!(run.code(), Some(0), "{run}");
+    let lines = run.json_lines(); // every stdout line is protocol JSON
+    let res = results(&lines);
+    assert_eq!(res.len(), 1, "{run}");
+    assert_eq!(res[0]["result"]["errorNo"], 0, "{run}");
+    assert_eq!(res[0]["info"]["phase"], "completed");
+    assert_eq!(md5_file(&target), fw.md5);
+    assert!(
+        run.stderr.contains("installer-stdout-line")
+            && run.stderr.contains("installer-stderr-line"),
+        "{run}"
+    );
+    assert!(
+        !run.stdout.contains("installer-"),
+        "installer output never reaches stdout: {run}"
+    );
+}
+
+#[test]
+fn command_installer_that_fails_gives_50() {
+    let servers = Servers::from_env();
+    let fw = servers.put_http("cmd-fail", 100_000);
+    let dir = temp_dir();
+    let cmd = "echo bundle-signature-invalid >&2; exit 3 # {image}";
+    let run = run_installer(
+        &dir.path().join("state"),
+        cmd,
+        &[&servers.http_request(&fw)],
+        &[],
+        None,
+    );
+    assert_eq!(run.code(), Some(0), "{run}");
+    let lines = run.json_lines();
+    let res = results(&lines);
+    assert_eq!(res.len(), 1, "{run}");
+    assert_eq!(res[0]["result"]["errorNo"], 50, "{run}");
+    assert_eq!(res[0]["info"]["phase"], "failed");
+    let description = res[0]["result"]["description"].as_str().unwrap_or("");
+    assert!(
+        description.contains("exit status 3") && description.contains("bundle-signature-invalid"),
+        "{description}"
+    );
+}
+
+fn alive(pid: i32) -> bool {
+    // SAFETY: signal 0 only checks that the process exists.
+    let exists = unsafe { libc::kill(pid, 0) } == 0;
+    let zombie = fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            s.rsplit(')')
+                .next()
+                .unwrap_or("")
+                .trim_start()
+                .starts_with('Z')
+        })
+        .unwrap_or(false);
+    exists && !zombie
+}
+
+#[test]
+fn command_installer_that_hangs_is_killed_at_the_timeout_with_50() {
+    let servers = Servers::from_env();
+    let fw = servers.put_http("cmd-hang", 100_000);
+    let dir = temp_dir();
+    let pidfile = dir.path().join("sleep.pid");
+    let cmd = format!("sleep 600 & echo $! > {}; wait # {{image}}", q(&pidfile));
+    let started = Instant::now();
+    let run = run_installer(
+        &dir.path().join("state"),
+        &cmd,
+        &[&servers.http_request(&fw)],
+        &["--install-timeout", "2"],
+        None,
+    );
+    assert_eq!(run.code(), Some(0), "{run}");
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "bounded by the timeout"
+    );
+    let lines = run.json_lines();
+    let res = results(&lines);
+    assert_eq!(res.len(), 1, "{run}");
+    assert_eq!(res[0]["result"]["errorNo"], 50, "{run}");
+    assert!(
+        res[0]["result"]["description"]
+            .as_str()
+            .unwrap_or("")
+            .contains("timed out after 2 s"),
+        "{run}"
+    );
+    let pid: i32 = fs::read_to_string(&pidfile)
+        .expect("pid file")
+        .trim()
+        .parse()
+        .expect("a pid");
+    wait_until(
+        Duration::from_secs(5),
+        "the installer's children to be killed",
+        || !alive(pid),
+    );
+}
+
+#[test]
+fn command_installer_interrupted_by_a_crash_is_run_again_on_restart() {
+    let servers = Servers::from_env();
+    let fw = servers.put_http("cmd-crash", 1 << 20);
+    let dir = temp_dir();
+    let state = dir.path().join("state");
+    let target = dir.path().join("installed.bin");
+    let log = dir.path().join("installer.log");
+    let cmd = format!(
+        "echo start >> {log}; sleep 1; cp {{image}} {t} && echo done >> {log}",
+        log = q(&log),
+        t = q(&target)
+    );
+    let first = run_installer(
+        &state,
+        &cmd,
+        &[&servers.http_request(&fw)],
+        &[],
+        Some("mid-install"),
+    );
+    assert_eq!(first.signal(), Some(libc::SIGKILL), "{first}");
+    // The installer dies with the agent: nothing finishes behind the restart's back.
+    std::thread::sleep(Duration::from_millis(1500));
+    let before = fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        !before.contains("done"),
+        "the orphaned installer went on: {before}"
+    );
+    let second = run_installer(&state, &cmd, &[], &[], None);
+    assert_eq!(second.code(), Some(0), "{second}");
+    let lines = all_lines(&[&first, &second]);
+    let res = results(&lines);
+    assert_eq!(res.len(), 1, "{lines:#?}");
+    assert_eq!(res[0]["result"]["errorNo"], 0, "{lines:#?}");
+    assert_eq!(md5_file(&target), fw.md5);
+    let after = fs::read_to_string(&log).expect("installer log");
+    assert_eq!(after.matches("done").count(), 1, "{after}");
+}
+
+#[test]
+fn command_installer_that_kills_the_agent_ends_failed_not_in_a_loop() {
+    let servers = Servers::from_env();
+    let fw = servers.put_http("cmd-killer", 100_000);
+    let dir = temp_dir();
+    let state = dir.path().join("state");
+    // `$PPID` of the installer's shell is the agent.
+    let cmd = "kill -9 $PPID # {image}";
+    let req = servers.http_request(&fw);
+    let mut runs = vec![run_installer(&state, cmd, &[&req], &[], None)];
+    while runs.last().map(|r| r.signal()) == Some(Some(libc::SIGKILL)) {
+        assert!(runs.len() < 10, "no end after {} runs", runs.len());
+        runs.push(run_installer(&state, cmd, &[], &[], None));
+    }
+    let last = runs.last().expect("a run");
+    assert_eq!(last.code(), Some(0), "{last}");
+    assert_eq!(
+        runs.len(),
+        4,
+        "three flash attempts, then the fourth start gives up"
+    );
+    let lines = last.json_lines();
+    let res = results(&lines);
+    assert_eq!(res.len(), 1, "{last}");
+    assert_eq!(res[0]["result"]["errorNo"], 50, "{last}");
+    assert_eq!(res[0]["info"]["phase"], "failed");
+}
