@@ -16,6 +16,14 @@
 //! | `mid-flash` | half the image is written to the flash target |
 //! | `after-flash` | the image is installed and read back; `flashed` is not committed |
 //! | `before-delivered` | an outgoing message is sent; its delivery is not recorded |
+//! | `after-slot-write` | `ab:` the slot is written and read back; next-boot not switched |
+//! | `before-switch-rename` | `ab:` the switched boot record is written, not renamed |
+//! | `before-reboot` | `awaiting_reboot` is committed; the reboot command has not run |
+//! | `mid-health` | the health check runs |
+//! | `before-reject-rename` | the health check failed; the cleared record is not renamed |
+//! | `before-commit-rename` | the committed boot record is written, not renamed |
+//! | `after-boot-commit` | the boot record is committed; `completed` is not |
+//! | `mid-install` | `command:` the installer runs |
 
 use std::sync::OnceLock;
 
