@@ -8,11 +8,12 @@ use crate::runtime::flash::{Flash, FlashOptions, FlashSpec};
 use crate::runtime::ftp::FtpFetcher;
 use crate::runtime::http::HttpFetcher;
 use crate::runtime::messaging::{Messaging, Stdio, Transport};
+use crate::runtime::mqtt::{Mqtt, MqttArgs, MqttSettings};
 use crate::runtime::upgrade::{Upgrade, Wire};
 use crate::runtime::verify::Verify;
 use crate::runtime::{Paths, Transfer};
 use actix::prelude::*;
-use fwagent_state::{Policy, Protocol, Store};
+use fwagent_state::{Policy, Protocol, Secret, Store};
 use serde::Deserialize;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -33,9 +34,18 @@ pub struct RunArgs {
     /// Where requests come from and replies go: stdio or mqtt [default: stdio].
     #[arg(long)]
     pub transport: Option<String>,
-    /// mqtt://[user:pass@]host:port or mqtts://...
-    #[arg(long)]
-    pub mqtt_url: Option<String>,
+    /// mqtt://[user:pass@]host:port or mqtts://... (never logged with its user info).
+    #[arg(long, value_parser = secret_arg)]
+    pub mqtt_url: Option<Secret>,
+    /// mqtts: the CA certificate(s) (PEM) to trust instead of the web PKI roots.
+    #[arg(long, value_name = "FILE")]
+    pub mqtt_ca: Option<PathBuf>,
+    /// mqtts: a client certificate chain (PEM), with --mqtt-key.
+    #[arg(long, value_name = "FILE")]
+    pub mqtt_cert: Option<PathBuf>,
+    /// mqtts: the client certificate's private key (PEM).
+    #[arg(long, value_name = "FILE")]
+    pub mqtt_key: Option<PathBuf>,
     /// This gateway's id, used in topics and report messageIds [default: the host name].
     #[arg(long)]
     pub device_id: Option<String>,
@@ -45,6 +55,9 @@ pub struct RunArgs {
     /// [default: devices/{deviceId}/response]
     #[arg(long)]
     pub response_topic: Option<String>,
+    /// Retained `online`/`offline` (the last will) [default: devices/{deviceId}/status].
+    #[arg(long)]
+    pub status_topic: Option<String>,
     /// Where verified images go: file:PATH, ab:DIR (docs/AB-SLOTS.md) or
     /// command:CMD (an installer; `{image}` is replaced by the image's path).
     #[arg(long)]
@@ -110,9 +123,13 @@ impl RunArgs {
             state_dir: self.state_dir.or(file.state_dir),
             transport: self.transport.or(file.transport),
             mqtt_url: self.mqtt_url.or(file.mqtt_url),
+            mqtt_ca: self.mqtt_ca.or(file.mqtt_ca),
+            mqtt_cert: self.mqtt_cert.or(file.mqtt_cert),
+            mqtt_key: self.mqtt_key.or(file.mqtt_key),
             device_id: self.device_id.or(file.device_id),
             request_topic: self.request_topic.or(file.request_topic),
             response_topic: self.response_topic.or(file.response_topic),
+            status_topic: self.status_topic.or(file.status_topic),
             flash: self.flash.or(file.flash),
             reboot_command: self.reboot_command.or(file.reboot_command),
             health_command: self.health_command.or(file.health_command),
@@ -136,11 +153,19 @@ pub struct AgentConfig {
     pub paths: Paths,
     pub device_id: String,
     pub transport: String,
+    /// Set when `transport` is `mqtt`.
+    pub mqtt: Option<MqttSettings>,
     pub flash: FlashSpec,
     pub flash_options: FlashOptions,
     pub parse: ParseOptions,
     pub policy: Policy,
     pub transfer: Transfer,
+}
+
+/// `--mqtt-url` as a [`Secret`]: clap never echoes it in an error, and
+/// `Debug` of the arguments never shows it. It is parsed in `from_args`.
+fn secret_arg(s: &str) -> Result<Secret, std::convert::Infallible> {
+    Ok(Secret::new(s))
 }
 
 fn host_name() -> String {
@@ -160,11 +185,28 @@ impl AgentConfig {
             .ok_or("--flash is required: where verified images go (file:PATH, ab:DIR or command:CMD)")?
             .parse::<FlashSpec>()?;
         let transport = a.transport.unwrap_or_else(|| "stdio".into());
-        if transport != "stdio" {
-            return Err(format!(
-                "transport `{transport}` is not built yet; use --transport stdio (see README, \"Not built yet\")"
-            ));
-        }
+        let device_id = a.device_id.unwrap_or_else(host_name);
+        let mqtt = match transport.as_str() {
+            "stdio" => None,
+            "mqtt" => Some(
+                MqttSettings::new(MqttArgs {
+                    url: a.mqtt_url.as_ref(),
+                    device_id: &device_id,
+                    request_topic: a.request_topic.as_deref(),
+                    response_topic: a.response_topic.as_deref(),
+                    status_topic: a.status_topic.as_deref(),
+                    ca: a.mqtt_ca.as_deref(),
+                    cert: a.mqtt_cert.as_deref(),
+                    key: a.mqtt_key.as_deref(),
+                    connect_timeout: a
+                        .connect_timeout
+                        .map(Duration::from_secs)
+                        .unwrap_or(Transfer::default().connect_timeout),
+                })
+                .map_err(|e| e.to_string())?,
+            ),
+            other => return Err(format!("unknown transport `{other}`: use stdio or mqtt")),
+        };
         let defaults = Policy::default();
         let transfer_defaults = Transfer::default();
         let flash_defaults = FlashOptions::default();
@@ -189,8 +231,9 @@ impl AgentConfig {
             paths: Paths {
                 state_dir: a.state_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
             },
-            device_id: a.device_id.unwrap_or_else(host_name),
+            device_id,
             transport,
+            mqtt,
             flash,
             flash_options,
             parse: ParseOptions {
@@ -277,6 +320,7 @@ fn start(config: AgentConfig, store: Store) -> Result<(), String> {
     let AgentConfig {
         paths,
         transport,
+        mqtt,
         flash,
         flash_options,
         parse,
@@ -307,6 +351,9 @@ fn start(config: AgentConfig, store: Store) -> Result<(), String> {
     };
     let transport: Box<dyn Transport> = match transport.as_str() {
         "stdio" => Box::new(Stdio),
+        "mqtt" => Box::new(Mqtt::new(
+            mqtt.ok_or("--transport mqtt without MQTT settings")?,
+        )),
         other => return Err(format!("unknown transport `{other}`")),
     };
     let messaging = {

@@ -17,6 +17,7 @@ pub mod flash;
 pub mod ftp;
 pub mod http;
 pub mod messaging;
+pub mod mqtt;
 pub mod upgrade;
 pub mod verify;
 
