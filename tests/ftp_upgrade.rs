@@ -23,22 +23,6 @@ const LONG: Duration = Duration::from_secs(120);
 /// The seed's directory, recreated under each server's root.
 const SEED_DIR: &str = "download/DAP-2020SSA_3200_6200/C007V001";
 
-fn operator(v: &Value) -> &str {
-    v["operator"].as_str().unwrap_or_default()
-}
-
-/// The result reports among `lines`.
-fn results(lines: &[Value]) -> Vec<&Value> {
-    lines
-        .iter()
-        .filter(|v| operator(v) == "reportCloudUpgradeResult")
-        .collect()
-}
-
-fn no_env() -> HashMap<&'static str, &'static str> {
-    HashMap::new()
-}
-
 /// `fwagent run` over stdio with `extra` flags, fed `requests` then EOF.
 fn run_agent(
     state: &Path,

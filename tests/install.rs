@@ -26,22 +26,6 @@ const LONG: Duration = Duration::from_secs(120);
 /// What slot a held before any upgrade.
 const OLD_IMAGE: &[u8] = b"the image the gateway runs today\n";
 
-fn operator(v: &Value) -> &str {
-    v["operator"].as_str().unwrap_or_default()
-}
-
-/// The result reports among `lines`.
-fn results(lines: &[Value]) -> Vec<&Value> {
-    lines
-        .iter()
-        .filter(|v| operator(v) == "reportCloudUpgradeResult")
-        .collect()
-}
-
-fn all_lines(runs: &[&Run]) -> Vec<Value> {
-    runs.iter().flat_map(|r| r.json_lines()).collect()
-}
-
 /// `fwagent status --json` of the store (no agent runs).
 fn status(state: &Path) -> Value {
     let mut cmd = fwagent(["status", "--json", "--state-dir"]);
@@ -354,7 +338,7 @@ fn crash_before_the_reboot_then_complete(servers: &Servers, point: &str) {
     assert_eq!(gw.power_on(None), "b");
     let third = gw.run(&[], &[], None);
     assert_eq!(third.code(), Some(0), "{point}: {third}");
-    let lines = all_lines(&[&first, &second, &third]);
+    let lines = all_lines([&first, &second, &third]);
     let res = results(&lines);
     assert_eq!(res.len(), 1, "{point}: one result: {lines:#?}");
     assert_eq!(res[0]["result"]["errorNo"], 0, "{point}: {lines:#?}");
@@ -406,7 +390,7 @@ fn ab_kill_9_during_the_commit_recovers_and_reports_once_after_it() {
 
         let third = gw.run(&[], &health, None);
         assert_eq!(third.code(), Some(0), "{point}: {third}");
-        let lines = all_lines(&[&first, &second, &third]);
+        let lines = all_lines([&first, &second, &third]);
         let res = results(&lines);
         assert_eq!(res.len(), 1, "{point}: one result: {lines:#?}");
         assert_eq!(res[0]["result"]["errorNo"], 0, "{point}: {lines:#?}");
@@ -677,7 +661,7 @@ fn command_installer_interrupted_by_a_crash_is_run_again_on_restart() {
     );
     let second = run_installer(&state, &cmd, &[], &[], None);
     assert_eq!(second.code(), Some(0), "{second}");
-    let lines = all_lines(&[&first, &second]);
+    let lines = all_lines([&first, &second]);
     let res = results(&lines);
     assert_eq!(res.len(), 1, "{lines:#?}");
     assert_eq!(res[0]["result"]["errorNo"], 0, "{lines:#?}");

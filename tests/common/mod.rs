@@ -857,3 +857,28 @@ pub fn run_stdio_upgrade(
     }
     run_with_timeout(cmd, input.as_bytes(), timeout)
 }
+
+// ---------------------------------------------------------------- agent output
+
+/// A message's `operator` (`""` when absent).
+pub fn operator(v: &serde_json::Value) -> &str {
+    v["operator"].as_str().unwrap_or_default()
+}
+
+/// The result reports among `lines`.
+pub fn results(lines: &[serde_json::Value]) -> Vec<&serde_json::Value> {
+    lines
+        .iter()
+        .filter(|v| operator(v) == "reportCloudUpgradeResult")
+        .collect()
+}
+
+/// All stdout lines of several runs, in order.
+pub fn all_lines<'a>(runs: impl IntoIterator<Item = &'a Run>) -> Vec<serde_json::Value> {
+    runs.into_iter().flat_map(|r| r.json_lines()).collect()
+}
+
+/// No extra environment for [`run_stdio_upgrade`].
+pub fn no_env() -> HashMap<&'static str, &'static str> {
+    HashMap::new()
+}
