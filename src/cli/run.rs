@@ -106,6 +106,15 @@ pub struct RunArgs {
     /// Redirects followed per attempt [default: 5].
     #[arg(long)]
     pub max_redirects: Option<u32>,
+    /// A host that HTTP redirects may lead to besides the request's own
+    /// (repeatable; credentials are never sent to it) [default: none].
+    #[arg(long, value_name = "HOST")]
+    #[serde(default)]
+    pub redirect_allow: Vec<String>,
+    /// Fewer bytes per second than this, averaged over --idle-timeout, fail
+    /// the attempt; 0 = no minimum [default: 100].
+    #[arg(long, value_name = "BYTES")]
+    pub min_rate: Option<u64>,
 }
 
 impl RunArgs {
@@ -144,6 +153,12 @@ impl RunArgs {
             download_attempts: self.download_attempts.or(file.download_attempts),
             retry_base_ms: self.retry_base_ms.or(file.retry_base_ms),
             max_redirects: self.max_redirects.or(file.max_redirects),
+            redirect_allow: if self.redirect_allow.is_empty() {
+                file.redirect_allow
+            } else {
+                self.redirect_allow
+            },
+            min_rate: self.min_rate.or(file.min_rate),
         })
     }
 }
@@ -182,7 +197,9 @@ impl AgentConfig {
         let flash = a
             .flash
             .as_deref()
-            .ok_or("--flash is required: where verified images go (file:PATH, ab:DIR or command:CMD)")?
+            .ok_or(
+                "--flash is required: where verified images go (file:PATH, ab:DIR or command:CMD)",
+            )?
             .parse::<FlashSpec>()?;
         let transport = a.transport.unwrap_or_else(|| "stdio".into());
         let device_id = a.device_id.unwrap_or_else(host_name);
@@ -207,6 +224,13 @@ impl AgentConfig {
             ),
             other => return Err(format!("unknown transport `{other}`: use stdio or mqtt")),
         };
+        let redirect_allow = a
+            .redirect_allow
+            .iter()
+            .map(|h| {
+                crate::protocol::normalize_host(h).map_err(|why| format!("--redirect-allow: {why}"))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let defaults = Policy::default();
         let transfer_defaults = Transfer::default();
         let flash_defaults = FlashOptions::default();
@@ -229,7 +253,9 @@ impl AgentConfig {
         let boot_checks = flash_options.boot_tries.saturating_add(2);
         Ok(AgentConfig {
             paths: Paths {
-                state_dir: a.state_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
+                state_dir: a
+                    .state_dir
+                    .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
             },
             device_id,
             transport,
@@ -241,7 +267,10 @@ impl AgentConfig {
                 credentials_decoder: a.credentials_decoder,
             },
             policy: Policy {
-                download_attempts: a.download_attempts.unwrap_or(defaults.download_attempts).max(1),
+                download_attempts: a
+                    .download_attempts
+                    .unwrap_or(defaults.download_attempts)
+                    .max(1),
                 backoff_base: a
                     .retry_base_ms
                     .map(Duration::from_millis)
@@ -251,7 +280,9 @@ impl AgentConfig {
                 ..defaults
             },
             transfer: Transfer {
-                checkpoint_bytes: a.checkpoint_bytes.unwrap_or(transfer_defaults.checkpoint_bytes),
+                checkpoint_bytes: a
+                    .checkpoint_bytes
+                    .unwrap_or(transfer_defaults.checkpoint_bytes),
                 connect_timeout: a
                     .connect_timeout
                     .map(Duration::from_secs)
@@ -261,6 +292,8 @@ impl AgentConfig {
                     .map(Duration::from_secs)
                     .unwrap_or(transfer_defaults.idle_timeout),
                 max_redirects: a.max_redirects.unwrap_or(transfer_defaults.max_redirects),
+                redirect_allow,
+                min_rate: a.min_rate.unwrap_or(transfer_defaults.min_rate),
                 ..transfer_defaults
             },
         })
@@ -310,13 +343,24 @@ pub fn main(args: Box<RunArgs>) -> ExitCode {
 /// Start every actor on an arbiter of its own and wire them together.
 fn start(config: AgentConfig, store: Store) -> Result<(), String> {
     let fetchers = Fetchers::default()
-        .with(Protocol::Http, Arc::new(HttpFetcher::new(config.transfer.connect_timeout)))
-        .with(Protocol::Https, Arc::new(HttpFetcher::new(config.transfer.connect_timeout)))
+        .with(
+            Protocol::Http,
+            Arc::new(HttpFetcher::new(config.transfer.connect_timeout)),
+        )
+        .with(
+            Protocol::Https,
+            Arc::new(HttpFetcher::new(config.transfer.connect_timeout)),
+        )
         .with(Protocol::Ftp, Arc::new(FtpFetcher::new()));
-    let protocols = [Protocol::Http, Protocol::Https, Protocol::Ftp, Protocol::Ftps]
-        .into_iter()
-        .filter(|p| fetchers.supports(*p))
-        .collect();
+    let protocols = [
+        Protocol::Http,
+        Protocol::Https,
+        Protocol::Ftp,
+        Protocol::Ftps,
+    ]
+    .into_iter()
+    .filter(|p| fetchers.supports(*p))
+    .collect();
     let AgentConfig {
         paths,
         transport,
@@ -379,7 +423,10 @@ fn start(config: AgentConfig, store: Store) -> Result<(), String> {
     crate::control::serve(control_socket, upgrade.clone());
     actix_rt::spawn(async {
         use tokio::signal::unix::{signal, SignalKind};
-        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
             return;
         };
         tokio::select! {

@@ -4,9 +4,11 @@
 //! into does the rest, the same for every protocol: it appends to the partial
 //! file, never past the declared size, hands each chunk to the Verify actor,
 //! fsyncs and reports a checkpoint every `checkpoint_bytes`, and reports
-//! progress. The actor runs each transfer as a spawned task and reports how it
-//! ended as a [`JobEvent`]; a new `StartDownload` for the same job replaces
-//! the old task, so the command is idempotent.
+//! progress. It also fails an attempt whose data trickles in below
+//! `Transfer::min_rate` (a server that drips a byte a second would otherwise
+//! never trip the idle timeout). The actor runs each transfer as a spawned
+//! task and reports how it ended as a [`JobEvent`]; a new `StartDownload` for
+//! the same job replaces the old task, so the command is idempotent.
 
 use super::verify::VerifyMsg;
 use super::{JobEvent, Transfer};
@@ -73,6 +75,12 @@ pub struct Sink {
     progress_every: Duration,
     last_progress: Instant,
     crossed_half: bool,
+    /// The rate check: the least bytes per second, over windows this long,
+    /// and the current window's start and bytes (no window before the first
+    /// byte, so waiting for the response head is the idle timeout's job).
+    min_rate: u64,
+    rate_window: Duration,
+    window: Option<(Instant, u64)>,
 }
 
 fn io_failure(what: &str, path: &std::path::Path, e: io::Error) -> Failure {
@@ -158,6 +166,9 @@ impl Sink {
             progress_every: fetch.transfer.progress_every,
             last_progress: Instant::now(),
             crossed_half: offset * 2 >= fetch.firmware.size,
+            min_rate: fetch.transfer.min_rate,
+            rate_window: fetch.transfer.idle_timeout.max(Duration::from_secs(1)),
+            window: None,
         })
     }
 
@@ -224,7 +235,8 @@ impl Sink {
 
     /// Append bytes. More than the declared size is a size mismatch.
     pub async fn write(&mut self, mut data: Bytes) -> Result<(), Failure> {
-        if data.len() as u64 > self.remaining() {
+        let len = data.len() as u64;
+        if len > self.remaining() {
             return Err(Failure::new(
                 result_no::SIZE_MISMATCH,
                 format!(
@@ -242,6 +254,7 @@ impl Sink {
                 self.flush_buf().await?;
             }
         }
+        self.check_rate(len)?;
         if self.written - self.last_checkpoint >= self.checkpoint_bytes {
             self.checkpoint().await?;
         }
@@ -254,6 +267,39 @@ impl Sink {
                 },
             });
         }
+        Ok(())
+    }
+
+    /// Count `len` new bytes; once a window is over, fail the attempt (a
+    /// retryable 23) if it brought fewer than `min_rate` bytes per second.
+    /// The last bytes of the file are never refused.
+    fn check_rate(&mut self, len: u64) -> Result<(), Failure> {
+        if self.min_rate == 0 || self.remaining() == 0 {
+            return Ok(());
+        }
+        let offset = self.offset();
+        let now = Instant::now();
+        let (start, bytes) = self.window.get_or_insert((now, 0));
+        *bytes += len;
+        let elapsed = now.duration_since(*start);
+        if elapsed < self.rate_window {
+            return Ok(());
+        }
+        let least = (self.min_rate as f64 * elapsed.as_secs_f64()) as u64;
+        if *bytes < least {
+            return Err(Failure::new(
+                result_no::TRANSFER,
+                format!(
+                    "too slow: {} bytes in {:.1} s at byte {}, below the minimum of {} bytes/s",
+                    bytes,
+                    elapsed.as_secs_f64(),
+                    offset,
+                    self.min_rate
+                ),
+                true,
+            ));
+        }
+        self.window = Some((now, 0));
         Ok(())
     }
 

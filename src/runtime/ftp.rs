@@ -13,9 +13,11 @@
 //! `idle_timeout`. Replies map to PROTOCOL.md: no connection → 20, 530 → 21,
 //! 550 → 22, a `SIZE` other than the declared size → 30, anything else
 //! (other replies, timeouts, a dropped data connection) → retryable 23.
-//! async-ftp panics on some malformed replies (a `PASV` octet above 255, an
-//! impossible `MDTM` date): a panic is caught and reported as a retryable 23,
-//! so a broken server cannot leave an upgrade hanging.
+//! The data connection goes to the control connection's own address: of the
+//! `PASV` reply only the port is used (as curl does by default), so a server
+//! cannot send the agent to another host. async-ftp panics on some malformed
+//! replies (an impossible `MDTM` date): a panic is caught and reported as a
+//! retryable 23, so a broken server cannot leave an upgrade hanging.
 
 use super::download::{BoxFuture, FetchJob, Fetcher, Sink};
 use async_ftp::types::FileType;
@@ -28,6 +30,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
 use tokio::time::timeout;
 
 /// Bytes asked of the data connection per read (one chunk for the sink).
@@ -321,7 +324,7 @@ async fn download(
         }
     }
     let offset = sink.offset();
-    let mut data = bounded(t.idle_timeout, ftp.get(path))
+    let mut data = retr(ftp, path, t.idle_timeout)
         .await
         .map_err(|e| failure(Step::Other, &format!("RETR {path}"), e))?;
     let mut buf = BytesMut::with_capacity(CHUNK);
@@ -364,6 +367,67 @@ async fn download(
             )
         })?;
     Ok(())
+}
+
+/// `PASV`, then `RETR path` over a data connection to the control
+/// connection's peer address and the port the `PASV` reply names (its address
+/// is ignored). Each step is bounded by `limit`. async-ftp's own `get` would
+/// connect wherever the reply points; its command writer is private, so the
+/// two commands go straight to the control socket (async-ftp buffers only
+/// what it reads, so nothing is reordered).
+async fn retr(ftp: &mut FtpStream, path: &str, limit: Duration) -> Result<TcpStream, StepError> {
+    let peer = ftp.get_ref().peer_addr().map_err(StepError::Io)?;
+    send(ftp, "PASV\r\n", limit).await?;
+    let reply = bounded(limit, ftp.read_response(227)).await?;
+    let port = pasv_port(&reply.1)
+        .ok_or_else(|| StepError::Protocol(format!("a PASV reply without a port: {}", reply.1)))?;
+    send(ftp, &format!("RETR {path}\r\n"), limit).await?;
+    let data = match timeout(limit, TcpStream::connect((peer.ip(), port))).await {
+        Err(_) => return Err(StepError::Timeout(limit)),
+        Ok(Err(e)) => return Err(StepError::Io(e)),
+        Ok(Ok(stream)) => stream,
+    };
+    bounded(limit, ftp.read_response_in(&[150, 125])).await?;
+    Ok(data)
+}
+
+/// Write one command to the control connection, within `limit`.
+async fn send(ftp: &FtpStream, command: &str, limit: Duration) -> Result<(), StepError> {
+    let stream = ftp.get_ref();
+    let mut rest = command.as_bytes();
+    let deadline = tokio::time::Instant::now() + limit;
+    while !rest.is_empty() {
+        match tokio::time::timeout_at(deadline, stream.writable()).await {
+            Err(_) => return Err(StepError::Timeout(limit)),
+            Ok(Err(e)) => return Err(StepError::Io(e)),
+            Ok(Ok(())) => {}
+        }
+        match stream.try_write(rest) {
+            Ok(n) => rest = &rest[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(StepError::Io(e)),
+        }
+    }
+    Ok(())
+}
+
+/// The port of a `227` reply: the first six comma-separated numbers
+/// (`h1,h2,h3,h4,p1,p2`, each at most 255) give `p1 * 256 + p2`. The address
+/// part is checked for form only; port 0 is no port.
+fn pasv_port(reply: &str) -> Option<u16> {
+    let text = reply.get(3..)?;
+    text.split(|c: char| !(c.is_ascii_digit() || c == ','))
+        .find_map(|run| {
+            let numbers: Vec<u8> = run
+                .split(',')
+                .map(|n| n.parse().ok())
+                .collect::<Option<_>>()?;
+            match numbers[..] {
+                [_, _, _, _, p1, p2] => Some(u16::from(p1) << 8 | u16::from(p2)),
+                _ => None,
+            }
+        })
+        .filter(|port| *port != 0)
 }
 
 /// A future whose panic becomes a retryable transfer failure: async-ftp
@@ -448,6 +512,21 @@ mod tests {
         assert!(remote_path("ftp://h/a%0D%0ADELE%20x").is_err());
         assert!(remote_path("ftp://h/dir/").is_err());
         assert!(remote_path("ftp://h/%FF.bin").is_err());
+    }
+
+    #[test]
+    fn only_the_port_of_a_pasv_reply_counts() {
+        let port = |r| pasv_port(r);
+        assert_eq!(
+            port("227 Entering Passive Mode (10,0,0,9,4,1)\r\n"),
+            Some(1025)
+        );
+        assert_eq!(port("227 Entering Passive Mode 127,0,0,2,0,21"), Some(21));
+        assert_eq!(port("227 =1,2,3,4,255,255"), Some(65535));
+        assert_eq!(port("227 Entering Passive Mode (999,0,0,1,4,1)"), None);
+        assert_eq!(port("227 Entering Passive Mode (1,2,3,4,5)"), None);
+        assert_eq!(port("227 Entering Passive Mode (1,2,3,4,0,0)"), None);
+        assert_eq!(port("227 ok"), None);
     }
 
     #[test]

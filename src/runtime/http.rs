@@ -2,8 +2,10 @@
 //!
 //! Resumes with `Range` plus `If-Range` (a strong ETag, else Last-Modified),
 //! so a file that changed on the server is fetched again from zero instead of
-//! being spliced. Follows redirects on the same host only (at most
-//! `max_redirects`); any other host is refused. Every wait is bounded: the
+//! being spliced. Follows at most `max_redirects` redirects, to the request's
+//! own host or to a host in `Transfer::redirect_allow` (`--redirect-allow`),
+//! over http or https only and never from https down to http; credentials go
+//! to the request's own host alone. Every wait is bounded: the
 //! connect by `connect_timeout`, the response head and each body frame by
 //! `idle_timeout`. Status codes map to PROTOCOL.md: 401/403 → 21, 404/410 →
 //! 22, 5xx and timeouts → 23 (retryable), unreachable → 20 (retryable).
@@ -77,7 +79,7 @@ impl HttpFetcher {
         let t = &job.transfer;
         let mut url = url::Url::parse(&job.source.url)
             .map_err(|e| transfer(format!("bad URL: {e}"), false))?;
-        let origin_host = url.host_str().map(str::to_string);
+        let origin_host = host_of(&url);
         let mut redirects = 0;
         let response = loop {
             let offset = sink.offset();
@@ -86,7 +88,8 @@ impl HttpFetcher {
                 concat!("fwagent/", env!("CARGO_PKG_VERSION")),
             );
             let user = job.source.user.expose();
-            if !user.is_empty() {
+            // Credentials go to the request's own host only, as curl does.
+            if !user.is_empty() && host_of(&url) == origin_host {
                 let pair = format!("{}:{}", user, job.source.password.expose());
                 let token = base64::engine::general_purpose::STANDARD.encode(pair);
                 req = req.header(header::AUTHORIZATION, format!("Basic {token}"));
@@ -130,7 +133,7 @@ impl HttpFetcher {
                     .ok_or_else(|| {
                         transfer(format!("{} without a Location", resp.status()), false)
                     })?;
-                let next = url
+                let mut next = url
                     .join(location)
                     .map_err(|e| transfer(format!("bad redirect: {e}"), false))?;
                 redirects += 1;
@@ -140,15 +143,10 @@ impl HttpFetcher {
                         false,
                     ));
                 }
-                if next.host_str().map(str::to_string) != origin_host {
-                    return Err(transfer(
-                        format!(
-                            "redirect to another host ({}) refused",
-                            next.host_str().unwrap_or("?")
-                        ),
-                        false,
-                    ));
-                }
+                check_redirect(&url, &next, origin_host.as_deref(), &t.redirect_allow)?;
+                // User info in a Location is never sent on.
+                let _ = next.set_username("");
+                let _ = next.set_password(None);
                 url = next;
                 continue;
             }
@@ -249,6 +247,54 @@ impl HttpFetcher {
     }
 }
 
+/// A URL's host as `protocol::normalize_host` writes hosts: IPv6 without
+/// brackets, names lowercase (the `url` crate lowercases them).
+fn host_of(url: &url::Url) -> Option<String> {
+    match url.host()? {
+        url::Host::Ipv6(ip) => Some(ip.to_string()),
+        url::Host::Ipv4(ip) => Some(ip.to_string()),
+        url::Host::Domain(d) => Some(d.trim_end_matches('.').to_ascii_lowercase()),
+    }
+}
+
+/// May the fetch follow a redirect from `from` to `to`? Only to http or
+/// https, never from https down to http, and only to the request's own host
+/// (`origin`) or a host in `allow` (normalised hosts, `--redirect-allow`).
+fn check_redirect(
+    from: &url::Url,
+    to: &url::Url,
+    origin: Option<&str>,
+    allow: &[String],
+) -> Result<(), Failure> {
+    if !matches!(to.scheme(), "http" | "https") {
+        return Err(transfer(
+            format!("redirect to a {} URL refused", to.scheme()),
+            false,
+        ));
+    }
+    if from.scheme() == "https" && to.scheme() == "http" {
+        return Err(transfer(
+            "redirect from https down to http refused".into(),
+            false,
+        ));
+    }
+    let host = host_of(to);
+    let allowed = host.as_deref() == origin
+        || host
+            .as_deref()
+            .is_some_and(|h| allow.iter().any(|a| a == h));
+    if !allowed {
+        return Err(transfer(
+            format!(
+                "redirect to another host ({}) refused: not in --redirect-allow",
+                host.as_deref().unwrap_or("?")
+            ),
+            false,
+        ));
+    }
+    Ok(())
+}
+
 fn host_port(url: &url::Url) -> String {
     format!(
         "{}:{}",
@@ -291,6 +337,27 @@ mod tests {
             content_range(&HeaderValue::from_static("bytes */1000")),
             None
         );
+    }
+
+    #[test]
+    fn redirects_go_to_the_same_host_or_an_allowed_one_only() {
+        let u = |s: &str| url::Url::parse(s).unwrap();
+        let allow = vec!["mirror.example".to_string(), "::1".to_string()];
+        let ok = |from: &str, to: &str| {
+            let from = u(from);
+            check_redirect(&from, &u(to), host_of(&from).as_deref(), &allow)
+                .map_err(|f| (f.error_no, f.retryable))
+        };
+        assert_eq!(ok("http://127.0.0.1:8/a", "http://127.0.0.1:9/b"), Ok(()));
+        assert_eq!(ok("http://h.example/a", "https://H.example./b"), Ok(()));
+        assert_eq!(ok("http://h.example/a", "http://mirror.example/b"), Ok(()));
+        assert_eq!(ok("http://h.example/a", "http://[::1]:8/b"), Ok(()));
+        let refused = Err((result_no::TRANSFER, false));
+        assert_eq!(ok("http://127.0.0.1/a", "http://127.0.0.2/b"), refused);
+        assert_eq!(ok("http://127.0.0.1/a", "http://localhost/b"), refused);
+        assert_eq!(ok("https://h.example/a", "http://h.example/b"), refused);
+        assert_eq!(ok("http://h.example/a", "ftp://h.example/b"), refused);
+        assert_eq!(ok("http://h.example/a", "file:///etc/passwd"), refused);
     }
 
     #[test]

@@ -87,6 +87,12 @@ pub struct Transfer {
     pub idle_timeout: Duration,
     /// Redirects followed per attempt.
     pub max_redirects: u32,
+    /// Hosts (normalised as `protocol::normalize_host` does) that a redirect
+    /// may lead to besides the request's own host; empty: none.
+    pub redirect_allow: Vec<String>,
+    /// Fewer bytes per second than this, averaged over `idle_timeout`, fail
+    /// the attempt (a server that drips data); 0: no minimum.
+    pub min_rate: u64,
     /// Minimum interval between two progress events.
     pub progress_every: Duration,
 }
@@ -98,6 +104,8 @@ impl Default for Transfer {
             connect_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(30),
             max_redirects: 5,
+            redirect_allow: Vec::new(),
+            min_rate: 100,
             progress_every: Duration::from_millis(500),
         }
     }

@@ -316,7 +316,10 @@ impl Handler<IncomingRequest> for Upgrade {
                 });
             }
         }
-        let free = fsutil::free_bytes(&self.paths.state_dir).ok();
+        // The image lands in downloads/, which may be a file system of its own.
+        let free = fsutil::free_bytes(&self.paths.downloads())
+            .or_else(|_| fsutil::free_bytes(&self.paths.state_dir))
+            .ok();
         let view = match self.store.request_view(incoming.message_id(), free) {
             Ok(view) => view,
             Err(e) => {
