@@ -75,12 +75,50 @@ pub struct Sink {
     progress_every: Duration,
     last_progress: Instant,
     crossed_half: bool,
-    /// The rate check: the least bytes per second, over windows this long,
-    /// and the current window's start and bytes (no window before the first
-    /// byte, so waiting for the response head is the idle timeout's job).
+    rate: RateFloor,
+}
+
+/// The least transfer rate: bytes are counted over windows of `window`, and
+/// a window that ends with fewer than `min_rate` bytes per second is too
+/// slow. The first window starts with the first bytes, so waiting for the
+/// response is the idle timeout's business. Time is an argument.
+#[derive(Debug)]
+struct RateFloor {
+    /// Bytes per second; 0 turns the check off.
     min_rate: u64,
-    rate_window: Duration,
-    window: Option<(Instant, u64)>,
+    window: Duration,
+    /// The current window's start and the bytes counted in it.
+    current: Option<(Instant, u64)>,
+}
+
+impl RateFloor {
+    fn new(min_rate: u64, window: Duration) -> Self {
+        RateFloor {
+            min_rate,
+            window: window.max(Duration::from_secs(1)),
+            current: None,
+        }
+    }
+
+    /// Count `len` bytes arriving at `now`. `Err((bytes, elapsed))` when the
+    /// window that just ended brought too few.
+    fn count(&mut self, len: u64, now: Instant) -> Result<(), (u64, Duration)> {
+        if self.min_rate == 0 {
+            return Ok(());
+        }
+        let (start, bytes) = self.current.get_or_insert((now, 0));
+        *bytes += len;
+        let elapsed = now.saturating_duration_since(*start);
+        if elapsed < self.window {
+            return Ok(());
+        }
+        let least = (self.min_rate as f64 * elapsed.as_secs_f64()) as u64;
+        if *bytes < least {
+            return Err((*bytes, elapsed));
+        }
+        self.current = Some((now, 0));
+        Ok(())
+    }
 }
 
 fn io_failure(what: &str, path: &std::path::Path, e: io::Error) -> Failure {
@@ -166,9 +204,7 @@ impl Sink {
             progress_every: fetch.transfer.progress_every,
             last_progress: Instant::now(),
             crossed_half: offset * 2 >= fetch.firmware.size,
-            min_rate: fetch.transfer.min_rate,
-            rate_window: fetch.transfer.idle_timeout.max(Duration::from_secs(1)),
-            window: None,
+            rate: RateFloor::new(fetch.transfer.min_rate, fetch.transfer.idle_timeout),
         })
     }
 
@@ -274,33 +310,21 @@ impl Sink {
     /// retryable 23) if it brought fewer than `min_rate` bytes per second.
     /// The last bytes of the file are never refused.
     fn check_rate(&mut self, len: u64) -> Result<(), Failure> {
-        if self.min_rate == 0 || self.remaining() == 0 {
+        if self.remaining() == 0 {
             return Ok(());
         }
-        let offset = self.offset();
-        let now = Instant::now();
-        let (start, bytes) = self.window.get_or_insert((now, 0));
-        *bytes += len;
-        let elapsed = now.duration_since(*start);
-        if elapsed < self.rate_window {
-            return Ok(());
-        }
-        let least = (self.min_rate as f64 * elapsed.as_secs_f64()) as u64;
-        if *bytes < least {
-            return Err(Failure::new(
+        self.rate.count(len, Instant::now()).map_err(|(bytes, elapsed)| {
+            Failure::new(
                 result_no::TRANSFER,
                 format!(
-                    "too slow: {} bytes in {:.1} s at byte {}, below the minimum of {} bytes/s",
-                    bytes,
+                    "too slow: {bytes} bytes in {:.1} s at byte {}, below the minimum of {} bytes/s",
                     elapsed.as_secs_f64(),
-                    offset,
-                    self.min_rate
+                    self.offset(),
+                    self.rate.min_rate
                 ),
                 true,
-            ));
-        }
-        self.window = Some((now, 0));
-        Ok(())
+            )
+        })
     }
 
     /// Write the gathered bytes to the file and hand them to the verifier.
@@ -527,5 +551,34 @@ async fn run(
                 durable_offset,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_drip_fails_once_its_window_ends_and_a_steady_flow_never_does() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        // 100 bytes/s over 2 s windows; one byte a second.
+        let mut drip = RateFloor::new(100, Duration::from_secs(2));
+        assert_eq!(drip.count(1, at(0)), Ok(()));
+        assert_eq!(drip.count(1, at(1000)), Ok(()));
+        assert_eq!(drip.count(1, at(2000)), Err((3, Duration::from_secs(2))));
+        // 150 bytes a second, for a minute: each window passes and restarts.
+        let mut steady = RateFloor::new(100, Duration::from_secs(2));
+        for s in 0..60 {
+            assert_eq!(steady.count(150, at(s * 1000)), Ok(()), "second {s}");
+        }
+        // A long wait, then plenty: judged on the bytes, not the wait.
+        let mut burst = RateFloor::new(100, Duration::from_secs(2));
+        assert_eq!(burst.count(10, at(0)), Ok(()));
+        assert_eq!(burst.count(100_000, at(9000)), Ok(()));
+        // Off.
+        let mut off = RateFloor::new(0, Duration::from_secs(2));
+        assert_eq!(off.count(1, at(0)), Ok(()));
+        assert_eq!(off.count(1, at(60_000)), Ok(()));
     }
 }
