@@ -15,8 +15,8 @@ use crate::protocol::{self, ParseOptions};
 use crate::{crash, fsutil};
 use actix::prelude::*;
 use fwagent_state::{
-    ack_no, on_request, transition, Ack, Command, Event, Incoming, Job, JobId, OutboxEntry, Outcome,
-    Outgoing, Phase, Policy, Protocol, Store, Transition, OP_UPGRADE,
+    ack_no, on_request, transition, Ack, Command, Event, Incoming, Job, JobId, OutboxEntry,
+    Outcome, Outgoing, Phase, Policy, Protocol, Store, Transition, OP_UPGRADE,
 };
 use std::collections::HashSet;
 use time::OffsetDateTime;
@@ -81,7 +81,11 @@ impl Upgrade {
     }
 
     /// Commit `t`, then send its outbox and start its commands.
-    fn commit_and_dispatch(&mut self, t: Transition, ctx: &mut Context<Self>) -> Result<Vec<OutboxEntry>, String> {
+    fn commit_and_dispatch(
+        &mut self,
+        t: Transition,
+        ctx: &mut Context<Self>,
+    ) -> Result<Vec<OutboxEntry>, String> {
         let entries = self.store.commit(&t).map_err(|e| e.to_string())?;
         if let Some(job) = &t.job {
             if let Some(log) = &t.log {
@@ -106,7 +110,13 @@ impl Upgrade {
         self.maybe_exit();
     }
 
-    fn run_command(&mut self, command: &Command, job: Option<&Job>, peers: &Wire, ctx: &mut Context<Self>) {
+    fn run_command(
+        &mut self,
+        command: &Command,
+        job: Option<&Job>,
+        peers: &Wire,
+        ctx: &mut Context<Self>,
+    ) {
         let Some(job) = job else {
             tracing::error!(?command, "command without its job; ignored");
             return;
@@ -182,7 +192,9 @@ impl Upgrade {
                 match std::fs::remove_file(&part) {
                     Ok(()) => tracing::debug!(upgrade = id, "partial file removed"),
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(e) => tracing::warn!(upgrade = id, path = %part.display(), error = %e, "cannot remove the partial file"),
+                    Err(e) => {
+                        tracing::warn!(upgrade = id, path = %part.display(), error = %e, "cannot remove the partial file")
+                    }
                 }
             }
         }
@@ -212,9 +224,16 @@ impl Upgrade {
             Ok(Some(job)) => job.phase == Phase::AwaitingReboot && self.boot_settled,
             Err(_) => true,
         };
-        let flushed = self.store.pending_outbox().map(|p| p.is_empty()).unwrap_or(true);
+        let flushed = self
+            .store
+            .pending_outbox()
+            .map(|p| p.is_empty())
+            .unwrap_or(true);
         if idle && flushed {
             tracing::info!("input closed and nothing under way; exiting");
+            if let Err(e) = self.store.flush() {
+                tracing::warn!(error = %e, "cannot flush the delivery marks; those messages will be sent again");
+            }
             System::current().stop();
         }
     }
@@ -231,7 +250,10 @@ impl Upgrade {
             operator: OP_UPGRADE.to_string(),
             session_id,
             message_id: message_id.clone(),
-            result: Outcome::new(ack_no::STORE_FAILED, format!("the state store failed: {error}")),
+            result: Outcome::new(
+                ack_no::STORE_FAILED,
+                format!("the state store failed: {error}"),
+            ),
         };
         if let Some(peers) = &self.peers {
             peers.messaging.do_send(Outbound(OutboxEntry {
