@@ -52,8 +52,9 @@ pub trait Fetcher: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<(), Failure>>;
 }
 
-/// Chunks handed to the verifier before we wait for it to catch up.
-const VERIFY_WINDOW: usize = 8;
+/// Chunks handed to the verifier before we wait for it to catch up (4 keep
+/// the pipeline full; each is a 256 KiB batch held in memory).
+const VERIFY_WINDOW: usize = 4;
 /// Bytes gathered before a write to the partial file.
 const WRITE_BATCH: usize = 256 << 10;
 

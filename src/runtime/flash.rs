@@ -22,7 +22,7 @@
 pub mod ab;
 pub mod exec;
 
-use super::verify::{hash_prefix, hex_digest};
+use super::verify::{hash_prefix, hex_digest, IO_BUF};
 use super::JobEvent;
 use crate::crash;
 use ab::{BootControl, Slot, Slots, Trial, Verdict};
@@ -178,7 +178,7 @@ pub fn write_file(image: &Path, target: &Path, firmware: &Firmware) -> Result<()
         .truncate(false)
         .open(target)
         .map_err(|e| flash_failure("cannot open", target, e))?;
-    let mut buf = vec![0u8; 1 << 20];
+    let mut buf = vec![0u8; IO_BUF];
     let mut written = 0u64;
     let mut crossed_half = false;
     loop {

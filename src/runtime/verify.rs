@@ -58,11 +58,15 @@ impl Actor for Verify {
     type Context = Context<Self>;
 }
 
+/// The read buffer for hashing and flashing: big enough for sequential I/O,
+/// small enough for a gateway's RAM (make bench measures peak RSS).
+pub const IO_BUF: usize = 256 << 10;
+
 /// md5 of the first `len` bytes of `path` (fewer if the file is shorter).
 pub fn hash_prefix(path: &Path, len: u64) -> io::Result<(Md5, u64)> {
     let mut md5 = Md5::new();
     let mut file = std::fs::File::open(path)?.take(len);
-    let mut buf = vec![0u8; 1 << 20];
+    let mut buf = vec![0u8; IO_BUF];
     let mut done = 0u64;
     loop {
         let n = file.read(&mut buf)?;
