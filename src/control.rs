@@ -37,9 +37,9 @@ pub const PROTOCOL_VERSION: u32 = 1;
 /// The socket's file mode.
 pub const SOCKET_MODE: u32 = 0o600;
 
-/// The longest request line accepted: a `submit` of the largest request the
-/// agent reads, with every byte escaped, and then some.
-pub const MAX_LINE: usize = 6 * protocol::MAX_REQUEST_BYTES + 4096;
+/// The longest request line accepted: a `submit` of the largest request any
+/// `--max-request-bytes` allows, with every byte escaped, and then some.
+pub const MAX_LINE: usize = 6 * protocol::MAX_REQUEST_BYTES_CEILING + 4096;
 
 /// One request line. `cmd` names the command; the other fields are its
 /// arguments, camelCase.

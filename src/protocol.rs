@@ -29,6 +29,9 @@ use url::Url;
 
 /// Requests larger than this are refused with errorNo 1 without being parsed.
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+/// The largest `--max-request-bytes` accepted (well inside the 1 MiB MQTT
+/// packet limit of the transport).
+pub const MAX_REQUEST_BYTES_CEILING: usize = 512 << 10;
 /// The largest image accepted when [`ParseOptions::max_image_size`] is `None`:
 /// 1 GiB, far above any gateway firmware and low enough that a typo in the
 /// cloud (an extra digit) is refused before it fills the disk.
@@ -67,12 +70,30 @@ pub struct ParseOptions {
     /// does not decode to text into the plain credential; see
     /// docs/PROTOCOL-NOTES.md for its contract.
     pub credentials_decoder: Option<String>,
+    /// Larger requests are refused as malformed (errorNo 1); `None` means
+    /// [`MAX_REQUEST_BYTES`]. Capped at [`MAX_REQUEST_BYTES_CEILING`].
+    pub max_request_bytes: Option<usize>,
+    /// Longer `sessionId`/`messageId` are refused (errorNo 4); `None` means
+    /// [`MAX_ID_BYTES`].
+    pub max_id_bytes: Option<usize>,
 }
 
 impl ParseOptions {
     /// The effective maximum image size in bytes.
     pub fn max_image_size(&self) -> u64 {
         self.max_image_size.unwrap_or(DEFAULT_MAX_IMAGE_SIZE)
+    }
+
+    /// The effective maximum request size in bytes.
+    pub fn max_request_bytes(&self) -> usize {
+        self.max_request_bytes
+            .unwrap_or(MAX_REQUEST_BYTES)
+            .min(MAX_REQUEST_BYTES_CEILING)
+    }
+
+    /// The effective maximum id length in bytes.
+    pub fn max_id_bytes(&self) -> usize {
+        self.max_id_bytes.unwrap_or(MAX_ID_BYTES)
     }
 }
 
@@ -192,11 +213,13 @@ fn parse_inner(
     timeout: Duration,
     echo: &mut Echo,
 ) -> Result<UpgradeRequest, Rejection> {
-    if bytes.len() > MAX_REQUEST_BYTES {
+    let max_request = opts.max_request_bytes();
+    if bytes.len() > max_request {
         return Err(Rejection::Malformed(format!(
-            "the request is larger than {MAX_REQUEST_BYTES} bytes"
+            "the request is larger than {max_request} bytes"
         )));
     }
+    let max_id = opts.max_id_bytes();
     let value: Value = serde_json::from_slice(bytes)
         .map_err(|e| Rejection::Malformed(format!("not JSON: {e}")))?;
     let Value::Object(top) = value else {
@@ -212,7 +235,7 @@ fn parse_inner(
         ("messageId", &mut echo.message_id),
     ] {
         if let Some(Value::String(s)) = top.get(key) {
-            if check_id(s).is_ok() {
+            if check_id(s, max_id).is_ok() {
                 slot.clone_from(s);
             }
         }
@@ -233,8 +256,8 @@ fn parse_inner(
         return Err(Rejection::UnsupportedOperator(shown(operator)));
     }
 
-    let session_id = id_field(&top, "sessionId")?;
-    let message_id = id_field(&top, "messageId")?;
+    let session_id = id_field(&top, "sessionId", max_id)?;
+    let message_id = id_field(&top, "messageId", max_id)?;
 
     let info = object_field(&top, "info", "info")?;
     let server = object_field(info, "serverConfig", "info.serverConfig")?;
@@ -356,11 +379,11 @@ fn object_field<'a>(
     }
 }
 
-fn check_id(s: &str) -> Result<(), String> {
+fn check_id(s: &str, max: usize) -> Result<(), String> {
     if s.is_empty() {
         Err("must not be empty".into())
-    } else if s.len() > MAX_ID_BYTES {
-        Err(format!("longer than {MAX_ID_BYTES} bytes"))
+    } else if s.len() > max {
+        Err(format!("longer than {max} bytes"))
     } else if s.chars().any(char::is_control) {
         Err("contains control characters".into())
     } else {
@@ -368,9 +391,13 @@ fn check_id(s: &str) -> Result<(), String> {
     }
 }
 
-fn id_field<'a>(obj: &'a Map<String, Value>, key: &'static str) -> Result<&'a str, Rejection> {
+fn id_field<'a>(
+    obj: &'a Map<String, Value>,
+    key: &'static str,
+    max: usize,
+) -> Result<&'a str, Rejection> {
     let s = string_field(obj, key, key)?;
-    check_id(s).map_err(|why| invalid(key, why))?;
+    check_id(s, max).map_err(|why| invalid(key, why))?;
     Ok(s)
 }
 
@@ -1503,6 +1530,35 @@ mod tests {
         assert_eq!(ack.result.error_no, INVALID_FIELD);
         assert!(ack.result.description.contains("66142"));
         assert!(ack.result.description.contains(PATH));
+    }
+
+    #[test]
+    fn request_size_and_id_length_limits_are_configurable() {
+        let text = seed1().to_string();
+        let tight = ParseOptions {
+            max_request_bytes: Some(text.len() - 1),
+            ..ParseOptions::default()
+        };
+        let ack = rejected(parse_request(text.as_bytes(), &tight));
+        assert_eq!(ack.result.error_no, MALFORMED);
+        assert!(ack
+            .result
+            .description
+            .contains(&(text.len() - 1).to_string()));
+        let exact = ParseOptions {
+            max_request_bytes: Some(text.len()),
+            ..ParseOptions::default()
+        };
+        valid(parse_request(text.as_bytes(), &exact));
+        // The seed's messageId is 48 bytes long.
+        let short_ids = ParseOptions {
+            max_id_bytes: Some(47),
+            ..ParseOptions::default()
+        };
+        let ack = rejected(parse_with(&seed1(), &short_ids));
+        assert_eq!(ack.result.error_no, INVALID_FIELD);
+        assert!(ack.result.description.contains("messageId"));
+        assert!(ack.result.description.contains("47"));
     }
 
     #[test]

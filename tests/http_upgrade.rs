@@ -424,3 +424,58 @@ fn a_file_changed_between_crash_and_resume_is_fetched_again_not_spliced() {
     );
     assert_eq!(md5_file(&target), b_md5);
 }
+
+#[test]
+fn request_size_and_id_limits_come_from_the_flags() {
+    let servers = Servers::from_env();
+    let fw = servers.put_http("limits", 1000);
+    let dir = temp_dir();
+    let mut cmd = fwagent([
+        "run",
+        "--transport",
+        "stdio",
+        "--max-request-bytes",
+        "300",
+        "--max-id-bytes",
+        "12",
+        "--state-dir",
+    ]);
+    cmd.arg(dir.path().join("state"))
+        .arg("--flash")
+        .arg(format!("file:{}", dir.path().join("flash.bin").display()));
+    let big = servers.http_request(&fw); // longer than 300 bytes
+    assert!(big.to_string().len() > 300);
+    let run = run_with_timeout(cmd, format!("{big}\n").as_bytes(), LONG);
+    let lines = run.json_lines();
+    assert_eq!(lines.len(), 1, "{run}");
+    assert_eq!(lines[0]["result"]["errorNo"], 1, "{run}");
+    assert!(
+        lines[0]["result"]["description"]
+            .as_str()
+            .unwrap()
+            .contains("300"),
+        "{run}"
+    );
+
+    let mut cmd = fwagent([
+        "run",
+        "--transport",
+        "stdio",
+        "--max-id-bytes",
+        "12",
+        "--state-dir",
+    ]);
+    cmd.arg(dir.path().join("state2"))
+        .arg("--flash")
+        .arg(format!("file:{}", dir.path().join("flash.bin").display()));
+    let run = run_with_timeout(cmd, format!("{big}\n").as_bytes(), LONG);
+    let lines = run.json_lines();
+    assert_eq!(lines[0]["result"]["errorNo"], 4, "{run}");
+    assert!(
+        lines[0]["result"]["description"]
+            .as_str()
+            .unwrap()
+            .contains("sessionId"),
+        "{run}"
+    );
+}

@@ -11,7 +11,7 @@
 //! rejected; 2 the request could not be read (or stdout could not be written).
 
 use super::{exit, CheckArgs};
-use crate::protocol::{self, ParseOptions, MAX_REQUEST_BYTES};
+use crate::protocol::{self, ParseOptions, MAX_REQUEST_BYTES_CEILING};
 use fwagent_state::Incoming;
 use std::io::{self, Read, Write};
 use std::path::Path;
@@ -32,6 +32,8 @@ pub fn main(args: CheckArgs) -> ExitCode {
     let opts = ParseOptions {
         max_image_size: args.max_image_size,
         credentials_decoder: args.credentials_decoder,
+        max_request_bytes: args.max_request_bytes,
+        max_id_bytes: args.max_id_bytes,
     };
     let incoming = protocol::parse_request(&bytes, &opts);
     let (ack_line, explained, accepted) = match &incoming {
@@ -58,10 +60,11 @@ pub fn main(args: CheckArgs) -> ExitCode {
     }
 }
 
-/// The request's bytes, at most one byte more than the protocol's limit (so
-/// an oversized request is still reported as such, without reading it all).
-fn read_request(file: Option<&Path>) -> io::Result<Vec<u8>> {
-    let limit = MAX_REQUEST_BYTES as u64 + 1;
+/// A request file's bytes (`None` or `-`: stdin), at most one byte more
+/// than any configurable limit, so an oversized request is still reported as
+/// such (by whoever parses it) without reading it all.
+pub fn read_request(file: Option<&Path>) -> io::Result<Vec<u8>> {
+    let limit = MAX_REQUEST_BYTES_CEILING as u64 + 1;
     let mut bytes = Vec::new();
     match file {
         Some(path) if path != Path::new("-") => {

@@ -21,7 +21,6 @@
 use super::view::{self, DetailView, JobView, Paint};
 use super::{exit, CancelArgs, HistoryArgs, ShowArgs, StateArgs, SubmitArgs};
 use crate::control::{Client, ClientError, ErrorCode, Refusal, Request};
-use crate::protocol::MAX_REQUEST_BYTES;
 use crate::runtime::Paths;
 use base64::Engine as _;
 use fwagent_state::{PhaseName, Store};
@@ -29,7 +28,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 use serde_json::Value;
 use std::collections::VecDeque;
-use std::io::{IsTerminal, Read, Write};
+use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -692,26 +691,8 @@ pub fn submit(a: SubmitArgs) -> ExitCode {
     finish("submit", submit_(&a))
 }
 
-/// The request's bytes, at most one byte over the protocol's limit (the
-/// agent answers an oversized request as such).
-fn read_request(file: &Path) -> std::io::Result<Vec<u8>> {
-    let limit = MAX_REQUEST_BYTES as u64 + 1;
-    let mut bytes = Vec::new();
-    if file == Path::new("-") {
-        std::io::stdin()
-            .lock()
-            .take(limit)
-            .read_to_end(&mut bytes)?;
-    } else {
-        std::fs::File::open(file)?
-            .take(limit)
-            .read_to_end(&mut bytes)?;
-    }
-    Ok(bytes)
-}
-
 fn submit_(a: &SubmitArgs) -> Result<u8, Failure> {
-    let bytes = read_request(&a.file).map_err(|e| Failure {
+    let bytes = super::check::read_request(Some(&a.file)).map_err(|e| Failure {
         code: exit::USAGE,
         message: format!("cannot read {}: {e}", a.file.display()),
     })?;

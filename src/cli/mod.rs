@@ -68,6 +68,12 @@ pub struct CheckArgs {
     /// Larger images are refused with errorNo 4.
     #[arg(long, value_name = "BYTES")]
     pub max_image_size: Option<u64>,
+    /// Larger requests are refused with errorNo 1 (as the agent's flag).
+    #[arg(long, value_name = "BYTES")]
+    pub max_request_bytes: Option<usize>,
+    /// Longer sessionId/messageId are refused with errorNo 4 (as the agent's flag).
+    #[arg(long, value_name = "BYTES")]
+    pub max_id_bytes: Option<usize>,
 }
 
 #[derive(Args, Debug, Clone)]

@@ -81,6 +81,12 @@ pub struct RunArgs {
     /// Larger images are refused with errorNo 4 [default: 1 GiB].
     #[arg(long, value_name = "BYTES")]
     pub max_image_size: Option<u64>,
+    /// Larger requests are refused with errorNo 1 [default: 65536; at most 524288].
+    #[arg(long, value_name = "BYTES")]
+    pub max_request_bytes: Option<usize>,
+    /// Longer sessionId/messageId are refused with errorNo 4 [default: 256].
+    #[arg(long, value_name = "BYTES")]
+    pub max_id_bytes: Option<usize>,
     /// Command that turns non-text base64 credentials into text.
     #[arg(long, value_name = "CMD")]
     pub credentials_decoder: Option<String>,
@@ -145,6 +151,8 @@ impl RunArgs {
             install_timeout: self.install_timeout.or(file.install_timeout),
             boot_tries: self.boot_tries.or(file.boot_tries),
             max_image_size: self.max_image_size.or(file.max_image_size),
+            max_request_bytes: self.max_request_bytes.or(file.max_request_bytes),
+            max_id_bytes: self.max_id_bytes.or(file.max_id_bytes),
             credentials_decoder: self.credentials_decoder.or(file.credentials_decoder),
             no_reports: self.no_reports || file.no_reports,
             checkpoint_bytes: self.checkpoint_bytes.or(file.checkpoint_bytes),
@@ -194,6 +202,15 @@ fn host_name() -> String {
 impl AgentConfig {
     pub fn from_args(args: RunArgs) -> Result<AgentConfig, String> {
         let a = args.merged()?;
+        if let Some(n) = a.max_request_bytes {
+            let ceiling = crate::protocol::MAX_REQUEST_BYTES_CEILING;
+            if n == 0 || n > ceiling {
+                return Err(format!("--max-request-bytes must be 1..={ceiling}"));
+            }
+        }
+        if a.max_id_bytes == Some(0) {
+            return Err("--max-id-bytes must be at least 1".into());
+        }
         let flash = a
             .flash
             .as_deref()
@@ -265,6 +282,8 @@ impl AgentConfig {
             parse: ParseOptions {
                 max_image_size: a.max_image_size,
                 credentials_decoder: a.credentials_decoder,
+                max_request_bytes: a.max_request_bytes,
+                max_id_bytes: a.max_id_bytes,
             },
             policy: Policy {
                 download_attempts: a
@@ -373,6 +392,7 @@ fn start(config: AgentConfig, store: Store) -> Result<(), String> {
         ..
     } = config;
     let control_socket = paths.control_socket();
+    let max_request_bytes = parse.max_request_bytes();
     let upgrade = Upgrade::start_in_arbiter(&Arbiter::new().handle(), move |_| {
         Upgrade::new(store, policy, paths, parse, transfer, protocols)
     });
@@ -394,10 +414,11 @@ fn start(config: AgentConfig, store: Store) -> Result<(), String> {
         })
     };
     let transport: Box<dyn Transport> = match transport.as_str() {
-        "stdio" => Box::new(Stdio),
-        "mqtt" => Box::new(Mqtt::new(
-            mqtt.ok_or("--transport mqtt without MQTT settings")?,
-        )),
+        "stdio" => Box::new(Stdio { max_request_bytes }),
+        "mqtt" => Box::new(Mqtt::new(MqttSettings {
+            max_request_bytes,
+            ..mqtt.ok_or("--transport mqtt without MQTT settings")?
+        })),
         other => return Err(format!("unknown transport `{other}`")),
     };
     let messaging = {

@@ -115,7 +115,10 @@ impl Handler<Outbound> for Messaging {
 }
 
 /// Requests as JSON lines on stdin, messages as JSON lines on stdout.
-pub struct Stdio;
+pub struct Stdio {
+    /// Lines are read up to this many bytes (+ 1, so a longer one is refused).
+    pub max_request_bytes: usize,
+}
 
 /// Read one line of at most `max` bytes. A longer line is consumed whole and
 /// returned cut at `max + 1` bytes, so the parser rejects it as too large.
@@ -146,13 +149,14 @@ pub fn read_line_bounded(input: &mut impl BufRead, max: usize) -> std::io::Resul
 
 impl Transport for Stdio {
     fn start(&mut self, inbox: Recipient<IncomingRequest>, closed: Recipient<InputClosed>) {
+        let max_request_bytes = self.max_request_bytes;
         std::thread::Builder::new()
             .name("stdin".into())
             .spawn(move || {
                 let stdin = std::io::stdin();
                 let mut input = stdin.lock();
                 loop {
-                    match read_line_bounded(&mut input, protocol::MAX_REQUEST_BYTES) {
+                    match read_line_bounded(&mut input, max_request_bytes) {
                         Ok(Some(line)) => {
                             if line.iter().all(u8::is_ascii_whitespace) {
                                 continue;

@@ -219,6 +219,9 @@ pub struct MqttSettings {
     pub status_topic: String,
     pub tls: Option<Arc<rustls::ClientConfig>>,
     pub connect_timeout: Duration,
+    /// Payloads are cut after this many bytes + 1, so a larger request is
+    /// refused as too large without being kept whole.
+    pub max_request_bytes: usize,
 }
 
 impl fmt::Debug for MqttSettings {
@@ -283,6 +286,7 @@ impl MqttSettings {
             status_topic,
             tls,
             connect_timeout: a.connect_timeout,
+            max_request_bytes: protocol::MAX_REQUEST_BYTES,
         })
     }
 
@@ -700,7 +704,7 @@ impl Connection {
             let _ = s.ack(&p, connection);
             return;
         }
-        let keep = p.payload.len().min(protocol::MAX_REQUEST_BYTES + 1);
+        let keep = p.payload.len().min(self.settings.max_request_bytes + 1);
         let bytes = p.payload[..keep].to_vec();
         tracing::debug!(
             pkid = p.pkid,
