@@ -84,41 +84,6 @@ fn put_in_seed_dir(root: &Path, len: u64) -> Firmware {
     Firmware::create(&dir, "seed", len)
 }
 
-/// The run installed `fw`: ack 0 echoing the request, progress, one result
-/// 0 last, the right image, no partial file left.
-fn assert_installed(run: &Run, req: &Value, fw: &Firmware, state: &Path, target: &Path) {
-    assert_eq!(run.code(), Some(0), "{run}");
-    let lines = run.json_lines();
-    assert_eq!(operator(&lines[0]), "setCloudUpgradeConfig-Ack", "{run}");
-    assert_eq!(lines[0]["result"]["errorNo"], 0, "{run}");
-    assert_eq!(lines[0]["messageId"], req["messageId"]);
-    assert_eq!(lines[0]["sessionId"], req["sessionId"]);
-    assert_eq!(lines[0]["info"], "none");
-    let progress: Vec<_> = lines
-        .iter()
-        .filter(|v| operator(v) == "reportCloudUpgradeProgress")
-        .collect();
-    assert!(!progress.is_empty(), "no progress reports: {run}");
-    for p in &progress {
-        assert_eq!(p["info"]["requestMessageId"], req["messageId"]);
-        assert_eq!(p["info"]["totalBytes"], fw.len);
-    }
-    let r = results(&lines);
-    assert_eq!(r.len(), 1, "{run}");
-    assert_eq!(r[0]["result"]["errorNo"], 0, "{run}");
-    assert_eq!(r[0]["info"]["phase"], "completed");
-    assert_eq!(
-        operator(lines.last().unwrap()),
-        "reportCloudUpgradeResult",
-        "the result comes last"
-    );
-    assert_eq!(md5_file(target), fw.md5, "the right image");
-    assert!(
-        !state.join("downloads").read_dir().unwrap().any(|_| true),
-        "the partial file is removed once the upgrade ends"
-    );
-}
-
 #[test]
 fn seed_message_installs_the_image_from_pyftpdlib_with_a_password() {
     let servers = Servers::from_env();

@@ -51,40 +51,7 @@ fn seed_message_installs_the_image() {
         &no_env(),
         LONG,
     );
-    assert_eq!(run.code(), Some(0), "{run}");
-    let lines = run.json_lines();
-    assert_eq!(operator(&lines[0]), "setCloudUpgradeConfig-Ack", "{run}");
-    assert_eq!(lines[0]["result"]["errorNo"], 0, "{run}");
-    assert_eq!(lines[0]["messageId"], req["messageId"]);
-    assert_eq!(lines[0]["sessionId"], req["sessionId"]);
-    assert_eq!(lines[0]["info"], "none");
-    let progress: Vec<_> = lines
-        .iter()
-        .filter(|v| operator(v) == "reportCloudUpgradeProgress")
-        .collect();
-    assert!(!progress.is_empty(), "no progress reports: {run}");
-    for p in &progress {
-        assert_eq!(p["info"]["requestMessageId"], req["messageId"]);
-        assert_eq!(p["info"]["totalBytes"], fw.len);
-    }
-    let results = results(&lines);
-    assert_eq!(results.len(), 1, "{run}");
-    assert_eq!(results[0]["result"]["errorNo"], 0, "{run}");
-    assert_eq!(results[0]["info"]["phase"], "completed");
-    assert_eq!(
-        operator(lines.last().unwrap()),
-        "reportCloudUpgradeResult",
-        "the result comes last"
-    );
-    assert_eq!(md5_file(&target), fw.md5);
-    assert!(
-        !dir.path()
-            .join("state/downloads")
-            .read_dir()
-            .unwrap()
-            .any(|_| true),
-        "the partial file is removed once the upgrade ends"
-    );
+    assert_installed(&run, &req, &fw, &dir.path().join("state"), &target);
 }
 
 #[test]

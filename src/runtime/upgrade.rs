@@ -240,7 +240,12 @@ impl Upgrade {
 
     /// The answer when the store cannot record a decision: errorNo 8, sent
     /// directly (there is no outbox to put it in).
-    fn store_failed(&self, incoming: &Incoming, error: String) -> Ack {
+    fn store_failed(
+        &self,
+        incoming: &Incoming,
+        error: String,
+        reply: Option<tokio::sync::oneshot::Sender<Ack>>,
+    ) {
         let (session_id, message_id) = match incoming {
             Incoming::Valid(r) => (r.session_id.clone(), r.message_id.clone()),
             Incoming::Invalid(a) => (a.session_id.clone(), a.message_id.clone()),
@@ -263,7 +268,9 @@ impl Upgrade {
                 message: Outgoing::Ack(ack.clone()),
             }));
         }
-        ack
+        if let Some(reply) = reply {
+            let _ = reply.send(ack);
+        }
     }
 
     /// Partial files of upgrades that are no longer under way.
@@ -344,13 +351,7 @@ impl Handler<IncomingRequest> for Upgrade {
             .ok();
         let view = match self.store.request_view(incoming.message_id(), free) {
             Ok(view) => view,
-            Err(e) => {
-                let ack = self.store_failed(&incoming, e.to_string());
-                if let Some(reply) = msg.reply {
-                    let _ = reply.send(ack);
-                }
-                return;
-            }
+            Err(e) => return self.store_failed(&incoming, e.to_string(), msg.reply),
         };
         let t = on_request(&view, incoming.clone(), OffsetDateTime::now_utc());
         let accepted = t.job.is_some();
@@ -360,13 +361,7 @@ impl Handler<IncomingRequest> for Upgrade {
         });
         let entries = match self.store.commit(&t) {
             Ok(entries) => entries,
-            Err(e) => {
-                let ack = self.store_failed(&incoming, e.to_string());
-                if let Some(reply) = msg.reply {
-                    let _ = reply.send(ack);
-                }
-                return;
-            }
+            Err(e) => return self.store_failed(&incoming, e.to_string(), msg.reply),
         };
         if let (Some(ack), Some(job)) = (&ack, &t.job) {
             tracing::info!(upgrade = %ack.message_id, job = job.id, "request accepted");
