@@ -400,11 +400,14 @@ pub struct StartDownload {
     pub delay: Duration,
 }
 
-/// Stop a job's transfer, if one runs.
+/// Stop a job's transfer, if one runs, and remove its partial file if
+/// `remove_part` names it. Removing it here, on the arbiter that runs the
+/// transfers, means no task of the job can recreate it afterwards.
 #[derive(Message, Debug)]
 #[rtype(result = "()")]
 pub struct AbortDownload {
     pub job: JobId,
+    pub remove_part: Option<PathBuf>,
 }
 
 /// Fetchers by protocol.
@@ -480,6 +483,20 @@ impl Handler<AbortDownload> for Download {
             tracing::info!(upgrade = msg.job, "download aborted");
         }
         self.verifier.do_send(VerifyMsg::Forget { job: msg.job });
+        if let Some(part) = msg.remove_part {
+            remove_partial(msg.job, &part);
+        }
+    }
+}
+
+/// Remove a job's partial file; a missing one is fine, a failure is logged.
+pub fn remove_partial(job: JobId, part: &std::path::Path) {
+    match std::fs::remove_file(part) {
+        Ok(()) => tracing::debug!(upgrade = job, "partial file removed"),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => {
+            tracing::warn!(upgrade = job, path = %part.display(), error = %e, "cannot remove the partial file")
+        }
     }
 }
 

@@ -94,11 +94,13 @@ impl HttpFetcher {
                 let token = base64::engine::general_purpose::STANDARD.encode(pair);
                 req = req.header(header::AUTHORIZATION, format!("Basic {token}"));
             }
-            if offset > 0 {
-                req = req.header(header::RANGE, format!("bytes={offset}-"));
-                if let Some(v) = sink.validator() {
-                    req = req.header(header::IF_RANGE, v);
-                }
+            // Resume only what can be proved to be the same file: without a
+            // validator the whole file is asked for (the 200 below restarts
+            // the partial file from zero), never a splice of two versions.
+            if let (true, Some(v)) = (offset > 0, sink.validator()) {
+                req = req
+                    .header(header::RANGE, format!("bytes={offset}-"))
+                    .header(header::IF_RANGE, v);
             }
             let req = req
                 .body(Empty::new())

@@ -10,6 +10,7 @@ use super::download::BoxFuture;
 use super::upgrade::UNCOMMITTED;
 use super::{Delivered, IncomingRequest, InputClosed};
 use crate::{crash, protocol};
+use actix::dev::SendError;
 use actix::prelude::*;
 use fwagent_state::OutboxEntry;
 use std::io::{BufRead, Write};
@@ -161,10 +162,22 @@ impl Transport for Stdio {
                             if line.iter().all(u8::is_ascii_whitespace) {
                                 continue;
                             }
-                            inbox.do_send(IncomingRequest {
+                            // Back-pressure: wait while the Upgrade actor's
+                            // mailbox is full instead of queueing without bound.
+                            let mut request = IncomingRequest {
                                 bytes: line,
                                 reply: None,
-                            });
+                            };
+                            loop {
+                                match inbox.try_send(request) {
+                                    Ok(()) => break,
+                                    Err(SendError::Full(back)) => {
+                                        request = back;
+                                        std::thread::sleep(std::time::Duration::from_millis(2));
+                                    }
+                                    Err(SendError::Closed(_)) => return,
+                                }
+                            }
                         }
                         Ok(None) => break,
                         Err(e) => {
@@ -186,10 +199,20 @@ impl Transport for Stdio {
     ) -> BoxFuture<'a, Result<(), String>> {
         Box::pin(async move {
             let mut out = std::io::stdout().lock();
-            out.write_all(json.as_bytes())
+            let written = out
+                .write_all(json.as_bytes())
                 .and_then(|_| out.write_all(b"\n"))
-                .and_then(|_| out.flush())
-                .map_err(|e| format!("cannot write stdout: {e}"))
+                .and_then(|_| out.flush());
+            if let Err(e) = &written {
+                if e.kind() == std::io::ErrorKind::BrokenPipe {
+                    // Nobody reads our replies any more: stop rather than
+                    // retry forever. The outbox stays in the store and goes
+                    // out on the next start.
+                    tracing::error!("stdout is closed; stopping (the outbox is kept)");
+                    System::current().stop_with_code(3);
+                }
+            }
+            written.map_err(|e| format!("cannot write stdout: {e}"))
         })
     }
 }

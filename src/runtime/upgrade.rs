@@ -6,7 +6,7 @@
 //! outbox and start the commands. After a restart it re-sends the pending
 //! outbox and restarts the active upgrade's current phase.
 
-use super::download::{AbortDownload, FetchJob, StartDownload};
+use super::download::{remove_partial, AbortDownload, FetchJob, StartDownload};
 use super::flash::{BootCheck, CheckBoot, FlashImage, RequestReboot};
 use super::messaging::{Listen, Outbound};
 use super::verify::VerifyMsg;
@@ -186,16 +186,20 @@ impl Upgrade {
                     act.maybe_exit();
                 }));
             }
-            Command::Abort { job: id } => peers.abort.do_send(AbortDownload { job: *id }),
+            Command::Abort { job: id } => peers.abort.do_send(AbortDownload {
+                job: *id,
+                remove_part: None,
+            }),
+            // Removed here at once (the agent may exit next), and again by
+            // the Download actor once any transfer of the job is stopped, so a
+            // task waking from its backoff cannot leave the file behind.
             Command::Cleanup { job: id } => {
                 let part = self.paths.part(*id);
-                match std::fs::remove_file(&part) {
-                    Ok(()) => tracing::debug!(upgrade = id, "partial file removed"),
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(e) => {
-                        tracing::warn!(upgrade = id, path = %part.display(), error = %e, "cannot remove the partial file")
-                    }
-                }
+                remove_partial(*id, &part);
+                peers.abort.do_send(AbortDownload {
+                    job: *id,
+                    remove_part: Some(part),
+                });
             }
         }
     }
@@ -246,13 +250,21 @@ impl Upgrade {
         error: String,
         reply: Option<tokio::sync::oneshot::Sender<Ack>>,
     ) {
-        let (session_id, message_id) = match incoming {
-            Incoming::Valid(r) => (r.session_id.clone(), r.message_id.clone()),
-            Incoming::Invalid(a) => (a.session_id.clone(), a.message_id.clone()),
+        let (operator, session_id, message_id) = match incoming {
+            Incoming::Valid(r) => (
+                OP_UPGRADE.to_string(),
+                r.session_id.clone(),
+                r.message_id.clone(),
+            ),
+            Incoming::Invalid(a) => (
+                a.operator.clone(),
+                a.session_id.clone(),
+                a.message_id.clone(),
+            ),
         };
         tracing::error!(%error, "the state store failed; request not accepted");
         let ack = Ack {
-            operator: OP_UPGRADE.to_string(),
+            operator,
             session_id,
             message_id: message_id.clone(),
             result: Outcome::new(

@@ -451,9 +451,16 @@ pub fn transition(
                 "the file on the server changed; starting again from byte 0".into(),
                 None,
             );
-            // Progress went back: say so, and move the throttle's mark with
-            // it, or nothing would be reported until the old percent is passed.
-            step.progress_report();
+            // Progress went back. Say so if the 2 s interval allows (this is
+            // no phase change), and move the throttle's mark back to 0 % in
+            // any case, or nothing would be reported until the old percent
+            // is passed again.
+            match job.last_progress {
+                Some(mark) if now - mark.at < policy.progress_interval => {
+                    step.job.last_progress = Some(ProgressMark { percent: 0, ..mark });
+                }
+                Some(_) | None => step.progress_report(),
+            }
             Ok(step.done())
         }
         Event::Downloaded => {

@@ -496,11 +496,21 @@ fn source_changed_starts_again_from_zero_and_reports_it() {
     assert_eq!(next.bytes_done, 0);
     assert_eq!(next.validator.as_deref(), Some("new"));
     assert!(t.log.is_some());
-    // The cloud hears that progress went back to 0 %, and the throttle's
-    // mark follows, so the new download's progress is reported again.
-    assert_eq!(progress(&t.outbox), vec![(PhaseName::Downloading, 0)]);
+    // Within 2 s of the last report nothing is sent (this is no phase
+    // change), but the throttle's mark goes back to 0 %, so the new
+    // download's progress is reported again once the interval has passed.
+    assert_eq!(progress(&t.outbox), vec![]);
     let t = apply(&next, Event::Progress { bytes_done: 60 }, 2100);
     assert_eq!(progress(&t.outbox), vec![(PhaseName::Downloading, 6)]);
+    // Outside the interval the cloud hears that progress went back to 0 %.
+    let t = apply(
+        &job,
+        Event::SourceChanged {
+            validator: Some("new".into()),
+        },
+        2500,
+    );
+    assert_eq!(progress(&t.outbox), vec![(PhaseName::Downloading, 0)]);
 }
 
 #[test]

@@ -294,7 +294,14 @@ impl Model {
             Ev::SourceChanged if downloading => {
                 self.jobs[i].offset = 0;
                 self.jobs[i].bytes = 0;
-                self.report_progress(i);
+                // Not a phase change: reported only outside the 2 s interval;
+                // the throttle's mark goes back to 0 % either way.
+                match self.jobs[i].mark {
+                    Some((_, phase, at)) if self.now - at < 2000 => {
+                        self.jobs[i].mark = Some((0, phase, at));
+                    }
+                    _ => self.report_progress(i),
+                }
             }
             Ev::Downloaded if downloading => {
                 self.jobs[i].bytes = SIZE;
