@@ -446,3 +446,48 @@ fn request_size_and_id_limits_come_from_the_flags() {
         "{run}"
     );
 }
+
+/// The seed's second message carries enciphered credentials: with a
+/// credentials decoder the agent parses it off its actor and installs it,
+/// and stdin's EOF right behind it does not end the agent before the decision.
+#[test]
+fn seed_two_with_a_credentials_decoder_installs_the_image() {
+    let servers = Servers::from_env();
+    let fw = servers.put_http("seed2", 50_000);
+    let mut req: Value = serde_json::from_str(include_str!(
+        "../examples/requests/seed-2-ftp-enciphered.json"
+    ))
+    .expect("the seed example is JSON");
+    let server = &mut req["info"]["serverConfig"];
+    assert_eq!(
+        server["host"], "127.0.0.1",
+        "examples never name the seed's host"
+    );
+    server["protocol"] = "http".into();
+    server["port"] = servers.nginx_port.into();
+    server["path"] = "/".into();
+    let file = &mut req["info"]["fileInfo"];
+    file["firmwareName"] = fw.name.clone().into();
+    file["md5sum"] = fw.md5.clone().into();
+    file["totalSize"] = fw.len.into();
+    req["messageId"] = format!("MID:{}", unique_name("seed2")).into();
+    let dir = temp_dir();
+    let target = dir.path().join("flash.bin");
+    let decoder = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/examples/decode-credentials.sh"
+    );
+    let mut cmd = fwagent([
+        "run",
+        "--transport",
+        "stdio",
+        "--credentials-decoder",
+        decoder,
+        "--state-dir",
+    ]);
+    cmd.arg(dir.path().join("state"))
+        .arg("--flash")
+        .arg(format!("file:{}", target.display()));
+    let run = run_with_timeout(cmd, format!("{req}\n").as_bytes(), LONG);
+    assert_installed(&run, &req, &fw, &dir.path().join("state"), &target);
+}

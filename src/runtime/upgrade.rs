@@ -48,6 +48,9 @@ pub struct Upgrade {
     protocols: HashSet<Protocol>,
     peers: Option<Wire>,
     input_closed: bool,
+    /// Requests being parsed off the actor (a credentials decoder runs):
+    /// the agent does not exit before they are decided.
+    parsing: u32,
     /// Reboot requests and boot checks the Flash actor has not answered yet:
     /// the agent does not exit before they are done.
     flash_calls: u32,
@@ -75,6 +78,7 @@ impl Upgrade {
             protocols,
             peers: None,
             input_closed: false,
+            parsing: 0,
             flash_calls: 0,
             boot_settled: false,
         }
@@ -220,7 +224,7 @@ impl Upgrade {
 
     /// With stdin closed: stop once nothing is under way and the outbox is empty.
     fn maybe_exit(&self) {
-        if !self.input_closed || self.flash_calls > 0 {
+        if !self.input_closed || self.flash_calls > 0 || self.parsing > 0 {
             return;
         }
         let idle = match self.store.active() {
@@ -342,7 +346,42 @@ impl Handler<IncomingRequest> for Upgrade {
 
     fn handle(&mut self, msg: IncomingRequest, ctx: &mut Context<Self>) {
         crash::point("before-request-commit");
-        let mut incoming = protocol::parse_request(&msg.bytes, &self.parse);
+        if self.parse.credentials_decoder.is_some() {
+            // The decoder is an external command (up to 5 s per credential):
+            // parse on a blocking thread, so checkpoints, deliveries and the
+            // control socket go on meanwhile; the decision is still taken
+            // (and committed) here, in the actor.
+            let parse = self.parse.clone();
+            let IncomingRequest { bytes, reply } = msg;
+            let parsed =
+                tokio::task::spawn_blocking(move || protocol::parse_request(&bytes, &parse));
+            self.parsing += 1;
+            ctx.spawn(parsed.into_actor(self).map(move |parsed, act, ctx| {
+                act.parsing -= 1;
+                match parsed {
+                    Ok(incoming) => act.decide(incoming, reply, ctx),
+                    Err(e) => {
+                        tracing::error!(error = %e, "the request parser failed; request dropped");
+                        act.maybe_exit();
+                    }
+                }
+            }));
+            return;
+        }
+        let incoming = protocol::parse_request(&msg.bytes, &self.parse);
+        self.decide(incoming, msg.reply, ctx);
+    }
+}
+
+impl Upgrade {
+    /// Decide a parsed request: the view of the store, the pure decision,
+    /// the commit, then the ack to `reply` and the dispatch.
+    fn decide(
+        &mut self,
+        mut incoming: Incoming,
+        reply: Option<tokio::sync::oneshot::Sender<Ack>>,
+        ctx: &mut Context<Self>,
+    ) {
         if let Incoming::Valid(req) = &incoming {
             let protocol = req.source.protocol;
             if !self.protocols.contains(&protocol) {
@@ -363,7 +402,7 @@ impl Handler<IncomingRequest> for Upgrade {
             .ok();
         let view = match self.store.request_view(incoming.message_id(), free) {
             Ok(view) => view,
-            Err(e) => return self.store_failed(&incoming, e.to_string(), msg.reply),
+            Err(e) => return self.store_failed(&incoming, e.to_string(), reply),
         };
         let t = on_request(&view, incoming.clone(), OffsetDateTime::now_utc());
         let accepted = t.job.is_some();
@@ -373,7 +412,7 @@ impl Handler<IncomingRequest> for Upgrade {
         });
         let entries = match self.store.commit(&t) {
             Ok(entries) => entries,
-            Err(e) => return self.store_failed(&incoming, e.to_string(), msg.reply),
+            Err(e) => return self.store_failed(&incoming, e.to_string(), reply),
         };
         if let (Some(ack), Some(job)) = (&ack, &t.job) {
             tracing::info!(upgrade = %ack.message_id, job = job.id, "request accepted");
@@ -383,7 +422,7 @@ impl Handler<IncomingRequest> for Upgrade {
         if accepted {
             crash::point("after-accept");
         }
-        if let (Some(reply), Some(ack)) = (msg.reply, ack) {
+        if let (Some(reply), Some(ack)) = (reply, ack) {
             let _ = reply.send(ack);
         }
         self.dispatch(&entries, &t, ctx);
