@@ -14,7 +14,6 @@ use common::*;
 use serde_json::Value;
 use std::collections::HashMap;
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -22,23 +21,6 @@ use std::time::{Duration, Instant};
 const LONG: Duration = Duration::from_secs(120);
 /// The seed's directory, recreated under each server's root.
 const SEED_DIR: &str = "download/DAP-2020SSA_3200_6200/C007V001";
-
-/// `fwagent run` over stdio with `extra` flags, fed `requests` then EOF.
-fn run_agent(
-    state: &Path,
-    target: &Path,
-    extra: &[&str],
-    requests: &[Value],
-    timeout: Duration,
-) -> Run {
-    let mut cmd = fwagent(["run", "--transport", "stdio", "--state-dir"]);
-    cmd.arg(state)
-        .arg("--flash")
-        .arg(format!("file:{}", target.display()));
-    cmd.args(extra);
-    let input: String = requests.iter().map(|r| format!("{r}\n")).collect();
-    run_with_timeout(cmd, input.as_bytes(), timeout)
-}
 
 /// The only result report of a run, as (errorNo, description).
 fn only_result(run: &Run) -> (u64, String) {
@@ -350,37 +332,6 @@ fn a_dropped_data_connection_resumes_with_rest_in_the_same_run() {
 }
 
 /// Spawn the agent and SIGKILL it after `after`; feed it `input` (then EOF).
-fn run_and_kill(state: &Path, target: &Path, extra: &[&str], input: &str, after: Duration) {
-    let mut cmd = fwagent(["run", "--transport", "stdio", "--state-dir"]);
-    cmd.arg(state)
-        .arg("--flash")
-        .arg(format!("file:{}", target.display()));
-    cmd.args(extra);
-    cmd.stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    let mut child = cmd.spawn().expect("spawn fwagent");
-    if let Some(mut stdin) = child.stdin.take() {
-        let _ = stdin.write_all(input.as_bytes());
-    }
-    std::thread::sleep(after);
-    let _ = child.kill();
-    let _ = child.wait();
-}
-
-/// A small deterministic generator, seeded from the clock (printed, so a
-/// failing run can be replayed with FWAGENT_TEST_SEED).
-struct XorShift(u64);
-
-impl XorShift {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
-
 #[test]
 fn kill_9_at_random_moments_resumes_with_rest_and_completes() {
     let size: u64 = 64 << 20;
@@ -407,18 +358,7 @@ fn kill_9_at_random_moments_resumes_with_rest_and_completes() {
         "--download-attempts",
         "100",
     ];
-    let seed = std::env::var("FWAGENT_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(7)
-                | 1
-        });
-    eprintln!("kill -9 test seed: {seed}");
-    let mut rng = XorShift(seed);
+    let mut rng = XorShift::from_env_or_clock();
     let kills: u64 = 30;
     let input = format!("{req}\n");
     for round in 0..kills {

@@ -8,16 +8,13 @@ mod common;
 use common::*;
 use serde_json::Value;
 use std::collections::HashMap;
-use std::io::Write;
-use std::path::Path;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 const LONG: Duration = Duration::from_secs(120);
 
-/// The seed's first message, with its server rewritten to our nginx.
-fn seed_request(servers: &Servers, fw: &Firmware) -> Value {
-    let text = include_str!("../examples/requests/seed-1-ftp.json");
+/// A seed example (`text`) with its server rewritten to our nginx and its
+/// file to `fw`. The size goes under whichever spelling the example uses.
+fn seed_on_nginx(text: &str, servers: &Servers, fw: &Firmware) -> Value {
     let mut req: Value = serde_json::from_str(text).expect("the seed example is JSON");
     let server = &mut req["info"]["serverConfig"];
     assert_eq!(
@@ -27,13 +24,25 @@ fn seed_request(servers: &Servers, fw: &Firmware) -> Value {
     server["protocol"] = "http".into();
     server["port"] = servers.nginx_port.into();
     server["path"] = "/".into();
-    server["userName"] = "".into();
-    server["password"] = "".into();
     let file = &mut req["info"]["fileInfo"];
-    file["firmwareName"] = format!("{} ", fw.name).into(); // the seed's trailing space
+    file["firmwareName"] = format!("{} ", fw.name).into(); // as the seed: a trailing space
     file["md5sum"] = fw.md5.clone().into();
-    file["upgradeFileSize"] = fw.len.into();
+    let size_key = if file.get("totalSize").is_some() {
+        "totalSize"
+    } else {
+        "upgradeFileSize"
+    };
+    file[size_key] = fw.len.into();
     req["messageId"] = format!("MID:{}", unique_name("seed")).into();
+    req
+}
+
+/// The seed's first message on our nginx, without credentials.
+fn seed_request(servers: &Servers, fw: &Firmware) -> Value {
+    let text = include_str!("../examples/requests/seed-1-ftp.json");
+    let mut req = seed_on_nginx(text, servers, fw);
+    req["info"]["serverConfig"]["userName"] = "".into();
+    req["info"]["serverConfig"]["password"] = "".into();
     req
 }
 
@@ -262,48 +271,6 @@ fn every_crash_point_recovers_to_a_completed_upgrade() {
     }
 }
 
-/// Spawn the agent and SIGKILL it after `after`; feed it `input` (then EOF).
-fn run_and_kill(state: &Path, target: &Path, input: &str, after: Duration) {
-    let mut cmd = fwagent([
-        "run",
-        "--transport",
-        "stdio",
-        "--checkpoint-bytes",
-        "4194304",
-        // Kills every few hundred ms often land before a checkpoint; this
-        // test is about resuming, not about the loop guard (state/tests).
-        "--download-attempts",
-        "100",
-        "--state-dir",
-    ]);
-    cmd.arg(state)
-        .arg("--flash")
-        .arg(format!("file:{}", target.display()));
-    cmd.stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    let mut child = cmd.spawn().expect("spawn fwagent");
-    let mut stdin = child.stdin.take().unwrap();
-    let _ = stdin.write_all(input.as_bytes());
-    drop(stdin);
-    std::thread::sleep(after);
-    let _ = child.kill();
-    let _ = child.wait();
-}
-
-/// A small deterministic generator, seeded from the clock (printed, so a
-/// failing run can be replayed with FWAGENT_TEST_SEED).
-struct XorShift(u64);
-
-impl XorShift {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
-
 #[test]
 fn kill_9_at_random_moments_resumes_and_completes() {
     let servers = Servers::from_env();
@@ -317,30 +284,28 @@ fn kill_9_at_random_moments_resumes_and_completes() {
     let dir = temp_dir();
     let state = dir.path().join("state");
     let target = dir.path().join("flash.bin");
-    let seed = std::env::var("FWAGENT_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-                | 1
-        });
-    eprintln!("kill -9 test seed: {seed}");
-    let mut rng = XorShift(seed);
+    let mut rng = XorShift::from_env_or_clock();
+    // Kills every few hundred ms often land before a checkpoint; this test is
+    // about resuming, not about the loop guard (state/tests has that).
+    let extra = [
+        "--checkpoint-bytes",
+        "4194304",
+        "--download-attempts",
+        "100",
+    ];
     let kills = 30;
     let input = format!("{req}\n");
     for round in 0..kills {
         let after = Duration::from_millis(50 + rng.next() % 400);
-        run_and_kill(&state, &target, if round == 0 { &input } else { "" }, after);
+        run_and_kill(
+            &state,
+            &target,
+            &extra,
+            if round == 0 { &input } else { "" },
+            after,
+        );
     }
-    let mut last = fwagent(["run", "--transport", "stdio", "--download-attempts", "100"]);
-    last.arg("--state-dir")
-        .arg(&state)
-        .arg("--flash")
-        .arg(format!("file:{}", target.display()));
-    let last = run_with_timeout(last, b"", Duration::from_secs(300));
+    let last = run_agent(&state, &target, &extra, &[], Duration::from_secs(300));
     assert_eq!(last.code(), Some(0), "{last}");
     // The result may have been sent before the last kill: look in the store.
     let status = run_fwagent(
@@ -454,23 +419,12 @@ fn request_size_and_id_limits_come_from_the_flags() {
 fn seed_two_with_a_credentials_decoder_installs_the_image() {
     let servers = Servers::from_env();
     let fw = servers.put_http("seed2", 50_000);
-    let mut req: Value = serde_json::from_str(include_str!(
-        "../examples/requests/seed-2-ftp-enciphered.json"
-    ))
-    .expect("the seed example is JSON");
-    let server = &mut req["info"]["serverConfig"];
-    assert_eq!(
-        server["host"], "127.0.0.1",
-        "examples never name the seed's host"
+    let text = include_str!("../examples/requests/seed-2-ftp-enciphered.json");
+    assert!(
+        text.contains("totalSize"),
+        "the second seed spells the size totalSize"
     );
-    server["protocol"] = "http".into();
-    server["port"] = servers.nginx_port.into();
-    server["path"] = "/".into();
-    let file = &mut req["info"]["fileInfo"];
-    file["firmwareName"] = fw.name.clone().into();
-    file["md5sum"] = fw.md5.clone().into();
-    file["totalSize"] = fw.len.into();
-    req["messageId"] = format!("MID:{}", unique_name("seed2")).into();
+    let req = seed_on_nginx(text, &servers, &fw);
     let dir = temp_dir();
     let target = dir.path().join("flash.bin");
     let decoder = concat!(

@@ -923,3 +923,73 @@ pub fn assert_installed(
         "the partial file is removed once the upgrade ends"
     );
 }
+
+// ---------------------------------------------------------------- kill -9 rounds
+
+/// `fwagent run --transport stdio --state-dir STATE --flash file:TARGET EXTRA...`,
+/// not started yet.
+pub fn stdio_agent(state: &Path, target: &Path, extra: &[&str]) -> Command {
+    let mut cmd = fwagent(["run", "--transport", "stdio", "--state-dir"]);
+    cmd.arg(state)
+        .arg("--flash")
+        .arg(format!("file:{}", target.display()))
+        .args(extra);
+    cmd
+}
+
+/// [`stdio_agent`] fed `requests` (one JSON per line) then EOF, at most `timeout`.
+pub fn run_agent(
+    state: &Path,
+    target: &Path,
+    extra: &[&str],
+    requests: &[serde_json::Value],
+    timeout: Duration,
+) -> Run {
+    let input: String = requests.iter().map(|r| format!("{r}\n")).collect();
+    run_with_timeout(stdio_agent(state, target, extra), input.as_bytes(), timeout)
+}
+
+/// Start [`stdio_agent`], write `input` to it (then EOF), and SIGKILL it after
+/// `after`, wherever it is.
+pub fn run_and_kill(state: &Path, target: &Path, extra: &[&str], input: &str, after: Duration) {
+    let mut cmd = stdio_agent(state, target, extra);
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let mut child = cmd.spawn().expect("spawn fwagent");
+    if let Some(mut stdin) = child.stdin.take() {
+        let _ = stdin.write_all(input.as_bytes());
+    }
+    thread::sleep(after);
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// A small deterministic generator for kill moments, seeded from
+/// `FWAGENT_TEST_SEED` or the clock; the seed is printed, so a failing run can
+/// be replayed.
+pub struct XorShift(u64);
+
+impl XorShift {
+    pub fn from_env_or_clock() -> XorShift {
+        let seed = std::env::var("FWAGENT_TEST_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| {
+                SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map(|d| d.as_nanos() as u64)
+                    .unwrap_or(7)
+                    | 1
+            });
+        eprintln!("kill -9 test seed: {seed}");
+        XorShift(seed)
+    }
+
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
