@@ -358,31 +358,8 @@ fn kill_9_at_random_moments_resumes_with_rest_and_completes() {
         "--download-attempts",
         "100",
     ];
-    let mut rng = XorShift::from_env_or_clock();
     let kills: u64 = 30;
-    let input = format!("{req}\n");
-    for round in 0..kills {
-        let after = Duration::from_millis(50 + rng.next() % 400);
-        run_and_kill(
-            &state,
-            &target,
-            &extra,
-            if round == 0 { &input } else { "" },
-            after,
-        );
-    }
-    let last = run_agent(&state, &target, &extra, &[], Duration::from_secs(300));
-    assert_eq!(last.code(), Some(0), "{last}");
-    // The result may have been sent before the last kill: look in the store.
-    let status = run_fwagent(
-        ["status", "--json", "--state-dir", state.to_str().unwrap()],
-        b"",
-        LONG,
-    );
-    let job: Value =
-        serde_json::from_str(status.stdout.trim()).unwrap_or_else(|e| panic!("{e}: {status}"));
-    assert_eq!(job["phase"], "completed", "{status}");
-    assert_eq!(md5_file(&target), fw.md5);
+    kill_rounds_then_complete(&state, &target, &extra, &req, kills, &fw.md5);
     let served = ftpd.log().wait_idle().transfers(&fw.name);
     let sent: u64 = served.iter().map(|t| t.bytes).sum();
     let interrupted = served.iter().filter(|t| !t.completed).count();

@@ -284,7 +284,6 @@ fn kill_9_at_random_moments_resumes_and_completes() {
     let dir = temp_dir();
     let state = dir.path().join("state");
     let target = dir.path().join("flash.bin");
-    let mut rng = XorShift::from_env_or_clock();
     // Kills every few hundred ms often land before a checkpoint; this test is
     // about resuming, not about the loop guard (state/tests has that).
     let extra = [
@@ -293,30 +292,8 @@ fn kill_9_at_random_moments_resumes_and_completes() {
         "--download-attempts",
         "100",
     ];
-    let kills = 30;
-    let input = format!("{req}\n");
-    for round in 0..kills {
-        let after = Duration::from_millis(50 + rng.next() % 400);
-        run_and_kill(
-            &state,
-            &target,
-            &extra,
-            if round == 0 { &input } else { "" },
-            after,
-        );
-    }
-    let last = run_agent(&state, &target, &extra, &[], Duration::from_secs(300));
-    assert_eq!(last.code(), Some(0), "{last}");
-    // The result may have been sent before the last kill: look in the store.
-    let status = run_fwagent(
-        ["status", "--json", "--state-dir", state.to_str().unwrap()],
-        b"",
-        LONG,
-    );
-    let job: Value =
-        serde_json::from_str(status.stdout.trim()).unwrap_or_else(|e| panic!("{e}: {status}"));
-    assert_eq!(job["phase"], "completed", "{status}");
-    assert_eq!(md5_file(&target), fw.md5);
+    let kills: u64 = 30;
+    kill_rounds_then_complete(&state, &target, &extra, &req, kills, &fw.md5);
     let sent = servers.nginx_body_bytes_sent(&uri);
     eprintln!("served {sent} bytes for a {size}-byte image over {kills} kills");
     assert!(

@@ -993,3 +993,46 @@ impl XorShift {
         self.0
     }
 }
+
+/// The kill -9 rounds of the crash tests: SIGKILL the agent `kills` times at
+/// random moments 50–450 ms after its start (the first run is fed `request`,
+/// the others nothing), then let one run finish with stdin at EOF, and check
+/// in the store that the upgrade completed with `md5` at `target` (its result
+/// may have been sent before the last kill).
+pub fn kill_rounds_then_complete(
+    state: &Path,
+    target: &Path,
+    extra: &[&str],
+    request: &serde_json::Value,
+    kills: u64,
+    md5: &str,
+) {
+    let mut rng = XorShift::from_env_or_clock();
+    let input = format!("{request}\n");
+    for round in 0..kills {
+        let after = Duration::from_millis(50 + rng.next() % 400);
+        run_and_kill(
+            state,
+            target,
+            extra,
+            if round == 0 { &input } else { "" },
+            after,
+        );
+    }
+    let last = run_agent(state, target, extra, &[], Duration::from_secs(300));
+    assert_eq!(last.code(), Some(0), "{last}");
+    let status = run_fwagent(
+        [
+            "status",
+            "--json",
+            "--state-dir",
+            &state.display().to_string(),
+        ],
+        b"",
+        Duration::from_secs(60),
+    );
+    let job: serde_json::Value =
+        serde_json::from_str(status.stdout.trim()).unwrap_or_else(|e| panic!("{e}: {status}"));
+    assert_eq!(job["phase"], "completed", "{status}");
+    assert_eq!(md5_file(target), md5, "the right image");
+}
