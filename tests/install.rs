@@ -58,20 +58,47 @@ impl Gateway {
         }
     }
 
-    /// `fwagent run` over stdio with `--flash ab:SLOTS`, fed `requests` then EOF.
-    fn run(&self, requests: &[&Value], extra: &[&str], crash_at: Option<&str>) -> Run {
-        let mut cmd = fwagent(["run", "--transport", "stdio", "--state-dir"]);
-        cmd.arg(&self.state)
-            .arg("--flash")
-            .arg(format!("ab:{}", self.slots.display()))
-            .arg("--reboot-command")
-            .arg(format!("echo reboot >> '{}'", self.reboots.display()))
-            .args(extra);
+    fn flash(&self) -> String {
+        format!("ab:{}", self.slots.display())
+    }
+
+    /// The agent's flags besides `--flash`: `extra`, and the stand-in reboot
+    /// unless `extra` names a reboot command of its own.
+    fn args(&self, extra: &[&str]) -> Vec<String> {
+        let mut args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        if !extra.contains(&"--reboot-command") {
+            args.push("--reboot-command".into());
+            args.push(format!("echo reboot >> '{}'", self.reboots.display()));
+        }
+        args
+    }
+
+    /// `fwagent run` over stdio with `--flash ab:SLOTS`, not started yet.
+    fn command(&self, extra: &[&str], crash_at: Option<&str>) -> std::process::Command {
+        let args = self.args(extra);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mut cmd = stdio_agent(&self.state, &self.flash(), &args);
         if let Some(point) = crash_at {
             cmd.env("FWAGENT_CRASH_AT", point);
         }
+        cmd
+    }
+
+    /// [`Gateway::command`] fed `requests` then EOF.
+    fn run(&self, requests: &[&Value], extra: &[&str], crash_at: Option<&str>) -> Run {
         let input: String = requests.iter().map(|r| format!("{r}\n")).collect();
-        run_with_timeout(cmd, input.as_bytes(), LONG)
+        run_with_timeout(self.command(extra, crash_at), input.as_bytes(), LONG)
+    }
+
+    /// Files in the state directory's `downloads/`.
+    fn partial_files(&self) -> Vec<String> {
+        fs::read_dir(self.state.join("downloads"))
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     fn reboots(&self) -> usize {
@@ -162,10 +189,16 @@ fn ab_healthy_path_commits_after_the_reboot_then_the_next_upgrade_uses_the_other
     assert_record(&r, "a", Some("b"), "a");
     assert_eq!(r["tries"], 3, "{r}");
     assert_eq!(r["md5"]["b"], fw.md5.as_str(), "{r}");
+    assert!(r["writing"].is_null(), "{r}");
     assert_eq!(
         gw.slot_md5("b"),
         fw.md5,
         "the inactive slot holds the image"
+    );
+    assert_eq!(
+        gw.partial_files(),
+        Vec::<String>::new(),
+        "the image went into the slot, not the state directory"
     );
     assert_eq!(
         fs::read(gw.slots.join("slot-a")).expect("slot a"),
@@ -301,12 +334,14 @@ fn ab_failed_health_check_rolls_back_and_reboots_into_the_old_slot() {
     );
 }
 
-/// Crash at `point` in the first run; then restart, reboot, restart: completed, one result.
+/// Crash at `point` in the first run (1 MiB checkpoints); then restart,
+/// reboot, restart: completed, one result.
 fn crash_before_the_reboot_then_complete(servers: &Servers, point: &str) {
     let fw = servers.put_http(&format!("ab-{point}"), 3 << 20);
     let gw = Gateway::new();
     let req = servers.http_request(&fw);
-    let first = gw.run(&[&req], &[], Some(point));
+    let checkpoints = ["--checkpoint-bytes", "1048576"];
+    let first = gw.run(&[&req], &checkpoints, Some(point));
     assert_eq!(
         first.signal(),
         Some(libc::SIGKILL),
@@ -349,7 +384,10 @@ fn crash_before_the_reboot_then_complete(servers: &Servers, point: &str) {
 fn ab_kill_9_while_the_slot_is_written_or_switched_recovers() {
     let servers = Servers::from_env();
     for point in [
-        "mid-flash",
+        "mid-download",
+        "after-checkpoint-fsync",
+        "after-download",
+        "mid-verify",
         "after-slot-write",
         "before-switch-rename",
         "after-flash",
@@ -459,7 +497,42 @@ fn ab_a_reboot_that_never_happens_ends_failed_not_in_a_loop() {
     let res = results(&last);
     assert_eq!(res[0]["result"]["errorNo"], 51, "{last:#?}");
     assert_eq!(res[0]["info"]["phase"], "failed", "{last:#?}");
+    // The trial is taken back: the device never boots what was reported failed.
+    let r = gw.record();
+    assert_record(&r, "a", None, "a");
+    assert!(r["trial"].is_null(), "{r}");
+    assert_eq!(gw.power_on(None), "a");
+}
+
+#[test]
+fn ab_without_a_reboot_command_agent_restarts_before_the_reboot_do_not_count() {
+    let servers = Servers::from_env();
+    let fw = servers.put_http("ab-later", 1 << 20);
+    let gw = Gateway::new();
+    // Someone else reboots (a maintenance window): `--reboot-command ""`.
+    let args = ["--boot-tries", "1", "--reboot-command", ""];
+    let first = gw.run(&[&servers.http_request(&fw)], &args, None);
+    assert_eq!(first.code(), Some(0), "{first}");
+    // Far more restarts than the boot checks allowed (1 + 2).
+    for start in 0..8 {
+        let run = gw.run(&[], &args, None);
+        assert_eq!(run.code(), Some(0), "start {start}: {run}");
+        assert!(
+            results(&run.json_lines()).is_empty(),
+            "start {start}: {run}"
+        );
+        assert_eq!(status(&gw.state)["phase"], "awaiting_reboot");
+    }
+    assert_eq!(gw.reboots(), 0, "the agent never asked for a reboot");
     assert_record(&gw.record(), "a", Some("b"), "a");
+    // The reboot, at last.
+    assert_eq!(gw.power_on(None), "b");
+    let last = gw.run(&[], &args, None);
+    let lines = last.json_lines();
+    let res = results(&lines);
+    assert_eq!(res.len(), 1, "{last}");
+    assert_eq!(res[0]["result"]["errorNo"], 0, "{last}");
+    assert_record(&gw.record(), "b", None, "b");
 }
 
 #[test]
@@ -484,6 +557,219 @@ fn ab_slots_can_be_block_devices_named_in_slots_toml() {
     assert_eq!(md5_file(&devices.join("p3")), fw.md5);
     assert_eq!(fs::read(devices.join("p2")).expect("p2"), OLD_IMAGE);
     assert!(!gw.slots.join("slot-b").exists());
+}
+
+#[test]
+fn ab_the_image_streams_into_the_inactive_slot_while_it_downloads() {
+    let servers = Servers::from_env();
+    // 4 MiB at 1 MB/s: about four seconds of download to look at.
+    let fw = servers.put_http("ab-stream", 4 << 20);
+    let gw = Gateway::new();
+    let mut req = servers.http_request(&fw);
+    req["info"]["serverConfig"]["path"] = "/slow/".into();
+    let mut child = gw
+        .command(&["--checkpoint-bytes", "1048576"], None)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn fwagent");
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().expect("stdin");
+        writeln!(stdin, "{req}").expect("write the request");
+    }
+    let slot_b = gw.slots.join("slot-b");
+    wait_until(Duration::from_secs(60), "slot b half written", || {
+        fs::metadata(&slot_b).is_ok_and(|m| m.len() >= 2 << 20)
+    });
+    // Mid-download: the bytes are in the slot, nothing points at it yet.
+    let job = status(&gw.state);
+    assert_eq!(job["phase"], "downloading", "{job}");
+    let r = gw.record();
+    assert_record(&r, "a", None, "a");
+    assert!(r["md5"]["b"].is_null() && r["trial"].is_null(), "{r}");
+    assert_eq!(r["writing"]["slot"], "b", "{r}");
+    assert_eq!(r["writing"]["md5"], fw.md5.as_str(), "{r}");
+    assert_eq!(r["writing"]["size"], fw.len, "{r}");
+    assert_eq!(gw.partial_files(), Vec::<String>::new());
+    let written = fs::metadata(&slot_b).expect("slot b").len();
+    assert!(written < fw.len, "still downloading: {written}");
+    let prefix = fs::read(&slot_b).expect("read slot b");
+    assert_eq!(
+        prefix[..],
+        fw.bytes()[..prefix.len()],
+        "the slot holds the image's first bytes"
+    );
+
+    let out = child.wait_with_output().expect("wait for fwagent");
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(status(&gw.state)["phase"], "awaiting_reboot");
+    let r = gw.record();
+    assert_record(&r, "a", Some("b"), "a");
+    assert!(r["writing"].is_null(), "the note goes with the switch: {r}");
+    assert_eq!(gw.slot_md5("b"), fw.md5);
+    assert_eq!(fs::read(gw.slots.join("slot-a")).expect("a"), OLD_IMAGE);
+}
+
+#[test]
+fn ab_a_bad_image_in_the_slot_is_never_made_bootable() {
+    let servers = Servers::from_env();
+    let fw = servers.put_http("ab-bad", 1 << 20);
+    let gw = Gateway::new();
+    let mut req = servers.http_request(&fw);
+    req["info"]["fileInfo"]["md5sum"] = "0123456789abcdef0123456789abcdef".into();
+    let run = gw.run(&[&req], &[], None);
+    assert_eq!(run.code(), Some(0), "{run}");
+    let lines = run.json_lines();
+    let res = results(&lines);
+    assert_eq!(res.len(), 1, "{run}");
+    assert_eq!(res[0]["result"]["errorNo"], 31, "{run}");
+    let r = gw.record();
+    assert_record(&r, "a", None, "a");
+    assert!(r["md5"]["b"].is_null() && r["trial"].is_null(), "{r}");
+    assert!(
+        r["writing"].is_null(),
+        "the note goes with the upgrade: {r}"
+    );
+    assert_eq!(fs::read(gw.slots.join("slot-a")).expect("a"), OLD_IMAGE);
+    assert_eq!(gw.reboots(), 0);
+}
+
+#[test]
+fn ab_kill_9_at_random_moments_resumes_the_slot_from_its_checkpoint() {
+    let servers = Servers::from_env();
+    let size: u64 = 64 << 20;
+    let checkpoint: u64 = 4 << 20;
+    let fw = servers.put_http("ab-kill9", size);
+    let mut req = servers.http_request(&fw);
+    req["info"]["serverConfig"]["path"] = "/slow8m/".into();
+    let gw = Gateway::new();
+    let checkpoint_flag = checkpoint.to_string();
+    let args = gw.args(&[
+        "--checkpoint-bytes",
+        &checkpoint_flag,
+        "--download-attempts",
+        "100",
+    ]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let kills: u64 = 20;
+    let job = kill_rounds(&gw.state, &gw.flash(), &args, &req, kills);
+    assert_eq!(job["phase"], "awaiting_reboot", "{job}");
+    assert_eq!(gw.slot_md5("b"), fw.md5, "the slot holds the image");
+    assert_record(&gw.record(), "a", Some("b"), "a");
+    assert_eq!(gw.partial_files(), Vec::<String>::new());
+    // Resumed, not restarted: at most one checkpoint's worth (plus what the
+    // socket buffers held) is fetched again per kill.
+    let sent = servers.nginx_body_bytes_sent(&fw.uri("/slow8m/"));
+    let bound = size + kills * (checkpoint + (4 << 20));
+    eprintln!("nginx sent {sent} bytes for a {size}-byte image over {kills} kills");
+    assert!(
+        sent <= bound,
+        "{sent} > {bound}: a kill restarted from zero"
+    );
+    assert_eq!(gw.power_on(None), "b");
+    let last = gw.run(&[], &[], None);
+    let res = results(&last.json_lines()).len();
+    assert_eq!(res, 1, "{last}");
+    assert_record(&gw.record(), "b", None, "b");
+}
+
+/// Two loop devices, detached on drop.
+struct LoopDevices(Vec<String>);
+
+impl LoopDevices {
+    /// Attach a loop device to each backing file (`losetup` needs root, as
+    /// `make test` has).
+    fn attach(files: &[&Path]) -> LoopDevices {
+        let mut devices = LoopDevices(Vec::new());
+        for file in files {
+            let out = std::process::Command::new("losetup")
+                .args(["--find", "--show"])
+                .arg(file)
+                .output()
+                .expect("run losetup");
+            assert!(
+                out.status.success(),
+                "losetup failed (this test needs root and loop devices, as `make test` has): {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            devices
+                .0
+                .push(String::from_utf8_lossy(&out.stdout).trim().to_string());
+        }
+        devices
+    }
+}
+
+impl Drop for LoopDevices {
+    fn drop(&mut self) {
+        for dev in &self.0 {
+            let _ = std::process::Command::new("losetup")
+                .args(["--detach", dev])
+                .status();
+        }
+    }
+}
+
+#[test]
+fn ab_slots_on_real_block_devices_take_the_stream_and_keep_their_size() {
+    let servers = Servers::from_env();
+    let gw = Gateway::new();
+    let backing = gw.slots.parent().expect("parent").join("disks");
+    fs::create_dir(&backing).expect("mkdir");
+    let device_size: u64 = 8 << 20;
+    let (p2, p3) = (backing.join("p2.img"), backing.join("p3.img"));
+    for p in [&p2, &p3] {
+        let f = fs::File::create(p).expect("create backing file");
+        f.set_len(device_size).expect("size backing file");
+    }
+    let loops = LoopDevices::attach(&[&p2, &p3]);
+    fs::write(
+        gw.slots.join("slots.toml"),
+        format!("a = \"{}\"\nb = \"{}\"\n", loops.0[0], loops.0[1]),
+    )
+    .expect("write slots.toml");
+
+    // Bigger than the slot: refused with the ack, before any byte is fetched.
+    let big = servers.put_http("ab-dev-big", device_size + 1);
+    let run = gw.run(&[&servers.http_request(&big)], &[], None);
+    let lines = run.json_lines();
+    assert_eq!(lines[0]["result"]["errorNo"], 7, "no room: {run}");
+    assert!(servers.nginx_requests(&big.uri("/")).is_empty(), "{run}");
+
+    // Killed halfway through, resumed into the device, verified from it.
+    let fw = servers.put_http("ab-dev", 5 << 20);
+    let req = servers.http_request(&fw);
+    let first = gw.run(
+        &[&req],
+        &["--checkpoint-bytes", "1048576"],
+        Some("mid-download"),
+    );
+    assert_eq!(first.signal(), Some(libc::SIGKILL), "{first}");
+    let second = gw.run(&[], &["--checkpoint-bytes", "1048576"], None);
+    assert_eq!(second.code(), Some(0), "{second}");
+    assert_eq!(status(&gw.state)["phase"], "awaiting_reboot");
+    let resumed_at: u64 = second
+        .stderr
+        .split("download resumed at byte ")
+        .nth(1)
+        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no resume logged: {second}"));
+    assert!(resumed_at > 0, "resumed from its checkpoint: {second}");
+    let dev = fs::read(&p3).expect("read slot b's backing file");
+    assert_eq!(dev.len() as u64, device_size, "a device keeps its size");
+    assert_eq!(
+        dev[..fw.len as usize],
+        fw.bytes()[..],
+        "slot b holds the image"
+    );
+    assert!(
+        dev[fw.len as usize..].iter().all(|&b| b == 0),
+        "nothing past it"
+    );
+    assert_record(&gw.record(), "a", Some("b"), "a");
 }
 
 // ---------------------------------------------------------------- command:

@@ -9,6 +9,7 @@ use crate::runtime::ftp::FtpFetcher;
 use crate::runtime::http::HttpFetcher;
 use crate::runtime::messaging::{Messaging, Stdio, Transport};
 use crate::runtime::mqtt::{Mqtt, MqttArgs, MqttSettings};
+use crate::runtime::staging::Staging;
 use crate::runtime::upgrade::{Upgrade, Wire};
 use crate::runtime::verify::Verify;
 use crate::runtime::{Paths, Transfer};
@@ -393,9 +394,13 @@ fn start(config: AgentConfig, store: Store) -> Result<(), String> {
     } = config;
     let control_socket = paths.control_socket();
     let max_request_bytes = parse.max_request_bytes();
-    let upgrade = Upgrade::start_in_arbiter(&Arbiter::new().handle(), move |_| {
-        Upgrade::new(store, policy, paths, parse, transfer, protocols)
-    });
+    let staging = Staging::new(paths, &flash);
+    let upgrade = {
+        let staging = staging.clone();
+        Upgrade::start_in_arbiter(&Arbiter::new().handle(), move |_| {
+            Upgrade::new(store, policy, staging, parse, transfer, protocols)
+        })
+    };
     let events = upgrade.clone().recipient();
     let verify = {
         let events = events.clone();
@@ -404,7 +409,7 @@ fn start(config: AgentConfig, store: Store) -> Result<(), String> {
     let download = {
         let (events, verify) = (events.clone(), verify.clone().recipient());
         Download::start_in_arbiter(&Arbiter::new().handle(), move |_| {
-            Download::new(fetchers, events, verify)
+            Download::new(fetchers, staging, events, verify)
         })
     };
     let flash = {

@@ -2,7 +2,9 @@
 //!
 //! A [`Fetcher`] (HTTP, FTP) knows its protocol only; the [`Sink`] it writes
 //! into does the rest, the same for every protocol: it appends to the partial
-//! file, never past the declared size, hands each chunk to the Verify actor,
+//! file or the slot that [`Staging`] names, never past the declared size,
+//! reads each batch back from a slot and compares it, hands each batch to
+//! the Verify actor,
 //! fsyncs and reports a checkpoint every `checkpoint_bytes`, and reports
 //! progress. It also fails an attempt whose data trickles in below
 //! `Transfer::min_rate` (a server that drips a byte a second would otherwise
@@ -10,6 +12,7 @@
 //! task and reports how it ended as a [`JobEvent`]; a new `StartDownload` for
 //! the same job replaces the old task, so the command is idempotent.
 
+use super::staging::{Staged, Staging};
 use super::verify::VerifyMsg;
 use super::{JobEvent, Transfer};
 use crate::crash;
@@ -19,7 +22,8 @@ use fwagent_state::{result_no, Event, Failure, Firmware, JobId, Protocol, Source
 use std::collections::{HashMap, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::future::Future;
-use std::io::{self, Write};
+use std::io::{self, Seek, Write};
+use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -58,11 +62,16 @@ const VERIFY_WINDOW: usize = 4;
 /// Bytes gathered before a write to the partial file.
 const WRITE_BATCH: usize = 256 << 10;
 
-/// The partial file, the verifier and the progress reports, as one writer.
+/// The partial file (or slot), the verifier and the progress reports, as
+/// one writer.
 pub struct Sink {
     job: JobId,
     path: PathBuf,
     file: File,
+    /// A regular file (cut to what is durable); else a block device.
+    regular: bool,
+    /// Compare every batch with what the file then reads back.
+    read_back: bool,
     size: u64,
     /// Bytes in the file (written, maybe not yet durable).
     written: u64,
@@ -139,37 +148,46 @@ fn io_failure(what: &str, path: &std::path::Path, e: io::Error) -> Failure {
 }
 
 impl Sink {
-    /// Open the partial file cut back to `offset`, and prime the verifier
-    /// with that prefix. A file shorter than `offset` starts from zero.
+    /// Open the staged file at `offset` (a regular file is cut back to it),
+    /// and prime the verifier with that prefix. A file shorter than
+    /// `offset`, or bytes that are not this upgrade's, start from zero.
     pub fn open(
         fetch: &FetchJob,
-        path: PathBuf,
+        staged: Staged,
         offset: u64,
         validator: Option<String>,
         events: Recipient<JobEvent>,
         verifier: Recipient<VerifyMsg>,
     ) -> Result<Sink, Failure> {
+        let Staged {
+            path,
+            resumable,
+            read_back,
+        } = staged;
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(|e| io_failure("cannot create", dir, e))?;
         }
-        let file = OpenOptions::new()
+        let mut file = OpenOptions::new()
             .create(true)
             .truncate(false)
+            .read(true)
             .write(true)
             .open(&path)
             .map_err(|e| io_failure("cannot open", &path, e))?;
-        let len = file
+        let meta = file
             .metadata()
-            .map_err(|e| io_failure("cannot stat", &path, e))?
-            .len();
+            .map_err(|e| io_failure("cannot stat", &path, e))?;
+        let regular = meta.is_file();
+        // A block device holds whatever it holds; its metadata says 0.
+        let len = if regular { meta.len() } else { u64::MAX };
         let mut offset = offset.min(fetch.firmware.size);
         let mut validator = validator;
-        if len < offset {
+        if offset > 0 && (len < offset || !resumable) {
             tracing::warn!(
                 upgrade = fetch.job,
                 offset,
-                len,
-                "partial file shorter than its checkpoint; starting from zero"
+                path = %path.display(),
+                "the bytes before the checkpoint are gone; starting from zero"
             );
             offset = 0;
             validator = None;
@@ -178,10 +196,10 @@ impl Sink {
                 event: Event::SourceChanged { validator: None },
             });
         }
-        file.set_len(offset)
-            .map_err(|e| io_failure("cannot truncate", &path, e))?;
-        let mut file = file;
-        use std::io::Seek;
+        if regular {
+            file.set_len(offset)
+                .map_err(|e| io_failure("cannot truncate", &path, e))?;
+        }
         file.seek(io::SeekFrom::Start(offset))
             .map_err(|e| io_failure("cannot seek", &path, e))?;
         verifier.do_send(VerifyMsg::Prime {
@@ -193,6 +211,8 @@ impl Sink {
             job: fetch.job,
             path,
             file,
+            regular,
+            read_back,
             size: fetch.firmware.size,
             written: offset,
             buf: BytesMut::with_capacity(WRITE_BATCH),
@@ -248,13 +268,14 @@ impl Sink {
             "the server's file changed; starting from zero"
         );
         self.buf.clear();
+        if self.regular {
+            self.file
+                .set_len(0)
+                .map_err(|e| io_failure("cannot truncate", &self.path, e))?;
+        }
         self.file
-            .set_len(0)
-            .and_then(|_| {
-                use std::io::Seek;
-                self.file.seek(io::SeekFrom::Start(0)).map(|_| ())
-            })
-            .map_err(|e| io_failure("cannot truncate", &self.path, e))?;
+            .seek(io::SeekFrom::Start(0))
+            .map_err(|e| io_failure("cannot seek", &self.path, e))?;
         self.written = 0;
         self.last_checkpoint = 0;
         self.validator = validator.clone();
@@ -328,7 +349,8 @@ impl Sink {
         })
     }
 
-    /// Write the gathered bytes to the file and hand them to the verifier.
+    /// Write the gathered bytes to the file (reading them back from a
+    /// slot) and hand them to the verifier.
     async fn flush_buf(&mut self) -> Result<(), Failure> {
         if self.buf.is_empty() {
             return Ok(());
@@ -337,6 +359,9 @@ impl Sink {
         self.file
             .write_all(&chunk)
             .map_err(|e| io_failure("cannot write", &self.path, e))?;
+        if self.read_back {
+            self.compare_read_back(&chunk)?;
+        }
         self.written += chunk.len() as u64;
         if self.in_flight.len() >= VERIFY_WINDOW {
             if let Some(oldest) = self.in_flight.pop_front() {
@@ -353,6 +378,30 @@ impl Sink {
             crash::point("mid-download");
         }
         Ok(())
+    }
+
+    /// Read `chunk` back from where it was just written and compare: the
+    /// slot holds what verification hashes, or the download fails (50).
+    fn compare_read_back(&mut self, chunk: &[u8]) -> Result<(), Failure> {
+        // Reuses the batch buffer's spare room: no allocation per batch.
+        self.buf.clear();
+        self.buf.resize(chunk.len(), 0);
+        let read = self.file.read_exact_at(&mut self.buf, self.written);
+        let same = read.is_ok() && self.buf[..] == chunk[..];
+        self.buf.clear();
+        if same {
+            return Ok(());
+        }
+        let why = match read {
+            Err(e) => format!("cannot read back {}: {e}", self.path.display()),
+            Ok(()) => format!(
+                "read-back of {} differs from what was written at bytes {}..{}",
+                self.path.display(),
+                self.written,
+                self.written + chunk.len() as u64
+            ),
+        };
+        Err(Failure::new(result_no::FLASH_FAILED, why, false))
     }
 
     /// Make everything written durable, and return the durable offset.
@@ -394,20 +443,20 @@ impl Sink {
 #[rtype(result = "()")]
 pub struct StartDownload {
     pub fetch: FetchJob,
-    pub part: PathBuf,
     pub offset: u64,
     pub validator: Option<String>,
     pub delay: Duration,
 }
 
-/// Stop a job's transfer, if one runs, and remove its partial file if
-/// `remove_part` names it. Removing it here, on the arbiter that runs the
-/// transfers, means no task of the job can recreate it afterwards.
+/// Stop a job's transfer, if one runs, and with `discard` remove what it
+/// staged (the partial file, a slot's note). Doing it here, on the arbiter
+/// that runs the transfers, means no task of the job can recreate it
+/// afterwards.
 #[derive(Message, Debug)]
 #[rtype(result = "()")]
 pub struct AbortDownload {
     pub job: JobId,
-    pub remove_part: Option<PathBuf>,
+    pub discard: bool,
 }
 
 /// Fetchers by protocol.
@@ -427,6 +476,7 @@ impl Fetchers {
 
 pub struct Download {
     fetchers: Fetchers,
+    staging: Staging,
     events: Recipient<JobEvent>,
     verifier: Recipient<VerifyMsg>,
     running: HashMap<JobId, tokio::task::JoinHandle<()>>,
@@ -435,11 +485,13 @@ pub struct Download {
 impl Download {
     pub fn new(
         fetchers: Fetchers,
+        staging: Staging,
         events: Recipient<JobEvent>,
         verifier: Recipient<VerifyMsg>,
     ) -> Self {
         Download {
             fetchers,
+            staging,
             events,
             verifier,
             running: HashMap::new(),
@@ -462,11 +514,12 @@ impl Handler<StartDownload> for Download {
         let events = self.events.clone();
         let verifier = self.verifier.clone();
         let fetcher = self.fetchers.0.get(&msg.fetch.source.protocol).cloned();
+        let staging = self.staging.clone();
         let task = actix_rt::spawn(async move {
             if !msg.delay.is_zero() {
                 tokio::time::sleep(msg.delay).await;
             }
-            let event = run(msg, fetcher, events.clone(), verifier).await;
+            let event = run(msg, fetcher, &staging, events.clone(), verifier).await;
             events.do_send(JobEvent { job, event });
         });
         self.running.retain(|_, t| !t.is_finished());
@@ -483,8 +536,8 @@ impl Handler<AbortDownload> for Download {
             tracing::info!(upgrade = msg.job, "download aborted");
         }
         self.verifier.do_send(VerifyMsg::Forget { job: msg.job });
-        if let Some(part) = msg.remove_part {
-            remove_partial(msg.job, &part);
+        if msg.discard {
+            self.staging.discard(msg.job);
         }
     }
 }
@@ -504,6 +557,7 @@ pub fn remove_partial(job: JobId, part: &std::path::Path) {
 async fn run(
     msg: StartDownload,
     fetcher: Option<Arc<dyn Fetcher>>,
+    staging: &Staging,
     events: Recipient<JobEvent>,
     verifier: Recipient<VerifyMsg>,
 ) -> Event {
@@ -517,14 +571,19 @@ async fn run(
             durable_offset: msg.offset,
         };
     };
-    let mut sink = match Sink::open(
-        &msg.fetch,
-        msg.part,
-        msg.offset,
-        msg.validator,
-        events,
-        verifier,
-    ) {
+    let opened = staging
+        .open(msg.fetch.job, &msg.fetch.firmware)
+        .and_then(|staged| {
+            Sink::open(
+                &msg.fetch,
+                staged,
+                msg.offset,
+                msg.validator,
+                events,
+                verifier,
+            )
+        });
+    let mut sink = match opened {
         Ok(sink) => sink,
         Err(failure) => {
             return Event::DownloadFailed {

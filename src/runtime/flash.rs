@@ -232,8 +232,13 @@ fn ab_failure(e: ab::AbError) -> Failure {
     Failure::new(result_no::FLASH_FAILED, e.to_string(), false)
 }
 
-/// Write the inactive slot of `dir`, read it back, then switch next-boot to
-/// it with `tries` trial boots. Returns the slot written.
+/// Put `image` into the inactive slot of `dir`, then switch next-boot to it
+/// with `tries` trial boots. Returns the slot.
+///
+/// An image the download streamed into that slot (docs/AB-SLOTS.md) is
+/// already written, fsynced and read back; it is fsynced once more and the
+/// switch follows. Any other image (in the state directory) is copied in
+/// first, with every reference to the slot cleared while it is written.
 pub fn flash_ab(
     dir: &Path,
     image: &Path,
@@ -241,38 +246,36 @@ pub fn flash_ab(
     tries: u32,
 ) -> Result<Slot, Failure> {
     let slots = Slots::load(dir).map_err(ab_failure)?;
-    let mut record = match BootControl::load(dir).map_err(ab_failure)? {
-        Some(r) => r,
-        None => {
-            tracing::info!(dir = %dir.display(), "no boot-control record; creating one with slot a active");
-            let fresh = BootControl::fresh();
-            fresh.store(dir, "").map_err(ab_failure)?;
-            fresh
-        }
-    };
-    if record.booted != record.active {
-        return Err(Failure::new(
-            result_no::FLASH_FAILED,
-            format!(
-                "slot {} runs but slot {} is active: both are in use; reboot into slot {} first",
-                record.booted, record.active, record.active
-            ),
-            false,
-        ));
-    }
-    let target = record.active.other();
-    // Nothing may boot the target, nor take it for a known image, while it
-    // is being written.
-    if record.md5.get(target).is_some() || record.next.is_some() || record.trial.is_some() {
-        record.md5.set(target, None);
-        record.next = None;
-        record.tries = 0;
-        record.trial = None;
-        record.store(dir, "").map_err(ab_failure)?;
-    }
+    let mut record = BootControl::load_or_create(dir).map_err(ab_failure)?;
+    let target = record.inactive().map_err(ab_failure)?;
     let path = slots.path(target);
-    tracing::info!(slot = %target, path = %path.display(), "writing the inactive slot");
-    write_file(image, path, firmware)?;
+    if image == path {
+        let ours = |slot: Slot, md5: &str| slot == target && md5 == firmware.md5;
+        let holds = record
+            .writing
+            .as_ref()
+            .is_some_and(|w| ours(w.slot, &w.md5))
+            || record.trial.as_ref().is_some_and(|t| ours(t.slot, &t.md5));
+        if !holds {
+            return Err(Failure::new(
+                result_no::FLASH_FAILED,
+                format!("slot {target} no longer holds the verified image: its boot-control record changed during the upgrade"),
+                false,
+            ));
+        }
+        OpenOptions::new()
+            .write(true)
+            .open(path)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| flash_failure("cannot fsync", path, e))?;
+        tracing::info!(slot = %target, path = %path.display(), "the slot holds the verified image");
+    } else {
+        if record.forget(target) {
+            record.store(dir, "").map_err(ab_failure)?;
+        }
+        tracing::info!(slot = %target, path = %path.display(), "writing the inactive slot");
+        write_file(image, path, firmware)?;
+    }
     crash::point("after-slot-write");
     record.md5.set(target, Some(firmware.md5.clone()));
     record.next = Some(target);
@@ -281,6 +284,7 @@ pub fn flash_ab(
         slot: target,
         md5: firmware.md5.clone(),
     });
+    record.writing = None;
     record
         .store(dir, "before-switch-rename")
         .map_err(ab_failure)?;
@@ -348,13 +352,22 @@ impl Flash {
         let verdict = ab::decide(&record, &firmware.md5);
         tracing::info!(?verdict, active = %record.active, booted = %record.booted, "boot checked");
         match verdict {
-            Verdict::NotRebooted { slot } => {
-                tracing::info!(%slot, "the device has not rebooted into the new slot yet; asking again");
-                BootCheck {
-                    event: None,
-                    reboot: true,
+            Verdict::NotRebooted { slot } => match self.options.reboot_command {
+                Some(_) => {
+                    tracing::info!(%slot, "the device has not rebooted into the new slot yet; asking again");
+                    BootCheck {
+                        event: None,
+                        reboot: true,
+                    }
                 }
-            }
+                // Someone else reboots: waiting is no failed check.
+                None => BootCheck {
+                    event: Some(Event::RebootPending {
+                        detail: format!("slot {slot} is next; no reboot command is configured"),
+                    }),
+                    reboot: false,
+                },
+            },
             Verdict::Committed { slot } => BootCheck {
                 event: Some(Event::Booted {
                     ok: true,
@@ -555,6 +568,41 @@ mod tests {
         // Again (a restart of flashing): same slot, same record.
         assert_eq!(flash_ab(&slots, &img, &fw, 3), Ok(Slot::B));
         assert_eq!(BootControl::load(&slots).expect("loads"), Some(r));
+    }
+
+    #[test]
+    fn ab_switches_to_a_slot_the_download_streamed_into_without_rewriting_it() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let d = dir.path();
+        let (_, fw) = image(d, b"new image");
+        let (slot, resumable) = ab::stage(d, 3, &fw.md5, fw.size).expect("staged");
+        assert!(!resumable);
+        std::fs::write(&slot, b"new image").expect("the download");
+        assert_eq!(flash_ab(d, &slot, &fw, 2), Ok(Slot::B));
+        let r = BootControl::load(d).expect("loads").expect("exists");
+        assert_eq!(
+            (r.next, r.tries, r.writing.clone()),
+            (Some(Slot::B), 2, None)
+        );
+        assert_eq!(r.md5.get(Slot::B), Some(fw.md5.as_str()));
+        // Flashing again after a crash finds the switch made: same record.
+        assert_eq!(ab::staged(d, 3, &fw.md5), Some(slot.clone()));
+        assert_eq!(flash_ab(d, &slot, &fw, 2), Ok(Slot::B));
+        assert_eq!(BootControl::load(d).expect("loads"), Some(r));
+    }
+
+    #[test]
+    fn ab_will_not_switch_to_a_streamed_slot_it_no_longer_owns() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let d = dir.path();
+        let (_, fw) = image(d, b"new image");
+        let (slot, _) = ab::stage(d, 3, &fw.md5, fw.size).expect("staged");
+        std::fs::write(&slot, b"new image").expect("the download");
+        ab::unstage(d, None).expect("someone cleared the note");
+        let failure = flash_ab(d, &slot, &fw, 2).expect_err("refused");
+        assert_eq!(failure.error_no, result_no::FLASH_FAILED);
+        let r = BootControl::load(d).expect("loads").expect("exists");
+        assert_eq!((r.next, r.trial), (None, None));
     }
 
     #[test]

@@ -18,6 +18,7 @@ pub mod ftp;
 pub mod http;
 pub mod messaging;
 pub mod mqtt;
+pub mod staging;
 pub mod upgrade;
 pub mod verify;
 

@@ -6,13 +6,14 @@
 //! outbox and start the commands. After a restart it re-sends the pending
 //! outbox and restarts the active upgrade's current phase.
 
-use super::download::{remove_partial, AbortDownload, FetchJob, StartDownload};
+use super::download::{AbortDownload, FetchJob, StartDownload};
 use super::flash::{BootCheck, CheckBoot, FlashImage, RequestReboot};
 use super::messaging::{Listen, Outbound};
+use super::staging::Staging;
 use super::verify::VerifyMsg;
-use super::{Delivered, IncomingRequest, InputClosed, JobEvent, Paths, Transfer};
+use super::{Delivered, IncomingRequest, InputClosed, JobEvent, Transfer};
+use crate::crash;
 use crate::protocol::{self, ParseOptions};
-use crate::{crash, fsutil};
 use actix::prelude::*;
 use fwagent_state::{
     ack_no, on_request, transition, Ack, Command, Event, Incoming, Job, JobId, OutboxEntry,
@@ -42,7 +43,7 @@ pub const UNCOMMITTED: u64 = u64::MAX;
 pub struct Upgrade {
     store: Store,
     policy: Policy,
-    paths: Paths,
+    staging: Staging,
     parse: ParseOptions,
     transfer: Transfer,
     protocols: HashSet<Protocol>,
@@ -64,7 +65,7 @@ impl Upgrade {
     pub fn new(
         store: Store,
         policy: Policy,
-        paths: Paths,
+        staging: Staging,
         parse: ParseOptions,
         transfer: Transfer,
         protocols: HashSet<Protocol>,
@@ -72,7 +73,7 @@ impl Upgrade {
         Upgrade {
             store,
             policy,
-            paths,
+            staging,
             parse,
             transfer,
             protocols,
@@ -142,19 +143,18 @@ impl Upgrade {
                     firmware: job.request.firmware.clone(),
                     transfer: self.transfer.clone(),
                 },
-                part: self.paths.part(*id),
                 offset: *offset,
                 validator: validator.clone(),
                 delay: *delay,
             }),
             Command::Verify { job: id } => peers.verify.do_send(VerifyMsg::Finish {
                 job: *id,
-                path: self.paths.part(*id),
+                path: self.staging.image(*id, &job.request.firmware),
                 firmware: job.request.firmware.clone(),
             }),
             Command::Flash { job: id } => peers.flash.do_send(FlashImage {
                 job: *id,
-                image: self.paths.part(*id),
+                image: self.staging.image(*id, &job.request.firmware),
                 firmware: job.request.firmware.clone(),
             }),
             Command::Reboot { job: id } => self.request_reboot(*id, peers, ctx),
@@ -192,17 +192,16 @@ impl Upgrade {
             }
             Command::Abort { job: id } => peers.abort.do_send(AbortDownload {
                 job: *id,
-                remove_part: None,
+                discard: false,
             }),
-            // Removed here at once (the agent may exit next), and again by
+            // Discarded here at once (the agent may exit next), and again by
             // the Download actor once any transfer of the job is stopped, so a
-            // task waking from its backoff cannot leave the file behind.
+            // task waking from its backoff cannot leave anything behind.
             Command::Cleanup { job: id } => {
-                let part = self.paths.part(*id);
-                remove_partial(*id, &part);
+                self.staging.end(*id, &job.request.firmware);
                 peers.abort.do_send(AbortDownload {
                     job: *id,
-                    remove_part: Some(part),
+                    discard: true,
                 });
             }
         }
@@ -288,20 +287,6 @@ impl Upgrade {
             let _ = reply.send(ack);
         }
     }
-
-    /// Partial files of upgrades that are no longer under way.
-    fn remove_stale_parts(&self, active: Option<&Job>) {
-        let Ok(dir) = std::fs::read_dir(self.paths.downloads()) else {
-            return;
-        };
-        let keep = active.map(|j| format!("{}.part", j.id));
-        for entry in dir.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if name.ends_with(".part") && Some(&name) != keep.as_ref() {
-                let _ = std::fs::remove_file(entry.path());
-            }
-        }
-    }
 }
 
 impl Actor for Upgrade {
@@ -326,7 +311,7 @@ impl Handler<Wire> for Upgrade {
         }
         match self.store.active() {
             Ok(active) => {
-                self.remove_stale_parts(active.as_ref());
+                self.staging.remove_stale(active.as_ref().map(|j| j.id));
                 if let Some(job) = active {
                     tracing::info!(upgrade = %job.request.message_id, phase = %job.phase.name(), "resuming");
                     ctx.notify(JobEvent {
@@ -396,10 +381,7 @@ impl Upgrade {
                 });
             }
         }
-        // The image lands in downloads/, which may be a file system of its own.
-        let free = fsutil::free_bytes(&self.paths.downloads())
-            .or_else(|_| fsutil::free_bytes(&self.paths.state_dir))
-            .ok();
+        let free = self.staging.room();
         let view = match self.store.request_view(incoming.message_id(), free) {
             Ok(view) => view,
             Err(e) => return self.store_failed(&incoming, e.to_string(), reply),

@@ -88,34 +88,33 @@ fn check(path: &Path, firmware: &Firmware, streamed: Option<Hashing>) -> Event {
     let failed = |error_no, description: String, retryable| Event::VerifyFailed {
         failure: Failure::new(error_no, description, retryable),
     };
-    let size = match std::fs::metadata(path) {
-        Ok(m) => m.len(),
-        Err(e) => {
-            return failed(
-                result_no::TRANSFER,
-                format!("cannot read the image {}: {e}", path.display()),
-                false,
-            )
-        }
+    let unreadable = |e: io::Error| {
+        failed(
+            result_no::TRANSFER,
+            format!("cannot read the image {}: {e}", path.display()),
+            false,
+        )
     };
-    if size != firmware.size {
-        return failed(
+    let mismatch = |size: u64| {
+        failed(
             result_no::SIZE_MISMATCH,
             format!("size mismatch: {size} bytes, expected {}", firmware.size),
             false,
-        );
+        )
+    };
+    // A file must be the image's size; a block device (a slot) holds the
+    // image in its first `size` bytes.
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_file() && m.len() != firmware.size => return mismatch(m.len()),
+        Ok(_) => {}
+        Err(e) => return unreadable(e),
     }
-    let md5 = match streamed.filter(|h| h.len == size) {
+    let md5 = match streamed.filter(|h| h.len == firmware.size) {
         Some(h) => h.md5,
-        None => match hash_prefix(path, size) {
-            Ok((md5, _)) => md5,
-            Err(e) => {
-                return failed(
-                    result_no::TRANSFER,
-                    format!("cannot read the image {}: {e}", path.display()),
-                    false,
-                )
-            }
+        None => match hash_prefix(path, firmware.size) {
+            Ok((md5, len)) if len == firmware.size => md5,
+            Ok((_, len)) => return mismatch(len),
+            Err(e) => return unreadable(e),
         },
     };
     let digest = hex_digest(md5);

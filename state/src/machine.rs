@@ -29,7 +29,9 @@ pub struct Policy {
     pub verify_attempts: u32,
     /// Starts of flashing allowed (only restarts repeat it).
     pub flash_attempts: u32,
-    /// Boot checks allowed in `awaiting_reboot` before giving up.
+    /// Boot checks allowed in `awaiting_reboot` before giving up. A start
+    /// that finds the reboot still to come, when the agent does not ask for
+    /// it, is none ([`Event::RebootPending`]).
     pub boot_checks: u32,
     /// First retry delay; doubled on each retry up to `backoff_max`.
     pub backoff_base: Duration,
@@ -145,6 +147,12 @@ pub enum Event {
         ok: bool,
         detail: String,
     },
+    /// The reboot into the new image has not happened, and the agent does
+    /// not ask for it (someone else reboots): this start was no boot check
+    /// and does not count towards the bound.
+    RebootPending {
+        detail: String,
+    },
     /// An operator or the cloud asked to stop.
     Cancel,
 }
@@ -163,6 +171,7 @@ impl Event {
             Event::Flashed { .. } => "flashed",
             Event::FlashFailed { .. } => "flash failed",
             Event::Booted { .. } => "booted",
+            Event::RebootPending { .. } => "reboot pending",
             Event::Cancel => "cancel",
         }
     }
@@ -546,6 +555,14 @@ pub fn transition(
                 Outcome::new(result_no::ROLLED_BACK, detail),
                 "new image rejected; rolled back",
             ))
+        }
+        Event::RebootPending { detail } => {
+            if phase != Phase::AwaitingReboot {
+                return Err(wrong());
+            }
+            step.job.attempts = job.attempts.saturating_sub(1);
+            step.log(format!("still waiting for the reboot: {detail}"), None);
+            Ok(step.done())
         }
         Event::Cancel => match phase {
             Phase::Accepted | Phase::Downloading { .. } | Phase::Verifying => {

@@ -729,6 +729,39 @@ fn booted_ok_completes_and_not_ok_rolls_back() {
     );
 }
 
+#[test]
+fn a_start_that_finds_the_reboot_still_pending_does_not_count() {
+    let p = policy();
+    let mut job = at_phase(Phase::AwaitingReboot, 0);
+    // Far more agent starts than boot checks, each finding no reboot yet.
+    for i in 0..(p.boot_checks * 4) {
+        let t = apply(&job, Event::Start, i64::from(i));
+        assert_eq!(t.commands, vec![Command::CheckBoot { job: 1 }]);
+        job = t.job.expect("job");
+        let t = apply(
+            &job,
+            Event::RebootPending {
+                detail: "slot b is next".into(),
+            },
+            i64::from(i),
+        );
+        assert!(t.outbox.is_empty() && t.commands.is_empty());
+        assert!(t.log.expect("logged").event.contains("slot b is next"));
+        job = t.job.expect("job");
+        assert_eq!(job.phase, Phase::AwaitingReboot);
+        assert_eq!(job.attempts, 0);
+    }
+    // Checks that do not end still count: the bound holds.
+    for _ in 0..p.boot_checks {
+        job = apply(&job, Event::Start, 100).job.expect("job");
+    }
+    let t = apply(&job, Event::Start, 101);
+    assert_eq!(
+        results(&t.outbox),
+        vec![(PhaseName::Failed, result_no::ROLLED_BACK)]
+    );
+}
+
 // ---- cancel -----------------------------------------------------------------------
 
 #[test]
@@ -794,6 +827,9 @@ fn every_event() -> Vec<Event> {
             ok: true,
             detail: String::new(),
         },
+        Event::RebootPending {
+            detail: String::new(),
+        },
         Event::Cancel,
     ]
 }
@@ -811,7 +847,7 @@ fn applies(event: &Event, phase: Phase) -> bool {
         | Event::DownloadFailed { .. } => downloading,
         Event::Verified | Event::VerifyFailed { .. } => phase == Phase::Verifying,
         Event::Flashed { .. } | Event::FlashFailed { .. } => phase == Phase::Flashing,
-        Event::Booted { .. } => phase == Phase::AwaitingReboot,
+        Event::Booted { .. } | Event::RebootPending { .. } => phase == Phase::AwaitingReboot,
     }
 }
 

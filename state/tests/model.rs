@@ -39,6 +39,7 @@ enum Ev {
     Flashed { reboot: bool },
     FlashFailed,
     Booted { ok: bool },
+    RebootPending,
     Cancel,
 }
 
@@ -80,6 +81,7 @@ fn ev() -> impl Strategy<Value = Ev> {
         2 => any::<bool>().prop_map(|reboot| Ev::Flashed { reboot }),
         1 => Just(Ev::FlashFailed),
         2 => any::<bool>().prop_map(|ok| Ev::Booted { ok }),
+        1 => Just(Ev::RebootPending),
         1 => Just(Ev::Cancel),
     ]
 }
@@ -340,6 +342,11 @@ impl Model {
                     self.finish(i, PhaseName::RolledBack, result_no::ROLLED_BACK);
                 }
             }
+            // Waiting for someone else's reboot is no boot check.
+            Ev::RebootPending if phase == PhaseName::AwaitingReboot => {
+                let j = &mut self.jobs[i];
+                j.attempts = j.attempts.saturating_sub(1);
+            }
             Ev::Cancel
                 if matches!(
                     phase,
@@ -386,6 +393,9 @@ fn event_of(ev: &Ev) -> Event {
         Ev::Booted { ok } => Event::Booted {
             ok: *ok,
             detail: "health check".into(),
+        },
+        Ev::RebootPending => Event::RebootPending {
+            detail: "no reboot command".into(),
         },
         Ev::Cancel => Event::Cancel,
     }

@@ -926,15 +926,17 @@ pub fn assert_installed(
 
 // ---------------------------------------------------------------- kill -9 rounds
 
-/// `fwagent run --transport stdio --state-dir STATE --flash file:TARGET EXTRA...`,
+/// `fwagent run --transport stdio --state-dir STATE --flash FLASH EXTRA...`,
 /// not started yet.
-pub fn stdio_agent(state: &Path, target: &Path, extra: &[&str]) -> Command {
+pub fn stdio_agent(state: &Path, flash: &str, extra: &[&str]) -> Command {
     let mut cmd = fwagent(["run", "--transport", "stdio", "--state-dir"]);
-    cmd.arg(state)
-        .arg("--flash")
-        .arg(format!("file:{}", target.display()))
-        .args(extra);
+    cmd.arg(state).arg("--flash").arg(flash).args(extra);
     cmd
+}
+
+/// `--flash file:TARGET`.
+pub fn file_flash(target: &Path) -> String {
+    format!("file:{}", target.display())
 }
 
 /// [`stdio_agent`] fed `requests` (one JSON per line) then EOF, at most `timeout`.
@@ -946,13 +948,14 @@ pub fn run_agent(
     timeout: Duration,
 ) -> Run {
     let input: String = requests.iter().map(|r| format!("{r}\n")).collect();
-    run_with_timeout(stdio_agent(state, target, extra), input.as_bytes(), timeout)
+    let cmd = stdio_agent(state, &file_flash(target), extra);
+    run_with_timeout(cmd, input.as_bytes(), timeout)
 }
 
 /// Start [`stdio_agent`], write `input` to it (then EOF), and SIGKILL it after
 /// `after`, wherever it is.
-pub fn run_and_kill(state: &Path, target: &Path, extra: &[&str], input: &str, after: Duration) {
-    let mut cmd = stdio_agent(state, target, extra);
+pub fn run_and_kill(state: &Path, flash: &str, extra: &[&str], input: &str, after: Duration) {
+    let mut cmd = stdio_agent(state, flash, extra);
     cmd.stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::null());
@@ -994,32 +997,34 @@ impl XorShift {
     }
 }
 
-/// The kill -9 rounds of the crash tests: SIGKILL the agent `kills` times at
-/// random moments 50–450 ms after its start (the first run is fed `request`,
-/// the others nothing), then let one run finish with stdin at EOF, and check
-/// in the store that the upgrade completed with `md5` at `target` (its result
-/// may have been sent before the last kill).
-pub fn kill_rounds_then_complete(
+/// The kill -9 rounds of the crash tests: SIGKILL the agent (`--flash
+/// FLASH`) `kills` times at random moments 50–450 ms after its start (the
+/// first run is fed `request`, the others nothing), then let one run finish
+/// with stdin at EOF. Returns `fwagent status --json` of the store.
+pub fn kill_rounds(
     state: &Path,
-    target: &Path,
+    flash: &str,
     extra: &[&str],
     request: &serde_json::Value,
     kills: u64,
-    md5: &str,
-) {
+) -> serde_json::Value {
     let mut rng = XorShift::from_env_or_clock();
     let input = format!("{request}\n");
     for round in 0..kills {
         let after = Duration::from_millis(50 + rng.next() % 400);
         run_and_kill(
             state,
-            target,
+            flash,
             extra,
             if round == 0 { &input } else { "" },
             after,
         );
     }
-    let last = run_agent(state, target, extra, &[], Duration::from_secs(300));
+    let last = run_with_timeout(
+        stdio_agent(state, flash, extra),
+        b"",
+        Duration::from_secs(300),
+    );
     assert_eq!(last.code(), Some(0), "{last}");
     let status = run_fwagent(
         [
@@ -1031,8 +1036,21 @@ pub fn kill_rounds_then_complete(
         b"",
         Duration::from_secs(60),
     );
-    let job: serde_json::Value =
-        serde_json::from_str(status.stdout.trim()).unwrap_or_else(|e| panic!("{e}: {status}"));
-    assert_eq!(job["phase"], "completed", "{status}");
+    serde_json::from_str(status.stdout.trim()).unwrap_or_else(|e| panic!("{e}: {status}"))
+}
+
+/// [`kill_rounds`] with `--flash file:TARGET`, then check in the store that
+/// the upgrade completed with `md5` at `target` (its result may have been
+/// sent before the last kill).
+pub fn kill_rounds_then_complete(
+    state: &Path,
+    target: &Path,
+    extra: &[&str],
+    request: &serde_json::Value,
+    kills: u64,
+    md5: &str,
+) {
+    let job = kill_rounds(state, &file_flash(target), extra, request, kills);
+    assert_eq!(job["phase"], "completed", "{job}");
     assert_eq!(md5_file(target), md5, "the right image");
 }

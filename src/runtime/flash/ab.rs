@@ -34,6 +34,10 @@ pub enum AbError {
     },
     #[error("{path}: {reason}")]
     Format { path: PathBuf, reason: String },
+    /// The record forbids the write (both slots in use, or the slot no
+    /// longer holds what the upgrade wrote).
+    #[error("{0}")]
+    Refused(String),
 }
 
 fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> AbError + 'a {
@@ -102,8 +106,22 @@ pub struct Trial {
     pub md5: String,
 }
 
+/// The upgrade whose download is streaming into a slot: noted before the
+/// first byte goes in, so a restart knows the bytes there are that upgrade's
+/// and resumes them; cleared when next-boot is switched to the slot or the
+/// upgrade ends.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Writing {
+    pub slot: Slot,
+    /// The agent's upgrade number (`job` in `fwagent status --json`).
+    pub job: u64,
+    pub md5: String,
+    pub size: u64,
+}
+
 /// `DIR/bootctl.json`. `active`, `next`, `tries` and `booted` are the
-/// bootloader's environment; `md5` and `trial` are the agent's own notes.
+/// bootloader's environment; `md5`, `trial` and `writing` are the agent's
+/// own notes.
 /// Keys it does not know are kept as they are.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BootControl {
@@ -120,6 +138,8 @@ pub struct BootControl {
     pub md5: SlotImages,
     #[serde(default)]
     pub trial: Option<Trial>,
+    #[serde(default)]
+    pub writing: Option<Writing>,
     #[serde(flatten)]
     pub other: serde_json::Map<String, serde_json::Value>,
 }
@@ -135,8 +155,47 @@ impl BootControl {
             booted: Slot::A,
             md5: SlotImages::default(),
             trial: None,
+            writing: None,
             other: serde_json::Map::new(),
         }
+    }
+
+    /// The record, or a fresh one (stored) when there is none.
+    pub fn load_or_create(dir: &Path) -> Result<Self, AbError> {
+        if let Some(record) = Self::load(dir)? {
+            return Ok(record);
+        }
+        tracing::info!(dir = %dir.display(), "no boot-control record; creating one with slot a active");
+        let fresh = BootControl::fresh();
+        fresh.store(dir, "")?;
+        Ok(fresh)
+    }
+
+    /// The slot an upgrade may write: neither the active nor the booted one.
+    pub fn inactive(&self) -> Result<Slot, AbError> {
+        if self.booted != self.active {
+            return Err(AbError::Refused(format!(
+                "slot {} runs but slot {} is active: both are in use; reboot into slot {} first",
+                self.booted, self.active, self.active
+            )));
+        }
+        Ok(self.active.other())
+    }
+
+    /// Forget everything about `slot` before it is overwritten, so nothing
+    /// boots it, nor takes it for a known image, while it is written.
+    /// Returns whether anything changed.
+    pub fn forget(&mut self, slot: Slot) -> bool {
+        let knows = self.md5.get(slot).is_some()
+            || self.next.is_some()
+            || self.trial.is_some()
+            || self.writing.is_some();
+        self.md5.set(slot, None);
+        self.next = None;
+        self.tries = 0;
+        self.trial = None;
+        self.writing = None;
+        knows
     }
 
     /// Read `DIR/bootctl.json`; `None` when there is none.
@@ -163,6 +222,11 @@ impl BootControl {
     /// Replace `DIR/bootctl.json` atomically. `crash_at` names the crash
     /// point between the fsynced temporary file and the rename.
     pub fn store(&self, dir: &Path, crash_at: &str) -> Result<(), AbError> {
+        // The Download actor (staging) and the Flash actor both write the
+        // record, never in the same phase; the lock keeps even a mistake
+        // from interleaving two writers in the temporary file.
+        static WRITER: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _writer = WRITER.lock().unwrap_or_else(|e| e.into_inner());
         let path = dir.join(RECORD);
         let tmp = dir.join(RECORD_TMP);
         let mut text = serde_json::to_vec(self).map_err(|e| AbError::Format {
@@ -234,6 +298,105 @@ impl Slots {
             Slot::B => &self.b,
         }
     }
+}
+
+/// Before a download streams the image of upgrade `job` into the inactive
+/// slot: the slot's path, and whether the bytes already there are this
+/// upgrade's (its durable prefix may be resumed). Unless they are, every
+/// reference to the slot is cleared and the upgrade noted as `writing` in
+/// one atomic write, before the first byte goes in.
+pub fn stage(dir: &Path, job: u64, md5: &str, size: u64) -> Result<(PathBuf, bool), AbError> {
+    let slots = Slots::load(dir)?;
+    let mut record = BootControl::load_or_create(dir)?;
+    let target = record.inactive()?;
+    let ours = Writing {
+        slot: target,
+        job,
+        md5: md5.to_string(),
+        size,
+    };
+    let resumable = record.writing.as_ref() == Some(&ours) && record.next.is_none();
+    if !resumable {
+        record.forget(target);
+        record.writing = Some(ours);
+        record.store(dir, "")?;
+        tracing::info!(slot = %target, job, "the download goes straight into the inactive slot");
+    }
+    Ok((slots.path(target).to_path_buf(), resumable))
+}
+
+/// The slot holding (or receiving) upgrade `job`'s image `md5`: the one it
+/// is `writing`, or the one next-boot was switched to for it. `None`: the
+/// image is not in a slot.
+pub fn staged(dir: &Path, job: u64, md5: &str) -> Option<PathBuf> {
+    let record = BootControl::load(dir).ok()??;
+    let slot = match (&record.writing, &record.trial) {
+        (Some(w), _) if w.job == job && w.md5 == md5 => w.slot,
+        (_, Some(t)) if t.md5 == md5 && t.slot != record.active => t.slot,
+        _ => return None,
+    };
+    Some(Slots::load(dir).ok()?.path(slot).to_path_buf())
+}
+
+/// Upgrade `job` is over (or no longer under way): drop its `writing` note.
+/// The slot keeps its bytes; nothing points at it.
+pub fn unstage(dir: &Path, job: Option<u64>) -> Result<(), AbError> {
+    let Some(mut record) = BootControl::load(dir)? else {
+        return Ok(());
+    };
+    match &record.writing {
+        Some(w) if job.map_or(true, |j| j == w.job) => {
+            tracing::info!(slot = %w.slot, job = w.job, "upgrade no longer writing its slot");
+            record.writing = None;
+            record.store(dir, "")
+        }
+        Some(_) | None => Ok(()),
+    }
+}
+
+/// Upgrade of image `md5` is over: take back a trial boot still pending for
+/// it, so the device never boots an image the cloud was told failed. The
+/// slot keeps its bytes and its `md5`; nothing points at it. Returns whether
+/// there was one.
+pub fn withdraw_trial(dir: &Path, md5: &str) -> Result<bool, AbError> {
+    let Some(mut record) = BootControl::load(dir)? else {
+        return Ok(false);
+    };
+    let pending = match &record.trial {
+        Some(t) if t.md5 == md5 && t.slot != record.active => t.slot,
+        Some(_) | None => return Ok(false),
+    };
+    if record.next == Some(pending) {
+        record.next = None;
+        record.tries = 0;
+    }
+    record.trial = None;
+    record.store(dir, "")?;
+    tracing::info!(slot = %pending, "trial boot withdrawn; slot {} boots next", record.active);
+    Ok(true)
+}
+
+/// The largest image the inactive slot takes: a block device's size, or a
+/// file's length plus the free space beside it. `None` when unknown.
+pub fn room(dir: &Path) -> Option<u64> {
+    let slots = Slots::load(dir).ok()?;
+    let record = BootControl::load(dir)
+        .ok()?
+        .unwrap_or_else(BootControl::fresh);
+    let path = slots.path(record.inactive().ok()?);
+    let held = match std::fs::metadata(path) {
+        Ok(m) if !m.is_file() => return device_size(path).ok(),
+        Ok(m) => m.len(),
+        Err(_) => 0,
+    };
+    let beside = path.parent().unwrap_or(dir);
+    Some(held + fsutil::free_bytes(beside).ok()?)
+}
+
+/// A block device's size (its metadata says 0).
+pub fn device_size(path: &Path) -> io::Result<u64> {
+    use std::io::Seek;
+    std::fs::File::open(path)?.seek(io::SeekFrom::End(0))
 }
 
 /// What the record says after a (possible) reboot, for the image `md5`.
@@ -452,6 +615,100 @@ mod tests {
                 "{text}"
             );
         }
+    }
+
+    #[test]
+    fn staging_clears_the_slot_notes_the_upgrade_and_resumes_only_its_own_bytes() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let d = dir.path();
+        switched().store(d, "").expect("store");
+        // A new upgrade: slot b is forgotten before anything is written.
+        let (path, resumable) = stage(d, 7, NEW, 100).expect("staged");
+        assert_eq!((path, resumable), (d.join("slot-b"), false));
+        let r = BootControl::load(d).expect("loads").expect("exists");
+        assert_eq!((r.next, r.tries, r.trial.clone()), (None, 0, None));
+        assert_eq!(r.md5.get(Slot::B), None);
+        assert_eq!(r.md5.get(Slot::A), Some(OLD));
+        let note = Writing {
+            slot: Slot::B,
+            job: 7,
+            md5: NEW.into(),
+            size: 100,
+        };
+        assert_eq!(r.writing, Some(note));
+        assert_eq!(staged(d, 7, NEW), Some(d.join("slot-b")));
+        assert_eq!(staged(d, 8, NEW), None, "another upgrade's bytes");
+        // The same upgrade after a restart: resumed, record untouched.
+        assert!(stage(d, 7, NEW, 100).expect("staged").1);
+        assert_eq!(BootControl::load(d).expect("loads"), Some(r.clone()));
+        // Another upgrade (or image) starts the slot over.
+        assert!(!stage(d, 8, NEW, 100).expect("staged").1);
+        assert!(!stage(d, 8, OLD, 100).expect("staged").1);
+        // Unstaging someone else's note does nothing; its own clears it.
+        unstage(d, Some(7)).expect("unstage");
+        assert!(BootControl::load(d)
+            .expect("loads")
+            .expect("exists")
+            .writing
+            .is_some());
+        unstage(d, Some(8)).expect("unstage");
+        assert_eq!(
+            BootControl::load(d)
+                .expect("loads")
+                .expect("exists")
+                .writing,
+            None
+        );
+        assert_eq!(staged(d, 8, OLD), None);
+    }
+
+    #[test]
+    fn a_pending_trial_is_withdrawn_for_its_own_image_only() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let d = dir.path();
+        switched().store(d, "").expect("store");
+        assert!(!withdraw_trial(d, OLD).expect("withdraw"));
+        assert_eq!(BootControl::load(d).expect("loads"), Some(switched()));
+        assert!(withdraw_trial(d, NEW).expect("withdraw"));
+        let r = BootControl::load(d).expect("loads").expect("exists");
+        assert_eq!(
+            (r.active, r.next, r.tries, r.trial),
+            (Slot::A, None, 0, None)
+        );
+        assert_eq!(r.md5.get(Slot::B), Some(NEW), "the slot still holds it");
+        // After a commit there is nothing to withdraw.
+        let mut committed = switched();
+        boot(&mut committed);
+        committed.active = Slot::B;
+        committed.next = None;
+        committed.trial = None;
+        committed.store(d, "").expect("store");
+        assert!(!withdraw_trial(d, NEW).expect("withdraw"));
+    }
+
+    #[test]
+    fn nothing_is_staged_while_both_slots_are_in_use() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut r = switched();
+        boot(&mut r);
+        r.store(dir.path(), "").expect("store");
+        assert!(matches!(
+            stage(dir.path(), 1, NEW, 10),
+            Err(AbError::Refused(_))
+        ));
+        assert_eq!(BootControl::load(dir.path()).expect("loads"), Some(r));
+        assert_eq!(room(dir.path()), None);
+    }
+
+    #[test]
+    fn room_is_the_slot_file_plus_the_free_space_beside_it() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let d = dir.path();
+        let free = fsutil::free_bytes(d).expect("statvfs");
+        std::fs::write(d.join("slot-b"), vec![0u8; 4096]).expect("write");
+        let room = room(d).expect("known");
+        // Free space moves a little with everything else on the machine.
+        assert!(room.abs_diff(free + 4096) < 64 << 20, "{room} vs {free}");
     }
 
     #[test]

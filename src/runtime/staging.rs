@@ -1,0 +1,140 @@
+//! Where an upgrade's image is downloaded to: the partial file in the state
+//! directory, or, with `--flash ab:DIR`, straight into the inactive slot.
+//!
+//! A slot is never booted unverified, so it can take the bytes as they
+//! arrive: that saves the second durable write of the whole image and the
+//! room for it in `downloads/`. Before the first byte the slot is staged
+//! ([`ab::stage`]: every reference to it is cleared and the upgrade noted as
+//! `writing`, atomically); a restart resumes the slot at the durable offset
+//! only if that note is still this upgrade's. The sink reads every batch
+//! back from the slot and compares it with what it wrote, so the md5 that
+//! verification computes is the slot's content (docs/AB-SLOTS.md).
+//!
+//! The Download actor stages and unstages; the Upgrade actor only asks where
+//! the image is. Neither runs while the Flash actor switches or commits the
+//! record (one upgrade at a time, one phase at a time).
+
+use super::flash::ab;
+use super::flash::FlashSpec;
+use super::Paths;
+use crate::fsutil;
+use fwagent_state::{result_no, Failure, Firmware, JobId};
+use std::path::PathBuf;
+
+/// Where images go before they are flashed.
+#[derive(Clone, Debug)]
+pub struct Staging {
+    paths: Paths,
+    /// `ab:DIR`: images stream into the inactive slot of DIR.
+    slots: Option<PathBuf>,
+}
+
+/// Where a transfer writes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Staged {
+    pub path: PathBuf,
+    /// The bytes there are this upgrade's: its durable prefix may be resumed.
+    pub resumable: bool,
+    /// Read every write back and compare it (the image goes into a slot).
+    pub read_back: bool,
+}
+
+impl Staging {
+    pub fn new(paths: Paths, flash: &FlashSpec) -> Self {
+        let slots = match flash {
+            FlashSpec::Ab(dir) => Some(dir.clone()),
+            FlashSpec::File(_) | FlashSpec::Command(_) => None,
+        };
+        Staging { paths, slots }
+    }
+
+    /// The partial file of `job` in the state directory.
+    pub fn part(&self, job: JobId) -> PathBuf {
+        self.paths.part(job)
+    }
+
+    /// Where `job`'s image is, or is being written (reads, never writes).
+    pub fn image(&self, job: JobId, firmware: &Firmware) -> PathBuf {
+        self.slots
+            .as_deref()
+            .and_then(|dir| ab::staged(dir, job, &firmware.md5))
+            .unwrap_or_else(|| self.part(job))
+    }
+
+    /// Before a transfer of `job` starts writing.
+    pub fn open(&self, job: JobId, firmware: &Firmware) -> Result<Staged, Failure> {
+        let Some(dir) = &self.slots else {
+            return Ok(Staged {
+                path: self.part(job),
+                resumable: true,
+                read_back: false,
+            });
+        };
+        let (path, resumable) = ab::stage(dir, job, &firmware.md5, firmware.size)
+            .map_err(|e| Failure::new(result_no::FLASH_FAILED, e.to_string(), false))?;
+        Ok(Staged {
+            path,
+            resumable,
+            read_back: true,
+        })
+    }
+
+    /// `job` is over: remove its partial file and its note on a slot.
+    pub fn discard(&self, job: JobId) {
+        super::download::remove_partial(job, &self.part(job));
+        if let Some(dir) = &self.slots {
+            if let Err(e) = ab::unstage(dir, Some(job)) {
+                tracing::warn!(upgrade = job, error = %e, "cannot clear the slot's writing note");
+            }
+        }
+    }
+
+    /// `job` has ended (any result): besides [`Staging::discard`], take back
+    /// a trial boot of its image that is still pending (it failed or gave up
+    /// before the new slot was committed).
+    pub fn end(&self, job: JobId, firmware: &Firmware) {
+        self.discard(job);
+        if let Some(dir) = &self.slots {
+            if let Err(e) = ab::withdraw_trial(dir, &firmware.md5) {
+                tracing::warn!(upgrade = job, error = %e, "cannot withdraw the trial boot");
+            }
+        }
+    }
+
+    /// At start-up: what upgrades no longer under way left behind (partial
+    /// files, a slot's `writing` note). `active` is the one under way.
+    pub fn remove_stale(&self, active: Option<JobId>) {
+        if let Ok(dir) = std::fs::read_dir(self.paths.downloads()) {
+            let keep = active.map(|j| format!("{j}.part"));
+            for entry in dir.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if name.ends_with(".part") && Some(&name) != keep.as_ref() {
+                    let _ = std::fs::remove_file(entry.path());
+                }
+            }
+        }
+        if let Some(dir) = &self.slots {
+            let stale = ab::BootControl::load(dir)
+                .ok()
+                .flatten()
+                .and_then(|r| r.writing)
+                .is_some_and(|w| Some(w.job) != active);
+            if stale {
+                if let Err(e) = ab::unstage(dir, None) {
+                    tracing::warn!(error = %e, "cannot clear a stale writing note");
+                }
+            }
+        }
+    }
+
+    /// The largest image there is room for, if known.
+    pub fn room(&self) -> Option<u64> {
+        match &self.slots {
+            Some(dir) => ab::room(dir),
+            // downloads/ may be a file system of its own.
+            None => fsutil::free_bytes(&self.paths.downloads())
+                .or_else(|_| fsutil::free_bytes(&self.paths.state_dir))
+                .ok(),
+        }
+    }
+}
