@@ -8,7 +8,7 @@
 //! |---|---|
 //! | `before-request-commit` | a request was read; nothing is committed yet |
 //! | `after-accept` | the accept is committed; the ack is not sent yet |
-//! | `mid-download` | half the image is written to the partial file, not checkpointed |
+//! | `mid-download` | half the image is written to the partial file (`ab:` the slot), not checkpointed |
 //! | `after-checkpoint-fsync` | the partial file is fsynced; the offset is not committed |
 //! | `after-checkpoint` | a checkpoint's offset is committed |
 //! | `after-download` | every byte is fsynced; `downloaded` is not committed |
@@ -16,7 +16,7 @@
 //! | `mid-flash` | half the image is written to the flash target |
 //! | `after-flash` | the image is installed and read back; `flashed` is not committed |
 //! | `before-delivered` | an outgoing message is sent; its delivery is not recorded |
-//! | `after-slot-write` | `ab:` the slot is written and read back; next-boot not switched |
+//! | `after-slot-write` | `ab:` the slot holds the verified image; next-boot not switched |
 //! | `before-switch-rename` | `ab:` the switched boot record is written, not renamed |
 //! | `before-reboot` | `awaiting_reboot` is committed; the reboot command has not run |
 //! | `mid-health` | the health check runs |

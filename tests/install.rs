@@ -716,20 +716,8 @@ impl Drop for LoopDevices {
 fn ab_slots_on_real_block_devices_take_the_stream_and_keep_their_size() {
     let servers = Servers::from_env();
     let gw = Gateway::new();
-    let backing = gw.slots.parent().expect("parent").join("disks");
-    fs::create_dir(&backing).expect("mkdir");
     let device_size: u64 = 8 << 20;
-    let (p2, p3) = (backing.join("p2.img"), backing.join("p3.img"));
-    for p in [&p2, &p3] {
-        let f = fs::File::create(p).expect("create backing file");
-        f.set_len(device_size).expect("size backing file");
-    }
-    let loops = LoopDevices::attach(&[&p2, &p3]);
-    fs::write(
-        gw.slots.join("slots.toml"),
-        format!("a = \"{}\"\nb = \"{}\"\n", loops.0[0], loops.0[1]),
-    )
-    .expect("write slots.toml");
+    let (_loops, _p2, p3) = loop_slots(&gw, device_size);
 
     // Bigger than the slot: refused with the ack, before any byte is fetched.
     let big = servers.put_http("ab-dev-big", device_size + 1);
@@ -770,6 +758,105 @@ fn ab_slots_on_real_block_devices_take_the_stream_and_keep_their_size() {
         "nothing past it"
     );
     assert_record(&gw.record(), "a", Some("b"), "a");
+}
+
+/// Slots a and b on two fresh loop devices of `size` bytes, named in slots.toml.
+fn loop_slots(gw: &Gateway, size: u64) -> (LoopDevices, PathBuf, PathBuf) {
+    let backing = gw.slots.parent().expect("parent").join("disks");
+    fs::create_dir_all(&backing).expect("mkdir");
+    let (p2, p3) = (backing.join("p2.img"), backing.join("p3.img"));
+    for p in [&p2, &p3] {
+        let f = fs::File::create(p).expect("create backing file");
+        f.set_len(size).expect("size backing file");
+    }
+    let loops = LoopDevices::attach(&[&p2, &p3]);
+    fs::write(
+        gw.slots.join("slots.toml"),
+        format!("a = \"{}\"\nb = \"{}\"\n", loops.0[0], loops.0[1]),
+    )
+    .expect("write slots.toml");
+    (loops, p2, p3)
+}
+
+#[test]
+fn ab_never_resumes_a_slot_over_an_offset_that_another_flash_target_made() {
+    let servers = Servers::from_env();
+    let gw = Gateway::new();
+    let (_loops, _p2, p3) = loop_slots(&gw, 8 << 20);
+    let fw = servers.put_http("ab-switch", 5 << 20);
+    let req = servers.http_request(&fw);
+    let target = gw.slots.parent().expect("parent").join("flash.bin");
+    let crash = |flash: &str, checkpoint: &str, input: &str| {
+        let args = gw.args(&["--checkpoint-bytes", checkpoint]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mut cmd = stdio_agent(&gw.state, flash, &args);
+        cmd.env("FWAGENT_CRASH_AT", "after-checkpoint");
+        let run = run_with_timeout(cmd, input.as_bytes(), LONG);
+        assert_eq!(run.signal(), Some(libc::SIGKILL), "{run}");
+    };
+    // 1 MiB durable in slot b; then, under file:, 3 MiB durable in the
+    // partial file; then ab: again. Resuming slot b at 3 MiB would splice
+    // (only its first MiB is the image): it must start over.
+    crash(&gw.flash(), "1048576", &format!("{req}\n"));
+    crash(&file_flash(&target), "3145728", "");
+    assert_eq!(status(&gw.state)["phase"], "downloading");
+    let last = gw.run(&[], &[], None);
+    assert_eq!(last.code(), Some(0), "{last}");
+    assert_eq!(status(&gw.state)["phase"], "awaiting_reboot", "{last}");
+    let dev = fs::read(&p3).expect("read slot b's backing file");
+    assert_eq!(
+        dev[..fw.len as usize],
+        fw.bytes()[..],
+        "slot b holds the image"
+    );
+    assert_eq!(
+        gw.partial_files(),
+        Vec::<String>::new(),
+        "the partial file is gone"
+    );
+    assert!(!target.exists(), "file: never got as far as flashing");
+}
+
+#[test]
+fn ab_power_lost_after_the_switch_but_before_its_commit_still_completes() {
+    let servers = Servers::from_env();
+    let fw = servers.put_http("ab-early-boot", 1 << 20);
+    let gw = Gateway::new();
+    let first = gw.run(&[&servers.http_request(&fw)], &[], Some("after-flash"));
+    assert_eq!(first.signal(), Some(libc::SIGKILL), "{first}");
+    assert_eq!(status(&gw.state)["phase"], "flashing");
+    assert_eq!(gw.reboots(), 0);
+    // The board resets and the bootloader takes the trial the record offers.
+    assert_eq!(gw.power_on(None), "b");
+    let second = gw.run(&[], &[], None);
+    assert_eq!(second.code(), Some(0), "{second}");
+    let lines = all_lines([&first, &second]);
+    let res = results(&lines);
+    assert_eq!(res.len(), 1, "{second}");
+    assert_eq!(res[0]["result"]["errorNo"], 0, "{second}");
+    assert_record(&gw.record(), "b", None, "b");
+    assert_eq!(gw.reboots(), 0, "no reboot: the new slot already ran");
+}
+
+#[test]
+fn a_trial_left_by_an_upgrade_that_is_no_longer_under_way_is_withdrawn_at_start() {
+    let gw = Gateway::new();
+    // As an agent that died between an upgrade's failure and its cleanup
+    // would leave it: the trial still offered to the bootloader.
+    let md5 = "0123456789abcdef0123456789abcdef";
+    let record = serde_json::json!({
+        "version": 1, "active": "a", "next": "b", "tries": 3, "booted": "a",
+        "md5": {"a": null, "b": md5}, "trial": {"slot": "b", "md5": md5},
+        "writing": null,
+    });
+    fs::write(gw.slots.join("bootctl.json"), format!("{record}\n")).expect("write record");
+    let run = gw.run(&[], &[], None);
+    assert_eq!(run.code(), Some(0), "{run}");
+    let r = gw.record();
+    assert_record(&r, "a", None, "a");
+    assert!(r["trial"].is_null(), "{r}");
+    assert_eq!(r["md5"]["b"], md5, "the slot's bytes are still known: {r}");
+    assert_eq!(gw.power_on(None), "a");
 }
 
 // ---------------------------------------------------------------- command:

@@ -147,11 +147,29 @@ fn io_failure(what: &str, path: &std::path::Path, e: io::Error) -> Failure {
     )
 }
 
+/// Commit "the download starts again from byte 0" and wait for it, before
+/// a byte is written over what the old offset vouched for: a crash in
+/// between must not find the old offset with new bytes under it.
+async fn reset(
+    events: &Recipient<JobEvent>,
+    job: JobId,
+    validator: Option<String>,
+) -> Result<(), Failure> {
+    let event = Event::SourceChanged { validator };
+    events.send(JobEvent { job, event }).await.map_err(|e| {
+        Failure::new(
+            result_no::TRANSFER,
+            format!("cannot record the restart from zero: {e}"),
+            true,
+        )
+    })
+}
+
 impl Sink {
     /// Open the staged file at `offset` (a regular file is cut back to it),
     /// and prime the verifier with that prefix. A file shorter than
     /// `offset`, or bytes that are not this upgrade's, start from zero.
-    pub fn open(
+    pub async fn open(
         fetch: &FetchJob,
         staged: Staged,
         offset: u64,
@@ -163,6 +181,7 @@ impl Sink {
             path,
             resumable,
             read_back,
+            stale,
         } = staged;
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(|e| io_failure("cannot create", dir, e))?;
@@ -191,10 +210,11 @@ impl Sink {
             );
             offset = 0;
             validator = None;
-            events.do_send(JobEvent {
-                job: fetch.job,
-                event: Event::SourceChanged { validator: None },
-            });
+            reset(&events, fetch.job, None).await?;
+        }
+        // Only now that the store says "from zero" may bytes elsewhere go.
+        if let Some(stale) = stale {
+            remove_partial(fetch.job, &stale);
         }
         if regular {
             file.set_len(offset)
@@ -261,8 +281,8 @@ impl Sink {
     }
 
     /// The server's file is not the one we began: drop what we have and
-    /// start again from byte zero.
-    pub fn restart(&mut self, validator: Option<String>) -> Result<(), Failure> {
+    /// start again from byte zero (once the store says so).
+    pub async fn restart(&mut self, validator: Option<String>) -> Result<(), Failure> {
         tracing::info!(
             upgrade = self.job,
             "the server's file changed; starting from zero"
@@ -279,14 +299,11 @@ impl Sink {
         self.written = 0;
         self.last_checkpoint = 0;
         self.validator = validator.clone();
+        reset(&self.events, self.job, validator).await?;
         self.verifier.do_send(VerifyMsg::Prime {
             job: self.job,
             path: self.path.clone(),
             len: 0,
-        });
-        self.events.do_send(JobEvent {
-            job: self.job,
-            event: Event::SourceChanged { validator },
         });
         Ok(())
     }
@@ -383,7 +400,8 @@ impl Sink {
     /// Read `chunk` back from where it was just written and compare: the
     /// slot holds what verification hashes, or the download fails (50).
     fn compare_read_back(&mut self, chunk: &[u8]) -> Result<(), Failure> {
-        // Reuses the batch buffer's spare room: no allocation per batch.
+        // Read into the (empty) batch buffer; the next batch is gathered in
+        // the same allocation.
         self.buf.clear();
         self.buf.resize(chunk.len(), 0);
         let read = self.file.read_exact_at(&mut self.buf, self.written);
@@ -571,9 +589,8 @@ async fn run(
             durable_offset: msg.offset,
         };
     };
-    let opened = staging
-        .open(msg.fetch.job, &msg.fetch.firmware)
-        .and_then(|staged| {
+    let opened = match staging.open(msg.fetch.job, &msg.fetch.firmware) {
+        Ok(staged) => {
             Sink::open(
                 &msg.fetch,
                 staged,
@@ -582,7 +599,10 @@ async fn run(
                 events,
                 verifier,
             )
-        });
+            .await
+        }
+        Err(failure) => Err(failure),
+    };
     let mut sink = match opened {
         Ok(sink) => sink,
         Err(failure) => {

@@ -113,11 +113,15 @@ pub struct FlashImage {
     pub firmware: Firmware,
 }
 
-/// Reboot into the new image (answered once the reboot command has run).
+/// Reboot into the new image `md5` (answered once the reboot command has
+/// run). Answers `true`, without rebooting, when the device already runs it
+/// (power was lost between the switch and its commit, and the bootloader
+/// took the trial): check the boot now instead.
 #[derive(Message, Debug)]
-#[rtype(result = "()")]
+#[rtype(result = "bool")]
 pub struct RequestReboot {
     pub job: JobId,
+    pub md5: String,
 }
 
 /// After a (possible) reboot: which image runs? Answered, not sent as a
@@ -247,6 +251,14 @@ pub fn flash_ab(
 ) -> Result<Slot, Failure> {
     let slots = Slots::load(dir).map_err(ab_failure)?;
     let mut record = BootControl::load_or_create(dir).map_err(ab_failure)?;
+    if let Some(trial) = record.trial.as_ref().filter(|t| t.md5 == firmware.md5) {
+        if record.booted == trial.slot && record.active != trial.slot {
+            // Power was lost after the switch, before it was recorded, and the
+            // bootloader has taken the trial: the switch stands.
+            tracing::info!(slot = %trial.slot, "the device already runs the new slot on a trial boot");
+            return Ok(trial.slot);
+        }
+    }
     let target = record.inactive().map_err(ab_failure)?;
     let path = slots.path(target);
     if image == path {
@@ -461,15 +473,25 @@ impl Handler<FlashImage> for Flash {
 }
 
 impl Handler<RequestReboot> for Flash {
-    type Result = ();
+    type Result = bool;
 
-    fn handle(&mut self, msg: RequestReboot, _ctx: &mut Context<Self>) {
+    fn handle(&mut self, msg: RequestReboot, _ctx: &mut Context<Self>) -> bool {
+        if let FlashSpec::Ab(dir) = &self.spec {
+            if let Ok(Some(record)) = BootControl::load(dir) {
+                if let Verdict::TrialBooted { slot } | Verdict::Committed { slot } =
+                    ab::decide(&record, &msg.md5)
+                {
+                    tracing::info!(upgrade = msg.job, %slot, "the device already runs the new slot; no reboot needed");
+                    return true;
+                }
+            }
+        }
         let Some(cmd) = &self.options.reboot_command else {
             tracing::warn!(
                 upgrade = msg.job,
                 "no reboot command is configured; waiting for the device to be rebooted"
             );
-            return;
+            return false;
         };
         crash::point("before-reboot");
         tracing::info!(upgrade = msg.job, command = %cmd, "requesting the reboot");
@@ -483,6 +505,7 @@ impl Handler<RequestReboot> for Flash {
                 tracing::error!(upgrade = msg.job, error = %e, "cannot run the reboot command; the next start asks again")
             }
         }
+        false
     }
 }
 
@@ -575,7 +598,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let d = dir.path();
         let (_, fw) = image(d, b"new image");
-        let (slot, resumable) = ab::stage(d, 3, &fw.md5, fw.size).expect("staged");
+        let (slot, resumable) = ab::stage(d, 3, &fw.md5, fw.size, false).expect("staged");
         assert!(!resumable);
         std::fs::write(&slot, b"new image").expect("the download");
         assert_eq!(flash_ab(d, &slot, &fw, 2), Ok(Slot::B));
@@ -596,7 +619,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let d = dir.path();
         let (_, fw) = image(d, b"new image");
-        let (slot, _) = ab::stage(d, 3, &fw.md5, fw.size).expect("staged");
+        let (slot, _) = ab::stage(d, 3, &fw.md5, fw.size, false).expect("staged");
         std::fs::write(&slot, b"new image").expect("the download");
         ab::unstage(d, None).expect("someone cleared the note");
         let failure = flash_ab(d, &slot, &fw, 2).expect_err("refused");

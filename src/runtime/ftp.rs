@@ -301,7 +301,7 @@ async fn download(
     };
     let validator = validator_of(size, mdtm.as_deref());
     if sink.offset() > 0 && sink.validator() != Some(validator.as_str()) {
-        sink.restart(Some(validator))?;
+        sink.restart(Some(validator)).await?;
     } else {
         sink.set_validator(Some(validator));
     }
@@ -318,7 +318,7 @@ async fn download(
                     "the server refused REST; starting from zero"
                 );
                 let validator = sink.validator().map(str::to_string);
-                sink.restart(validator)?;
+                sink.restart(validator).await?;
             }
             Err(e) => return Err(failure(Step::Other, &format!("REST {offset}"), e)),
         }

@@ -175,7 +175,7 @@ impl HttpFetcher {
                 }
                 let validator = validator_of(response.headers());
                 if offset > 0 {
-                    sink.restart(validator)?;
+                    sink.restart(validator).await?;
                 } else {
                     sink.set_validator(validator);
                 }

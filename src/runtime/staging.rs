@@ -18,7 +18,7 @@ use super::flash::ab;
 use super::flash::FlashSpec;
 use super::Paths;
 use crate::fsutil;
-use fwagent_state::{result_no, Failure, Firmware, JobId};
+use fwagent_state::{result_no, Failure, Firmware, Job, JobId, Phase};
 use std::path::PathBuf;
 
 /// Where images go before they are flashed.
@@ -37,6 +37,9 @@ pub struct Staged {
     pub resumable: bool,
     /// Read every write back and compare it (the image goes into a slot).
     pub read_back: bool,
+    /// Bytes of the same upgrade elsewhere (a partial file left by another
+    /// `--flash`), removed once the restart from zero is committed.
+    pub stale: Option<PathBuf>,
 }
 
 impl Staging {
@@ -68,14 +71,20 @@ impl Staging {
                 path: self.part(job),
                 resumable: true,
                 read_back: false,
+                stale: None,
             });
         };
-        let (path, resumable) = ab::stage(dir, job, &firmware.md5, firmware.size)
+        // A partial file means the durable offset may be its, not the
+        // slot's (the upgrade ran under another `--flash` meanwhile).
+        let part = self.part(job);
+        let elsewhere = part.exists();
+        let (path, resumable) = ab::stage(dir, job, &firmware.md5, firmware.size, elsewhere)
             .map_err(|e| Failure::new(result_no::FLASH_FAILED, e.to_string(), false))?;
         Ok(Staged {
             path,
             resumable,
             read_back: true,
+            stale: elsewhere.then_some(part),
         })
     }
 
@@ -95,17 +104,20 @@ impl Staging {
     pub fn end(&self, job: JobId, firmware: &Firmware) {
         self.discard(job);
         if let Some(dir) = &self.slots {
-            if let Err(e) = ab::withdraw_trial(dir, &firmware.md5) {
+            if let Err(e) = ab::withdraw_trial(dir, Some(&firmware.md5)) {
                 tracing::warn!(upgrade = job, error = %e, "cannot withdraw the trial boot");
             }
         }
     }
 
     /// At start-up: what upgrades no longer under way left behind (partial
-    /// files, a slot's `writing` note). `active` is the one under way.
-    pub fn remove_stale(&self, active: Option<JobId>) {
+    /// files, a slot's `writing` note, a trial boot: an agent that died
+    /// between an upgrade's end and its cleanup). `active` is the one under
+    /// way.
+    pub fn remove_stale(&self, active: Option<&Job>) {
+        let active_id = active.map(|j| j.id);
         if let Ok(dir) = std::fs::read_dir(self.paths.downloads()) {
-            let keep = active.map(|j| format!("{j}.part"));
+            let keep = active_id.map(|j| format!("{j}.part"));
             for entry in dir.flatten() {
                 let name = entry.file_name().to_string_lossy().into_owned();
                 if name.ends_with(".part") && Some(&name) != keep.as_ref() {
@@ -113,16 +125,25 @@ impl Staging {
                 }
             }
         }
-        if let Some(dir) = &self.slots {
-            let stale = ab::BootControl::load(dir)
-                .ok()
-                .flatten()
-                .and_then(|r| r.writing)
-                .is_some_and(|w| Some(w.job) != active);
-            if stale {
-                if let Err(e) = ab::unstage(dir, None) {
-                    tracing::warn!(error = %e, "cannot clear a stale writing note");
-                }
+        let Some(dir) = &self.slots else {
+            return;
+        };
+        let record = ab::BootControl::load(dir).ok().flatten();
+        let stale_note = record
+            .as_ref()
+            .and_then(|r| r.writing.as_ref())
+            .is_some_and(|w| Some(w.job) != active_id);
+        if stale_note {
+            if let Err(e) = ab::unstage(dir, None) {
+                tracing::warn!(error = %e, "cannot clear a stale writing note");
+            }
+        }
+        // A trial belongs to an upgrade that is flashing or awaiting its reboot.
+        let switching =
+            active.is_some_and(|j| matches!(j.phase, Phase::Flashing | Phase::AwaitingReboot));
+        if !switching {
+            if let Err(e) = ab::withdraw_trial(dir, None) {
+                tracing::warn!(error = %e, "cannot withdraw a stale trial boot");
             }
         }
     }

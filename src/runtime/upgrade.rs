@@ -157,11 +157,14 @@ impl Upgrade {
                 image: self.staging.image(*id, &job.request.firmware),
                 firmware: job.request.firmware.clone(),
             }),
-            Command::Reboot { job: id } => self.request_reboot(*id, peers, ctx),
+            Command::Reboot { job: id } => {
+                self.request_reboot(*id, job.request.firmware.md5.clone(), peers, ctx)
+            }
             Command::CheckBoot { job: id } => {
                 // The answer comes back here rather than as a JobEvent, so
                 // the agent cannot exit between the check and its commit.
                 let id = *id;
+                let md5 = job.request.firmware.md5.clone();
                 self.flash_calls += 1;
                 let check = peers.check_boot.send(CheckBoot {
                     job: id,
@@ -182,7 +185,7 @@ impl Upgrade {
                     }
                     if reboot {
                         if let Some(peers) = act.peers.clone() {
-                            act.request_reboot(id, &peers, ctx);
+                            act.request_reboot(id, md5, &peers, ctx);
                         }
                     }
                     act.flash_calls -= 1;
@@ -208,15 +211,22 @@ impl Upgrade {
     }
 
     /// Ask the Flash actor for the reboot; the agent stays up until it is made.
-    fn request_reboot(&mut self, id: JobId, peers: &Wire, ctx: &mut Context<Self>) {
+    /// If the device already runs the new image, its boot is checked at once
+    /// instead (a start of `awaiting_reboot`).
+    fn request_reboot(&mut self, id: JobId, md5: String, peers: &Wire, ctx: &mut Context<Self>) {
         self.flash_calls += 1;
-        let request = peers.reboot.send(RequestReboot { job: id });
-        ctx.spawn(request.into_actor(self).map(move |answer, act, _ctx| {
-            if let Err(e) = answer {
+        let request = peers.reboot.send(RequestReboot { job: id, md5 });
+        ctx.spawn(request.into_actor(self).map(move |answer, act, ctx| {
+            let booted = answer.unwrap_or_else(|e| {
                 tracing::error!(upgrade = id, error = %e, "the flash actor did not answer the reboot request");
-            }
+                false
+            });
             act.flash_calls -= 1;
-            act.boot_settled = true;
+            if booted {
+                <Self as Handler<JobEvent>>::handle(act, JobEvent { job: id, event: Event::Start }, ctx);
+            } else {
+                act.boot_settled = true;
+            }
             act.maybe_exit();
         }));
     }
@@ -311,7 +321,7 @@ impl Handler<Wire> for Upgrade {
         }
         match self.store.active() {
             Ok(active) => {
-                self.staging.remove_stale(active.as_ref().map(|j| j.id));
+                self.staging.remove_stale(active.as_ref());
                 if let Some(job) = active {
                     tracing::info!(upgrade = %job.request.message_id, phase = %job.phase.name(), "resuming");
                     ctx.notify(JobEvent {

@@ -302,10 +302,16 @@ impl Slots {
 
 /// Before a download streams the image of upgrade `job` into the inactive
 /// slot: the slot's path, and whether the bytes already there are this
-/// upgrade's (its durable prefix may be resumed). Unless they are, every
-/// reference to the slot is cleared and the upgrade noted as `writing` in
-/// one atomic write, before the first byte goes in.
-pub fn stage(dir: &Path, job: u64, md5: &str, size: u64) -> Result<(PathBuf, bool), AbError> {
+/// upgrade's (its durable prefix may be resumed; never with `fresh`). Unless
+/// they are, every reference to the slot is cleared and the upgrade noted as
+/// `writing` in one atomic write, before the first byte goes in.
+pub fn stage(
+    dir: &Path,
+    job: u64,
+    md5: &str,
+    size: u64,
+    fresh: bool,
+) -> Result<(PathBuf, bool), AbError> {
     let slots = Slots::load(dir)?;
     let mut record = BootControl::load_or_create(dir)?;
     let target = record.inactive()?;
@@ -315,7 +321,7 @@ pub fn stage(dir: &Path, job: u64, md5: &str, size: u64) -> Result<(PathBuf, boo
         md5: md5.to_string(),
         size,
     };
-    let resumable = record.writing.as_ref() == Some(&ours) && record.next.is_none();
+    let resumable = !fresh && record.writing.as_ref() == Some(&ours) && record.next.is_none();
     if !resumable {
         record.forget(target);
         record.writing = Some(ours);
@@ -354,16 +360,16 @@ pub fn unstage(dir: &Path, job: Option<u64>) -> Result<(), AbError> {
     }
 }
 
-/// Upgrade of image `md5` is over: take back a trial boot still pending for
-/// it, so the device never boots an image the cloud was told failed. The
-/// slot keeps its bytes and its `md5`; nothing points at it. Returns whether
-/// there was one.
-pub fn withdraw_trial(dir: &Path, md5: &str) -> Result<bool, AbError> {
+/// The upgrade of image `md5` is over (`None`: no upgrade is past its
+/// download): take back a trial boot still pending for it, so the device
+/// never boots an image the cloud was told failed. The slot keeps its bytes
+/// and its `md5`; nothing points at it. Returns whether there was one.
+pub fn withdraw_trial(dir: &Path, md5: Option<&str>) -> Result<bool, AbError> {
     let Some(mut record) = BootControl::load(dir)? else {
         return Ok(false);
     };
     let pending = match &record.trial {
-        Some(t) if t.md5 == md5 && t.slot != record.active => t.slot,
+        Some(t) if md5.map_or(true, |m| m == t.md5) && t.slot != record.active => t.slot,
         Some(_) | None => return Ok(false),
     };
     if record.next == Some(pending) {
@@ -623,7 +629,7 @@ mod tests {
         let d = dir.path();
         switched().store(d, "").expect("store");
         // A new upgrade: slot b is forgotten before anything is written.
-        let (path, resumable) = stage(d, 7, NEW, 100).expect("staged");
+        let (path, resumable) = stage(d, 7, NEW, 100, false).expect("staged");
         assert_eq!((path, resumable), (d.join("slot-b"), false));
         let r = BootControl::load(d).expect("loads").expect("exists");
         assert_eq!((r.next, r.tries, r.trial.clone()), (None, 0, None));
@@ -639,11 +645,13 @@ mod tests {
         assert_eq!(staged(d, 7, NEW), Some(d.join("slot-b")));
         assert_eq!(staged(d, 8, NEW), None, "another upgrade's bytes");
         // The same upgrade after a restart: resumed, record untouched.
-        assert!(stage(d, 7, NEW, 100).expect("staged").1);
+        assert!(stage(d, 7, NEW, 100, false).expect("staged").1);
         assert_eq!(BootControl::load(d).expect("loads"), Some(r.clone()));
         // Another upgrade (or image) starts the slot over.
-        assert!(!stage(d, 8, NEW, 100).expect("staged").1);
-        assert!(!stage(d, 8, OLD, 100).expect("staged").1);
+        assert!(!stage(d, 8, NEW, 100, false).expect("staged").1);
+        assert!(!stage(d, 8, OLD, 100, false).expect("staged").1);
+        // Bytes elsewhere (another --flash ran meanwhile): never resumed.
+        assert!(!stage(d, 8, NEW, 100, true).expect("staged").1);
         // Unstaging someone else's note does nothing; its own clears it.
         unstage(d, Some(7)).expect("unstage");
         assert!(BootControl::load(d)
@@ -667,9 +675,9 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let d = dir.path();
         switched().store(d, "").expect("store");
-        assert!(!withdraw_trial(d, OLD).expect("withdraw"));
+        assert!(!withdraw_trial(d, Some(OLD)).expect("withdraw"));
         assert_eq!(BootControl::load(d).expect("loads"), Some(switched()));
-        assert!(withdraw_trial(d, NEW).expect("withdraw"));
+        assert!(withdraw_trial(d, Some(NEW)).expect("withdraw"));
         let r = BootControl::load(d).expect("loads").expect("exists");
         assert_eq!(
             (r.active, r.next, r.tries, r.trial),
@@ -683,7 +691,7 @@ mod tests {
         committed.next = None;
         committed.trial = None;
         committed.store(d, "").expect("store");
-        assert!(!withdraw_trial(d, NEW).expect("withdraw"));
+        assert!(!withdraw_trial(d, None).expect("withdraw"));
     }
 
     #[test]
@@ -693,7 +701,7 @@ mod tests {
         boot(&mut r);
         r.store(dir.path(), "").expect("store");
         assert!(matches!(
-            stage(dir.path(), 1, NEW, 10),
+            stage(dir.path(), 1, NEW, 10, false),
             Err(AbError::Refused(_))
         ));
         assert_eq!(BootControl::load(dir.path()).expect("loads"), Some(r));
