@@ -437,6 +437,7 @@ impl Handler<JobEvent> for Upgrade {
             }
         };
         let is_checkpoint = matches!(msg.event, Event::Checkpoint { offset, .. } if offset > 0);
+        let is_progress = matches!(msg.event, Event::Progress { .. });
         let t = match transition(&job, msg.event, OffsetDateTime::now_utc(), &self.policy) {
             Ok(t) => t,
             Err(refused) => {
@@ -444,7 +445,15 @@ impl Handler<JobEvent> for Upgrade {
                 return;
             }
         };
-        if let Err(e) = self.commit_and_dispatch(t, ctx) {
+        // A progress figure with no report due is worth no fdatasync: a
+        // crash loses only the figure, which the next checkpoint restores.
+        let lazy = is_progress && t.outbox.is_empty() && t.commands.is_empty() && t.log.is_none();
+        let committed = if lazy {
+            self.store.commit_lazily(&t).map_err(|e| e.to_string())
+        } else {
+            self.commit_and_dispatch(t, ctx).map(|_| ())
+        };
+        if let Err(e) = committed {
             // Nothing was committed and nothing started: the last durable
             // state stands, and a restart resumes from it.
             tracing::error!(upgrade = %job.request.message_id, error = %e, "cannot commit; stopping so a restart resumes from the store");

@@ -484,3 +484,53 @@ fn a_log_entry_without_a_job_is_refused() {
     assert!(matches!(store.commit(&t), Err(StoreError::Conflict { .. })));
     assert!(store.pending_outbox().expect("read").is_empty());
 }
+
+#[test]
+fn a_lazy_commit_takes_only_figures_is_read_at_once_and_made_durable_by_the_next_flush() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    {
+        let store = open(tmp.path());
+        submit(&store, "MID:lazy", &md5('l'));
+        step(&store, Event::Start, 1);
+        // A progress figure with no report due: no log, outbox or command.
+        let job = store.active().expect("read").expect("active");
+        let t = transition(
+            &job,
+            Event::Progress { bytes_done: 7 },
+            at_ms(2),
+            &Policy::default(),
+        )
+        .expect("applies");
+        assert!(t.log.is_none() && t.outbox.is_empty() && t.commands.is_empty());
+        store.commit_lazily(&t).expect("lazy commit");
+        let read = store.active().expect("read").expect("active");
+        assert_eq!(read.bytes_done, 7, "read at once");
+        // Anything that queues, logs or starts something must be flushed.
+        let job = store.active().expect("read").expect("active");
+        let cancel =
+            transition(&job, Event::Cancel, at_ms(3), &Policy::default()).expect("applies");
+        assert!(matches!(
+            store.commit_lazily(&cancel),
+            Err(StoreError::Conflict { .. })
+        ));
+        assert_eq!(
+            store.active().expect("read").expect("active").phase,
+            job.phase
+        );
+        // The next durable commit carries the figure with it.
+        step(
+            &store,
+            Event::Checkpoint {
+                offset: 5,
+                validator: None,
+            },
+            4,
+        );
+    }
+    let store = open(tmp.path());
+    let job = store.active().expect("read").expect("active");
+    assert_eq!(
+        (job.bytes_done, job.phase),
+        (7, Phase::Downloading { offset: 5 })
+    );
+}
