@@ -9,15 +9,22 @@
 #    `fwagent run --transport stdio`, which prints the ack and the reports;
 # 4. shows `fwagent status` and `fwagent history`, and checks the flashed file's md5.
 #
+# FLASH=ab: the image streams into the inactive slot of two slot files instead
+# (docs/AB-SLOTS.md); the "reboot" the agent asks for is a script that only notes
+# it, examples/ab-bootloader.py plays the bootloader's power-on, and a second
+# start of the agent checks the new slot and commits it.
+#
 # Nothing here contacts a host off this machine. Everything lives in a temp dir
 # (kept with KEEP=1).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PROTOCOL=${PROTOCOL:-http}
+FLASH=${FLASH:-file}
 SIZE=${SIZE:-66143}
 CARGO=${CARGO:-cargo}
 case "$PROTOCOL" in http|ftp) ;; *) echo "PROTOCOL must be http or ftp" >&2; exit 2;; esac
+case "$FLASH" in file|ab) ;; *) echo "FLASH must be file or ab" >&2; exit 2;; esac
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/fwagent-demo.XXXXXX")
 pids=()
@@ -79,8 +86,43 @@ EOF
 step "the request (the seed's message, pointed at 127.0.0.1:$port)"
 python3 -m json.tool "$work/request.json"
 
-step "fwagent run --transport stdio  (stdout: the ack, then the reports)"
 state="$work/state"
+if [ "$FLASH" = ab ]; then
+    slots="$work/slots"
+    mkdir -p "$slots"
+    printf 'the firmware this gateway runs today\n' > "$slots/slot-a"
+    reboot="$work/reboot.sh"
+    printf '#!/bin/sh\necho "(the agent asked for a reboot)" >&2\n' > "$reboot"
+    chmod +x "$reboot"
+    step "fwagent run --flash ab:$slots  (stdout: the ack, then the reports)"
+    "$bin" run --transport stdio --state-dir "$state" --flash "ab:$slots" --device-id demo-gw \
+        --reboot-command "$reboot" < "$work/request.json" 2> "$work/agent.log"
+    grep -h "asked for a reboot" "$work/agent.log" || true
+    step "bootctl.json: slot b written and verified, next boot switched to it"
+    cat "$slots/bootctl.json"
+    step "fwagent status --state-dir $state"
+    "$bin" status --state-dir "$state"
+    step "power-on (examples/ab-bootloader.py): the bootloader boots slot $(python3 examples/ab-bootloader.py "$slots") on a trial"
+    step "fwagent run again, as init would after the reboot (stdout: the result)"
+    "$bin" run --transport stdio --state-dir "$state" --flash "ab:$slots" --device-id demo-gw \
+        --reboot-command "$reboot" --health-command 'echo "health check: ok" >&2' \
+        < /dev/null 2>> "$work/agent.log"
+    grep -h "health check: ok" "$work/agent.log" || true
+    step "bootctl.json: slot b committed"
+    cat "$slots/bootctl.json"
+    step "fwagent history --state-dir $state"
+    "$bin" history --state-dir "$state"
+    got=$(md5sum "$slots/slot-b" | cut -d' ' -f1)
+    active=$(python3 -c 'import json,sys;print(json.load(open(sys.argv[1]))["active"])' "$slots/bootctl.json")
+    if [ "$got" = "$md5" ] && [ "$active" = b ]; then
+        step "slot b holds md5 $got and is the active slot: the upgrade is complete"
+        exit 0
+    fi
+    echo "slot b md5 $got (expected $md5), active slot $active (expected b)" >&2
+    exit 1
+fi
+
+step "fwagent run --transport stdio  (stdout: the ack, then the reports)"
 flash="$work/flashed.bin"
 "$bin" run --transport stdio --state-dir "$state" --flash "file:$flash" --device-id demo-gw \
     < "$work/request.json" 2> "$work/agent.log"

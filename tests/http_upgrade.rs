@@ -12,35 +12,10 @@ use std::time::{Duration, Instant};
 
 const LONG: Duration = Duration::from_secs(120);
 
-/// A seed example (`text`) with its server rewritten to our nginx and its
-/// file to `fw`. The size goes under whichever spelling the example uses.
-fn seed_on_nginx(text: &str, servers: &Servers, fw: &Firmware) -> Value {
-    let mut req: Value = serde_json::from_str(text).expect("the seed example is JSON");
-    let server = &mut req["info"]["serverConfig"];
-    assert_eq!(
-        server["host"], "127.0.0.1",
-        "examples never name the seed's host"
-    );
-    server["protocol"] = "http".into();
-    server["port"] = servers.nginx_port.into();
-    server["path"] = "/".into();
-    let file = &mut req["info"]["fileInfo"];
-    file["firmwareName"] = format!("{} ", fw.name).into(); // as the seed: a trailing space
-    file["md5sum"] = fw.md5.clone().into();
-    let size_key = if file.get("totalSize").is_some() {
-        "totalSize"
-    } else {
-        "upgradeFileSize"
-    };
-    file[size_key] = fw.len.into();
-    req["messageId"] = format!("MID:{}", unique_name("seed")).into();
-    req
-}
-
 /// The seed's first message on our nginx, without credentials.
 fn seed_request(servers: &Servers, fw: &Firmware) -> Value {
     let text = include_str!("../examples/requests/seed-1-ftp.json");
-    let mut req = seed_on_nginx(text, servers, fw);
+    let mut req = seed_on(text, "http", servers.nginx_port, fw);
     req["info"]["serverConfig"]["userName"] = "".into();
     req["info"]["serverConfig"]["password"] = "".into();
     req
@@ -401,7 +376,7 @@ fn seed_two_with_a_credentials_decoder_installs_the_image() {
         text.contains("totalSize"),
         "the second seed spells the size totalSize"
     );
-    let req = seed_on_nginx(text, &servers, &fw);
+    let req = seed_on(text, "http", servers.nginx_port, &fw);
     let dir = temp_dir();
     let target = dir.path().join("flash.bin");
     let decoder = concat!(

@@ -306,8 +306,32 @@ fn http_secrets_never_leave_the_store_except_passport_in_its_own_reports() {
     }
     assert!(agent_stdout.iter().any(|t| t.contains(PASS_PORT)));
 
+    // The store's records: both upgrades have ended, so none keeps a
+    // credential, and no delivered report keeps its passPort.
+    let store = fwagent_state::Store::open(&state, "secrets").expect("open the store");
+    for id in ids {
+        let job = store
+            .job_by_message_id(id)
+            .expect("read")
+            .expect("the upgrade");
+        assert!(job.phase.is_terminal(), "{id}");
+        let r = &job.request;
+        assert!(
+            r.source.user.is_empty() && r.source.password.is_empty(),
+            "{id}"
+        );
+        assert!(r.pass_port.is_none(), "{id}");
+        for (entry, delivered) in store.outbox_of(job.id).expect("read") {
+            let text = serde_json::to_string(&entry.message).expect("serialise");
+            assert!(delivered.is_some(), "{id}: {text}");
+            assert_clean("a sent report", &text, &[PASS_PORT.to_string()]);
+        }
+    }
+    drop(store);
+
     // On disk: only in the 0700 state directory (the store needs them to
-    // resume after a crash). The search does find them there.
+    // resume after a crash, and sled's log keeps the bytes of old record
+    // versions until it reuses their space). The search does find them there.
     let mut all = secrets.clone();
     all.push(PASS_PORT.to_string());
     assert_state_dir_private(dir.path(), &state, &all);

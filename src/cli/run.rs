@@ -47,6 +47,10 @@ pub struct RunArgs {
     /// mqtts: the client certificate's private key (PEM).
     #[arg(long, value_name = "FILE")]
     pub mqtt_key: Option<PathBuf>,
+    /// https downloads: the CA certificate(s) (PEM) to trust for firmware
+    /// servers instead of the web PKI roots.
+    #[arg(long, value_name = "FILE")]
+    pub https_ca: Option<PathBuf>,
     /// This gateway's id, used in topics and report messageIds [default: the host name].
     #[arg(long)]
     pub device_id: Option<String>,
@@ -142,6 +146,7 @@ impl RunArgs {
             mqtt_ca: self.mqtt_ca.or(file.mqtt_ca),
             mqtt_cert: self.mqtt_cert.or(file.mqtt_cert),
             mqtt_key: self.mqtt_key.or(file.mqtt_key),
+            https_ca: self.https_ca.or(file.https_ca),
             device_id: self.device_id.or(file.device_id),
             request_topic: self.request_topic.or(file.request_topic),
             response_topic: self.response_topic.or(file.response_topic),
@@ -179,6 +184,8 @@ pub struct AgentConfig {
     pub transport: String,
     /// Set when `transport` is `mqtt`.
     pub mqtt: Option<MqttSettings>,
+    /// The `http` and `https` downloads (trusting `--https-ca` when given).
+    pub http: Arc<HttpFetcher>,
     pub flash: FlashSpec,
     pub flash_options: FlashOptions,
     pub parse: ParseOptions,
@@ -221,6 +228,17 @@ impl AgentConfig {
             .parse::<FlashSpec>()?;
         let transport = a.transport.unwrap_or_else(|| "stdio".into());
         let device_id = a.device_id.unwrap_or_else(host_name);
+        let connect_timeout = a
+            .connect_timeout
+            .map(Duration::from_secs)
+            .unwrap_or(Transfer::default().connect_timeout);
+        let http =
+            HttpFetcher::new(connect_timeout, a.https_ca.as_deref()).map_err(|e| {
+                match &a.https_ca {
+                    Some(_) => format!("--https-ca: {e}"),
+                    None => e.to_string(),
+                }
+            })?;
         let mqtt = match transport.as_str() {
             "stdio" => None,
             "mqtt" => Some(
@@ -233,10 +251,7 @@ impl AgentConfig {
                     ca: a.mqtt_ca.as_deref(),
                     cert: a.mqtt_cert.as_deref(),
                     key: a.mqtt_key.as_deref(),
-                    connect_timeout: a
-                        .connect_timeout
-                        .map(Duration::from_secs)
-                        .unwrap_or(Transfer::default().connect_timeout),
+                    connect_timeout,
                 })
                 .map_err(|e| e.to_string())?,
             ),
@@ -278,6 +293,7 @@ impl AgentConfig {
             device_id,
             transport,
             mqtt,
+            http: Arc::new(http),
             flash,
             flash_options,
             parse: ParseOptions {
@@ -303,10 +319,7 @@ impl AgentConfig {
                 checkpoint_bytes: a
                     .checkpoint_bytes
                     .unwrap_or(transfer_defaults.checkpoint_bytes),
-                connect_timeout: a
-                    .connect_timeout
-                    .map(Duration::from_secs)
-                    .unwrap_or(transfer_defaults.connect_timeout),
+                connect_timeout,
                 idle_timeout: a
                     .idle_timeout
                     .map(Duration::from_secs)
@@ -363,14 +376,8 @@ pub fn main(args: Box<RunArgs>) -> ExitCode {
 /// Start every actor on an arbiter of its own and wire them together.
 fn start(config: AgentConfig, store: Store) -> Result<(), String> {
     let fetchers = Fetchers::default()
-        .with(
-            Protocol::Http,
-            Arc::new(HttpFetcher::new(config.transfer.connect_timeout)),
-        )
-        .with(
-            Protocol::Https,
-            Arc::new(HttpFetcher::new(config.transfer.connect_timeout)),
-        )
+        .with(Protocol::Http, config.http.clone())
+        .with(Protocol::Https, config.http.clone())
         .with(Protocol::Ftp, Arc::new(FtpFetcher::new()));
     let protocols = [
         Protocol::Http,

@@ -16,8 +16,8 @@
 //! shown in UTC, absolute and relative; sizes and rates in binary units.
 
 use fwagent_state::{
-    Job, LogEntry, OutboxEntry, Outcome, Outgoing, PhaseName, Store, StoreError, OP_PROGRESS,
-    OP_RESULT,
+    Job, LogEntry, OutboxEntry, Outcome, Outgoing, PhaseName, Redactor, Store, StoreError,
+    OP_PROGRESS, OP_RESULT,
 };
 use indicatif::HumanBytes;
 use serde::{Deserialize, Serialize};
@@ -95,38 +95,20 @@ pub struct OutboxView {
 }
 
 /// Replaces a job's credentials and `passPort` with `<redacted>` in free
-/// text. Credentials shorter than three characters are left alone: replacing
-/// every `a` would garble the text without protecting anything.
-pub struct Scrub {
-    secrets: Vec<String>,
-}
+/// text ([`Redactor`]). Text the agent stored since it redacts at the
+/// source is clean already, and an ended upgrade keeps no credentials; this
+/// covers records written before that, and every text shown.
+pub struct Scrub(Redactor);
 
 impl Scrub {
-    pub const REDACTED: &'static str = "<redacted>";
-    const MIN_LEN: usize = 3;
+    pub const REDACTED: &'static str = Redactor::REDACTED;
 
     pub fn of(job: &Job) -> Scrub {
-        let source = &job.request.source;
-        let mut secrets: Vec<String> = [
-            Some(&source.user),
-            Some(&source.password),
-            job.request.pass_port.as_ref(),
-        ]
-        .into_iter()
-        .flatten()
-        .map(|s| s.expose().to_string())
-        .filter(|s| s.chars().count() >= Self::MIN_LEN)
-        .collect();
-        // Longest first, so a secret containing another is replaced whole.
-        secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
-        secrets.dedup();
-        Scrub { secrets }
+        Scrub(job.request.redactor())
     }
 
     pub fn text(&self, text: &str) -> String {
-        self.secrets.iter().fold(text.to_string(), |t, s| {
-            t.replace(s.as_str(), Self::REDACTED)
-        })
+        self.0.text(text)
     }
 
     fn outcome(&self, o: &Outcome) -> Outcome {

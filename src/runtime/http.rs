@@ -9,8 +9,13 @@
 //! connect by `connect_timeout`, the response head and each body frame by
 //! `idle_timeout`. Status codes map to PROTOCOL.md: 401/403 → 21, 404/410 →
 //! 22, 5xx and timeouts → 23 (retryable), unreachable → 20 (retryable).
+//!
+//! https trusts the CA file of `--https-ca` when given, else the web PKI
+//! roots ([`crate::tls`]); a failed handshake is 20 (retryable), its
+//! description in rustls' words (`invalid peer certificate: UnknownIssuer`).
 
 use super::download::{BoxFuture, FetchJob, Fetcher, Sink};
+use crate::tls::TlsError;
 use base64::Engine;
 use bytes::Bytes;
 use fwagent_state::{result_no, Failure};
@@ -21,32 +26,78 @@ use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
+use std::path::Path;
 use std::time::Duration;
 use tokio::time::timeout;
 
+/// One client for `http` and `https` (the connector speaks both).
 pub struct HttpFetcher {
     client: Client<HttpsConnector<HttpConnector>, Empty<Bytes>>,
+    /// Trusting `--https-ca` rather than the web PKI roots.
+    private_ca: bool,
 }
 
 impl HttpFetcher {
-    pub fn new(connect_timeout: Duration) -> Self {
+    /// `ca`: PEM certificate(s) to trust for https servers instead of the web
+    /// PKI roots (`--https-ca`).
+    pub fn new(connect_timeout: Duration, ca: Option<&Path>) -> Result<Self, TlsError> {
+        let config = crate::tls::client_config(ca, None)?;
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_connect_timeout(Some(connect_timeout));
         http.set_nodelay(true);
         let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_provider_and_webpki_roots(std::sync::Arc::new(
-                rustls::crypto::ring::default_provider(),
-            ))
-            .expect("the ring provider supports the default TLS versions")
+            .with_tls_config(config)
             .https_or_http()
             .enable_http1()
             .wrap_connector(http);
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(30))
             .build(https);
-        HttpFetcher { client }
+        Ok(HttpFetcher {
+            client,
+            private_ca: ca.is_some(),
+        })
     }
+
+    /// Why a connection failed, in one line. A failed TLS handshake says so,
+    /// with rustls' own words (`invalid peer certificate: UnknownIssuer`) and,
+    /// for a certificate from an unknown CA, which roots were trusted.
+    fn connect_error(&self, e: &hyper_util::client::legacy::Error) -> String {
+        match tls_error(e) {
+            Some(
+                tls @ rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer),
+            ) => format!(
+                "TLS handshake failed: {tls} (trusted: {})",
+                if self.private_ca {
+                    "the CA file of --https-ca"
+                } else {
+                    "the web PKI roots; a private CA needs --https-ca"
+                }
+            ),
+            Some(tls) => format!("TLS handshake failed: {tls}"),
+            None => source_chain(e),
+        }
+    }
+}
+
+/// The rustls error somewhere in `e`'s chain. tokio-rustls wraps it in an
+/// `io::Error` and hyper-rustls that in another, and an `io::Error`'s
+/// `source` skips what it wraps: so look inside each one.
+fn tls_error<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
+    let mut cause = Some(e);
+    while let Some(c) = cause {
+        if let Some(tls) = c.downcast_ref::<rustls::Error>() {
+            return Some(tls);
+        }
+        cause = match c.downcast_ref::<std::io::Error>() {
+            Some(io) => io
+                .get_ref()
+                .map(|inner| inner as &(dyn std::error::Error + 'static)),
+            None => c.source(),
+        };
+    }
+    None
 }
 
 fn transfer(description: String, retryable: bool) -> Failure {
@@ -114,7 +165,7 @@ impl HttpFetcher {
                         format!(
                             "cannot connect to {}: {}",
                             host_port(&url),
-                            source_chain(&e)
+                            self.connect_error(&e)
                         ),
                         true,
                     ))
@@ -360,6 +411,35 @@ mod tests {
         assert_eq!(ok("https://h.example/a", "http://h.example/b"), refused);
         assert_eq!(ok("http://h.example/a", "ftp://h.example/b"), refused);
         assert_eq!(ok("http://h.example/a", "file:///etc/passwd"), refused);
+    }
+
+    #[test]
+    fn the_rustls_error_is_found_inside_io_errors() {
+        #[derive(Debug)]
+        struct Outer(std::io::Error);
+        impl std::fmt::Display for Outer {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("client error (Connect)")
+            }
+        }
+        impl std::error::Error for Outer {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let refused = rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer);
+        // As hyper-rustls hands it over: tokio-rustls' io::Error in another.
+        let e = Outer(std::io::Error::other(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            refused.clone(),
+        )));
+        assert_eq!(tls_error(&e), Some(&refused));
+        assert_eq!(
+            refused.to_string(),
+            "invalid peer certificate: UnknownIssuer"
+        );
+        let refused_tcp = Outer(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
+        assert_eq!(tls_error(&refused_tcp), None);
     }
 
     #[test]

@@ -49,17 +49,16 @@ use super::download::BoxFuture;
 use super::{IncomingRequest, InputClosed};
 use crate::protocol;
 use crate::runtime::messaging::Transport;
+use crate::tls::{self, ClientCert, TlsError};
 use actix::Recipient;
 use fwagent_state::{Ack, OutboxEntry, Secret};
 use rumqttc::{
     AsyncClient, ConnectionError, Event, EventLoop, LastWill, MqttOptions, NetworkOptions,
     Outgoing, Packet, Publish, QoS, SubscribeReasonCode, TlsConfiguration,
 };
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use std::collections::VecDeque;
 use std::fmt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
@@ -106,16 +105,9 @@ pub enum MqttConfigError {
     TlsOptionsWithoutTls,
     #[error("--mqtt-cert and --mqtt-key go together")]
     HalfClientCert,
-    #[error("cannot read {what} {path}: {error}")]
-    Pem {
-        what: &'static str,
-        path: PathBuf,
-        error: String,
-    },
-    #[error("{what} {path} holds no certificate")]
-    NoCertificate { what: &'static str, path: PathBuf },
-    #[error("TLS set-up failed: {0}")]
-    Tls(String),
+    /// The CA file, the client certificate or its key (the message names the file).
+    #[error(transparent)]
+    Tls(#[from] TlsError),
     #[error("{which} topic `{topic}` is invalid: {why}")]
     Topic {
         which: &'static str,
@@ -335,70 +327,19 @@ fn check_topic(which: &'static str, topic: &str) -> Result<(), MqttConfigError> 
     })
 }
 
-/// rustls with ring (the crate's one provider): the CA file's certificates as
-/// the only roots when given, else the web PKI roots; a client certificate
-/// when given.
+/// The CA file's certificates as the only roots when given, else the web
+/// PKI roots; a client certificate when both halves are given.
 fn tls_config(
     ca: Option<&Path>,
     cert: Option<&Path>,
     key: Option<&Path>,
 ) -> Result<rustls::ClientConfig, MqttConfigError> {
-    use hyper_rustls::ConfigBuilderExt;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| MqttConfigError::Tls(e.to_string()))?;
-    let builder = match ca {
-        Some(path) => {
-            let mut roots = rustls::RootCertStore::empty();
-            let (added, _ignored) = roots.add_parsable_certificates(read_certs("CA file", path)?);
-            if added == 0 {
-                return Err(MqttConfigError::NoCertificate {
-                    what: "CA file",
-                    path: path.to_path_buf(),
-                });
-            }
-            builder.with_root_certificates(roots)
-        }
-        None => builder.with_webpki_roots(),
+    let client = match (cert, key) {
+        (None, None) => None,
+        (Some(cert), Some(key)) => Some(ClientCert { cert, key }),
+        _ => return Err(MqttConfigError::HalfClientCert),
     };
-    match (cert, key) {
-        (None, None) => Ok(builder.with_no_client_auth()),
-        (Some(cert), Some(key)) => {
-            let chain = read_certs("client certificate", cert)?;
-            let key = PrivateKeyDer::from_pem_file(key).map_err(|e| MqttConfigError::Pem {
-                what: "client key",
-                path: key.to_path_buf(),
-                error: e.to_string(),
-            })?;
-            builder
-                .with_client_auth_cert(chain, key)
-                .map_err(|e| MqttConfigError::Tls(e.to_string()))
-        }
-        _ => Err(MqttConfigError::HalfClientCert),
-    }
-}
-
-fn read_certs(
-    what: &'static str,
-    path: &Path,
-) -> Result<Vec<CertificateDer<'static>>, MqttConfigError> {
-    let pem = |error: String| MqttConfigError::Pem {
-        what,
-        path: path.to_path_buf(),
-        error,
-    };
-    let certs = CertificateDer::pem_file_iter(path)
-        .map_err(|e| pem(e.to_string()))?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| pem(e.to_string()))?;
-    if certs.is_empty() {
-        return Err(MqttConfigError::NoCertificate {
-            what,
-            path: path.to_path_buf(),
-        });
-    }
-    Ok(certs)
+    Ok(tls::client_config(ca, client)?)
 }
 
 // ------------------------------------------------------------------ transport
@@ -918,10 +859,10 @@ mod tests {
                 ca: Some(Path::new("/nonexistent/ca.pem")),
                 ..args(&tls)
             }),
-            Err(MqttConfigError::Pem {
+            Err(MqttConfigError::Tls(TlsError::Pem {
                 what: "CA file",
                 ..
-            })
+            }))
         ));
         assert!(matches!(
             MqttSettings::new(MqttArgs {

@@ -15,5 +15,5 @@ pub use machine::{
     Transition,
 };
 pub use model::*;
-pub use secret::Secret;
+pub use secret::{Redactor, Secret};
 pub use store::{Store, StoreError};

@@ -14,6 +14,7 @@ use crate::model::{
     ack_no, result_no, Ack, Job, JobId, LogEntry, Outcome, Outgoing, Phase, PhaseName,
     ProgressMark, UpgradeRequest, OP_UPGRADE,
 };
+use crate::secret::Redactor;
 use std::time::Duration;
 use time::OffsetDateTime;
 
@@ -158,6 +159,46 @@ pub enum Event {
 }
 
 impl Event {
+    /// The same event with `redactor` over its free text (what servers and
+    /// commands said), so no credential reaches a log entry, a stored error
+    /// or a report.
+    fn redacted(self, redactor: &Redactor) -> Event {
+        let failure = |f: Failure| Failure {
+            description: redactor.text(&f.description),
+            ..f
+        };
+        match self {
+            Event::DownloadFailed {
+                failure: f,
+                durable_offset,
+            } => Event::DownloadFailed {
+                failure: failure(f),
+                durable_offset,
+            },
+            Event::VerifyFailed { failure: f } => Event::VerifyFailed {
+                failure: failure(f),
+            },
+            Event::FlashFailed { failure: f } => Event::FlashFailed {
+                failure: failure(f),
+            },
+            Event::Booted { ok, detail } => Event::Booted {
+                ok,
+                detail: redactor.text(&detail),
+            },
+            Event::RebootPending { detail } => Event::RebootPending {
+                detail: redactor.text(&detail),
+            },
+            Event::Start
+            | Event::Progress { .. }
+            | Event::Checkpoint { .. }
+            | Event::SourceChanged { .. }
+            | Event::Downloaded
+            | Event::Verified
+            | Event::Flashed { .. }
+            | Event::Cancel => self,
+        }
+    }
+
     fn name(&self) -> &'static str {
         match self {
             Event::Start => "start",
@@ -357,6 +398,7 @@ pub fn transition(
     if phase.is_terminal() {
         return Err(Refused::Ended(phase.name()));
     }
+    let event = event.redacted(&job.request.redactor());
     let mut step = Step::new(job, now, policy);
     match event {
         Event::Start => {
@@ -691,6 +733,9 @@ impl<'a> Step<'a> {
             });
         }
         self.command(Command::Cleanup { job: self.job.id });
+        // Nothing needs the credentials any more: the result report above
+        // carries its passPort, and no download will run again.
+        self.job.request.forget_secrets();
         self.done()
     }
 

@@ -5,7 +5,7 @@
 //! wire JSON into an [`UpgradeRequest`] and renders an [`Outgoing`] as JSON.
 //! Nothing here knows JSON text or does I/O.
 
-use crate::secret::Secret;
+use crate::secret::{Redactor, Secret};
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use time::OffsetDateTime;
@@ -85,6 +85,40 @@ pub struct UpgradeRequest {
     pub firmware: Firmware,
     /// "Upgrade process credentials": echoed in this upgrade's reports only.
     pub pass_port: Option<Secret>,
+}
+
+impl UpgradeRequest {
+    /// What hides this request's user name, password and passPort in free text.
+    pub fn redactor(&self) -> Redactor {
+        let s = &self.source;
+        Redactor::new(
+            [&s.user, &s.password]
+                .into_iter()
+                .chain(self.pass_port.as_ref()),
+        )
+    }
+
+    /// Drop the user name, password and passPort (an upgrade that has
+    /// ended keeps no credentials).
+    pub fn forget_secrets(&mut self) {
+        self.source.user = Secret::default();
+        self.source.password = Secret::default();
+        self.pass_port = None;
+    }
+}
+
+impl Outgoing {
+    /// The same message without its passPort (what the store keeps once it
+    /// is delivered).
+    pub fn without_secrets(mut self) -> Self {
+        match &mut self {
+            Outgoing::Ack(_) => {}
+            Outgoing::Progress { subject, .. } | Outgoing::Result { subject, .. } => {
+                subject.pass_port = None;
+            }
+        }
+        self
+    }
 }
 
 /// `{"errorNo": n, "description": "..."}`: the result of an ack or an upgrade.

@@ -39,6 +39,38 @@ impl fmt::Display for Secret {
     }
 }
 
+/// Puts `<redacted>` over every occurrence of some secrets in free text
+/// (an error a server sent back, a command's last line of output).
+/// Secrets shorter than three characters are left alone: replacing every
+/// `a` would garble the text without protecting anything.
+#[derive(Clone, Debug, Default)]
+pub struct Redactor {
+    /// Longest first, so a secret containing another is replaced whole.
+    secrets: Vec<String>,
+}
+
+impl Redactor {
+    pub const REDACTED: &'static str = "<redacted>";
+    const MIN_LEN: usize = 3;
+
+    pub fn new<'a>(secrets: impl IntoIterator<Item = &'a Secret>) -> Self {
+        let mut secrets: Vec<String> = secrets
+            .into_iter()
+            .map(|s| s.expose().to_string())
+            .filter(|s| s.chars().count() >= Self::MIN_LEN)
+            .collect();
+        secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
+        secrets.dedup();
+        Redactor { secrets }
+    }
+
+    pub fn text(&self, text: &str) -> String {
+        self.secrets.iter().fold(text.to_string(), |t, s| {
+            t.replace(s.as_str(), Self::REDACTED)
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -49,5 +81,20 @@ mod tests {
         assert_eq!(format!("{s:?}"), "<redacted>");
         assert_eq!(format!("{s}"), "<redacted>");
         assert_eq!(s.expose(), "hunter2");
+    }
+
+    #[test]
+    fn the_redactor_covers_long_secrets_whole_and_leaves_short_ones() {
+        let (user, pass, short) = (
+            Secret::new("uftp"),
+            Secret::new("uftp-echo123"),
+            Secret::new("ab"),
+        );
+        let r = Redactor::new([&user, &pass, &short]);
+        assert_eq!(
+            r.text("530 user uftp, password uftp-echo123, tab"),
+            "530 user <redacted>, password <redacted>, tab"
+        );
+        assert_eq!(Redactor::default().text("as is"), "as is");
     }
 }

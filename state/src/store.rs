@@ -13,9 +13,12 @@
 //! flush: after a crash an entry may be sent again, with the same messageId,
 //! which the cloud deduplicates.
 //!
-//! The directory is created (or reset to) mode 0700: the records hold the
-//! credentials needed to resume a download, readable by the agent's user
-//! alone. sled allows one process per store at a time.
+//! The directory is created (or reset to) mode 0700: the records of an
+//! upgrade under way hold the credentials needed to resume its download,
+//! readable by the agent's user alone. An upgrade that ends drops them from
+//! its record, and a delivered message its passPort (sled's log-structured
+//! files may hold the old bytes until sled reuses their space). sled allows
+//! one process per store at a time.
 //!
 //! # Key layout
 //!
@@ -653,7 +656,7 @@ impl Store {
     }
 
     /// The transport confirmed entry `seq`: move it to `sent` with the time
-    /// of delivery. Not flushed: after a crash the entry may be sent again
+    /// of delivery, without its passPort. Not flushed: after a crash the entry may be sent again
     /// with the same messageId. Idempotent.
     pub fn delivered(&self, seq: u64) -> Result<(), StoreError> {
         let s = &*self.inner;
@@ -666,7 +669,9 @@ impl Store {
                 }
                 return abort(StoreError::UnknownOutbox { seq });
             };
-            let entry = decode_outbox(&key, &v).or_else(abort)?;
+            let mut entry = decode_outbox(&key, &v).or_else(abort)?;
+            // Sent: its passPort has reached the cloud and is kept no longer.
+            entry.message = entry.message.without_secrets();
             let record = SentRecord::V1 {
                 entry,
                 delivered_at: at,

@@ -976,3 +976,56 @@ fn no_reports_when_reports_are_off() {
     assert!(t.outbox.is_empty());
     assert_eq!(t.job.expect("job").phase, Phase::Cancelled);
 }
+
+#[test]
+fn what_servers_say_reaches_no_record_or_report_with_a_credential_in_it() {
+    let job = at_phase(Phase::Downloading { offset: 0 }, 1);
+    let said = "530 login user refused password hunter2 (pass-port-secret)";
+    let t = apply(
+        &job,
+        Event::DownloadFailed {
+            failure: fwagent_state::Failure::new(result_no::AUTH, said, false),
+            durable_offset: 0,
+        },
+        1,
+    );
+    let clean = "530 login <redacted> refused password <redacted> (<redacted>)";
+    let ended = t.job.clone().expect("job");
+    assert_eq!(ended.last_error.as_deref(), Some(clean));
+    assert_eq!(
+        ended.result.as_ref().map(|o| o.description.as_str()),
+        Some(clean)
+    );
+    assert_eq!(t.log.as_ref().and_then(|l| l.error.as_deref()), Some(clean));
+    let report = t
+        .outbox
+        .iter()
+        .find_map(|o| match o {
+            Outgoing::Result {
+                result, subject, ..
+            } => Some((result, subject)),
+            _ => None,
+        })
+        .expect("a result report");
+    assert_eq!(report.0.description, clean);
+    // The report still carries its own passPort; the record no longer does.
+    assert_eq!(
+        report.1.pass_port.as_ref().map(|s| s.expose()),
+        Some("pass-port-secret")
+    );
+    assert!(ended.request.source.user.is_empty() && ended.request.source.password.is_empty());
+    assert_eq!(ended.request.pass_port, None);
+    // Details of a boot check are redacted too.
+    let t = apply(
+        &at_phase(Phase::AwaitingReboot, 1),
+        Event::Booted {
+            ok: false,
+            detail: "health check printed hunter2".into(),
+        },
+        1,
+    );
+    assert_eq!(
+        t.job.expect("job").last_error.as_deref(),
+        Some("health check printed <redacted>")
+    );
+}

@@ -534,3 +534,41 @@ fn a_lazy_commit_takes_only_figures_is_read_at_once_and_made_durable_by_the_next
         (7, Phase::Downloading { offset: 5 })
     );
 }
+
+#[test]
+fn an_ended_upgrade_and_its_delivered_reports_keep_no_credentials() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let store = open(tmp.path());
+    submit(&store, "MID:a", &md5('a'));
+    step(&store, Event::Start, 0);
+    let (t, entries) = step(&store, Event::Cancel, 1);
+    // The result report still carries its own passPort to the cloud.
+    let result = entries.last().expect("the result report");
+    match &result.message {
+        Outgoing::Result { subject, .. } => assert_eq!(
+            subject.pass_port.as_ref().map(|s| s.expose()),
+            Some("pass-port-secret")
+        ),
+        other => panic!("not a result: {other:?}"),
+    }
+    assert!(t
+        .commands
+        .contains(&fwagent_state::Command::Cleanup { job: 1 }));
+    for e in store.pending_outbox().expect("read") {
+        store.delivered(e.seq).expect("delivered");
+    }
+    drop(store);
+    let store = open(tmp.path());
+    let job = store.job(1).expect("read").expect("the job");
+    assert_eq!(job.phase, Phase::Cancelled);
+    assert!(job.request.source.user.is_empty() && job.request.source.password.is_empty());
+    assert_eq!(job.request.pass_port, None);
+    for (entry, delivered) in store.outbox_of(1).expect("read") {
+        assert!(delivered.is_some());
+        if let Outgoing::Progress { subject, .. } | Outgoing::Result { subject, .. } =
+            &entry.message
+        {
+            assert_eq!(subject.pass_port, None, "sent entry {}", entry.seq);
+        }
+    }
+}

@@ -501,6 +501,32 @@ pub fn upgrade_request(
     })
 }
 
+/// A seed example (`text`) with its server rewritten to `protocol` on
+/// 127.0.0.1:`port`, path `/`, and its file to `fw`, under a fresh
+/// messageId. The size goes under whichever spelling the example uses.
+pub fn seed_on(text: &str, protocol: &str, port: u16, fw: &Firmware) -> serde_json::Value {
+    let mut req: serde_json::Value = serde_json::from_str(text).expect("the seed example is JSON");
+    let server = &mut req["info"]["serverConfig"];
+    assert_eq!(
+        server["host"], "127.0.0.1",
+        "examples never name the seed's host"
+    );
+    server["protocol"] = protocol.into();
+    server["port"] = port.into();
+    server["path"] = "/".into();
+    let file = &mut req["info"]["fileInfo"];
+    file["firmwareName"] = format!("{} ", fw.name).into(); // as the seed: a trailing space
+    file["md5sum"] = fw.md5.clone().into();
+    let size_key = if file.get("totalSize").is_some() {
+        "totalSize"
+    } else {
+        "upgradeFileSize"
+    };
+    file[size_key] = fw.len.into();
+    req["messageId"] = format!("MID:{}", unique_name("seed")).into();
+    req
+}
+
 // ---------------------------------------------------------------- nginx access log
 
 /// One line of nginx's access log (the `fwjson` format in scripts/test-servers.sh).
