@@ -18,7 +18,7 @@ use super::{JobEvent, Transfer};
 use crate::crash;
 use actix::prelude::*;
 use bytes::{Bytes, BytesMut};
-use fwagent_state::{result_no, Event, Failure, Firmware, JobId, Protocol, Source};
+use fwagent_state::{result_no, Event, Failure, Firmware, JobId, Protocol, Redactor, Source};
 use std::collections::{HashMap, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::future::Future;
@@ -641,7 +641,10 @@ async fn run(
             },
         },
         Err(failure) => {
-            tracing::warn!(upgrade = msg.fetch.job, error = %failure.description, "download attempt failed");
+            // The server's words, before the state machine redacts them.
+            let source = &msg.fetch.source;
+            let said = Redactor::new([&source.user, &source.password]).text(&failure.description);
+            tracing::warn!(upgrade = msg.fetch.job, error = %said, "download attempt failed");
             let durable_offset = sink.sync().await.unwrap_or(sink.last_checkpoint);
             Event::DownloadFailed {
                 failure,

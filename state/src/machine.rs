@@ -635,6 +635,9 @@ fn download(job: &Job, offset: u64, delay: Duration) -> Command {
 /// A transition being built from one job.
 struct Step<'a> {
     from: PhaseName,
+    /// Over every text stored or reported (the job's credentials may be
+    /// forgotten before the transition is done).
+    redactor: Redactor,
     job: Job,
     now: OffsetDateTime,
     policy: &'a Policy,
@@ -647,6 +650,7 @@ impl<'a> Step<'a> {
         job.updated_at = now;
         Step {
             from: job.phase.name(),
+            redactor: job.request.redactor(),
             job,
             now,
             policy,
@@ -659,8 +663,8 @@ impl<'a> Step<'a> {
             at: self.now,
             from: Some(self.from),
             to: self.job.phase.name(),
-            event,
-            error,
+            event: self.redactor.text(&event),
+            error: error.map(|e| self.redactor.text(&e)),
         });
     }
 
@@ -718,6 +722,8 @@ impl<'a> Step<'a> {
     /// Enter a terminal phase: result recorded and reported once, partial
     /// file removed.
     fn finish(mut self, phase: Phase, result: Outcome, why: &str) -> Transition {
+        // Built from stored text too (`gave up …: {last_error}`).
+        let result = Outcome::new(result.error_no, self.redactor.text(&result.description));
         self.job.phase = phase;
         let error = (!result.is_ok()).then(|| result.description.clone());
         if error.is_some() {

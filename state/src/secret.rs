@@ -64,10 +64,27 @@ impl Redactor {
         Redactor { secrets }
     }
 
+    /// One pass, left to right, the longest secret first at each place: a
+    /// secret inside another, or inside the marker, is not replaced twice.
     pub fn text(&self, text: &str) -> String {
-        self.secrets.iter().fold(text.to_string(), |t, s| {
-            t.replace(s.as_str(), Self::REDACTED)
-        })
+        if self.secrets.is_empty() {
+            return text.to_string();
+        }
+        let mut out = String::with_capacity(text.len());
+        let mut rest = text;
+        while let Some(c) = rest.chars().next() {
+            match self.secrets.iter().find(|s| rest.starts_with(s.as_str())) {
+                Some(secret) => {
+                    out.push_str(Self::REDACTED);
+                    rest = &rest[secret.len()..];
+                }
+                None => {
+                    out.push(c);
+                    rest = &rest[c.len_utf8()..];
+                }
+            }
+        }
+        out
     }
 }
 
@@ -96,5 +113,15 @@ mod tests {
             "530 user <redacted>, password <redacted>, tab"
         );
         assert_eq!(Redactor::default().text("as is"), "as is");
+        // Neither a secret inside a longer one nor one inside the marker is
+        // replaced again.
+        let (long, inner, marker) = (
+            Secret::new("secret-act"),
+            Secret::new("act"),
+            Secret::new("red"),
+        );
+        let r = Redactor::new([&inner, &long, &marker]);
+        assert_eq!(r.text("x secret-act y act"), "x <redacted> y <redacted>");
+        assert_eq!(r.text("ünï act ü"), "ünï <redacted> ü");
     }
 }

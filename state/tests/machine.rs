@@ -1015,6 +1015,20 @@ fn what_servers_say_reaches_no_record_or_report_with_a_credential_in_it() {
     );
     assert!(ended.request.source.user.is_empty() && ended.request.source.password.is_empty());
     assert_eq!(ended.request.pass_port, None);
+    // Text stored before redaction existed is redacted when it is reused.
+    let old = Job {
+        last_error: Some("550 /home/user/fw.bin: no access".into()),
+        ..at_phase(Phase::Downloading { offset: 0 }, policy().download_attempts)
+    };
+    let t = apply(&old, Event::Start, 1);
+    let result = t.job.expect("job").result.expect("gave up");
+    assert!(
+        result
+            .description
+            .ends_with("550 /home/<redacted>/fw.bin: no access"),
+        "{}",
+        result.description
+    );
     // Details of a boot check are redacted too.
     let t = apply(
         &at_phase(Phase::AwaitingReboot, 1),

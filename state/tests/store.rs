@@ -505,6 +505,27 @@ fn a_lazy_commit_takes_only_figures_is_read_at_once_and_made_durable_by_the_next
         store.commit_lazily(&t).expect("lazy commit");
         let read = store.active().expect("read").expect("active");
         assert_eq!(read.bytes_done, 7, "read at once");
+        // A durable offset is no figure, even with nothing queued or logged.
+        let job = store.active().expect("read").expect("active");
+        let checkpoint = transition(
+            &job,
+            Event::Checkpoint {
+                offset: 3,
+                validator: Some("etag".into()),
+            },
+            at_ms(2),
+            &Policy::default(),
+        )
+        .expect("applies");
+        assert!(checkpoint.log.is_none() && checkpoint.outbox.is_empty());
+        assert!(matches!(
+            store.commit_lazily(&checkpoint),
+            Err(StoreError::Conflict { .. })
+        ));
+        assert_eq!(
+            store.active().expect("read").expect("active").phase,
+            Phase::Downloading { offset: 0 }
+        );
         // Anything that queues, logs or starts something must be flushed.
         let job = store.active().expect("read").expect("active");
         let cancel =
