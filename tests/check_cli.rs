@@ -350,3 +350,35 @@ fn a_failing_decoder_is_a_rejection_that_hides_the_credential() {
     assert_eq!(ack["result"]["errorNo"], 4);
     assert_no_secrets(&out);
 }
+
+#[test]
+fn limit_flags_the_agent_refuses_are_refused_by_check_too() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    for (flag, value, says) in [
+        ("--max-request-bytes", "0", "--max-request-bytes must be"),
+        (
+            "--max-request-bytes",
+            "99999999",
+            "--max-request-bytes must be",
+        ),
+        ("--max-id-bytes", "0", "--max-id-bytes must be at least 1"),
+    ] {
+        let check = fwagent(&[flag, value, "-"], Some(b"{}"));
+        assert_exit(&check, 2);
+        assert!(stdout(&check).is_empty(), "no ack for a usage error");
+        let state = dir.path().join("state");
+        let run = Command::new(env!("CARGO_BIN_EXE_fwagent"))
+            .args(["run", "--transport", "stdio", "--flash", "file:/dev/null"])
+            .arg("--state-dir")
+            .arg(&state)
+            .args([flag, value])
+            .stdin(Stdio::null())
+            .output()
+            .expect("fwagent run");
+        for out in [&check, &run] {
+            assert_eq!(out.status.code(), Some(2), "{flag} {value}");
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(err.contains(says), "{flag} {value}: {err}");
+        }
+    }
+}

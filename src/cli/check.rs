@@ -11,13 +11,25 @@
 //! rejected; 2 the request could not be read (or stdout could not be written).
 
 use super::{exit, CheckArgs};
-use crate::protocol::{self, ParseOptions, MAX_REQUEST_BYTES_CEILING};
+use crate::protocol::{self, MAX_REQUEST_BYTES_CEILING};
 use fwagent_state::Incoming;
 use std::io::{self, Read, Write};
 use std::path::Path;
 use std::process::ExitCode;
 
 pub fn main(args: CheckArgs) -> ExitCode {
+    let opts = match super::parse_options(
+        args.max_image_size,
+        args.credentials_decoder,
+        args.max_request_bytes,
+        args.max_id_bytes,
+    ) {
+        Ok(opts) => opts,
+        Err(e) => {
+            eprintln!("fwagent check: {e}");
+            return ExitCode::from(exit::USAGE);
+        }
+    };
     let bytes = match read_request(args.file.as_deref()) {
         Ok(bytes) => bytes,
         Err(e) => {
@@ -28,12 +40,6 @@ pub fn main(args: CheckArgs) -> ExitCode {
             eprintln!("fwagent check: cannot read {from}: {e}");
             return ExitCode::from(exit::USAGE);
         }
-    };
-    let opts = ParseOptions {
-        max_image_size: args.max_image_size,
-        credentials_decoder: args.credentials_decoder,
-        max_request_bytes: args.max_request_bytes,
-        max_id_bytes: args.max_id_bytes,
     };
     let incoming = protocol::parse_request(&bytes, &opts);
     let (ack_line, explained, accepted) = match &incoming {

@@ -76,6 +76,31 @@ pub struct CheckArgs {
     pub max_id_bytes: Option<usize>,
 }
 
+/// The request parser's options from the flags `run` and `check` both take,
+/// refused the same way by both (`check` parses exactly as the agent would).
+pub fn parse_options(
+    max_image_size: Option<u64>,
+    credentials_decoder: Option<String>,
+    max_request_bytes: Option<usize>,
+    max_id_bytes: Option<usize>,
+) -> Result<crate::protocol::ParseOptions, String> {
+    if let Some(n) = max_request_bytes {
+        let ceiling = crate::protocol::MAX_REQUEST_BYTES_CEILING;
+        if n == 0 || n > ceiling {
+            return Err(format!("--max-request-bytes must be 1..={ceiling}"));
+        }
+    }
+    if max_id_bytes == Some(0) {
+        return Err("--max-id-bytes must be at least 1".into());
+    }
+    Ok(crate::protocol::ParseOptions {
+        max_image_size,
+        credentials_decoder,
+        max_request_bytes,
+        max_id_bytes,
+    })
+}
+
 #[derive(Args, Debug, Clone)]
 pub struct StateArgs {
     /// Where the agent keeps its store.

@@ -210,15 +210,12 @@ fn host_name() -> String {
 impl AgentConfig {
     pub fn from_args(args: RunArgs) -> Result<AgentConfig, String> {
         let a = args.merged()?;
-        if let Some(n) = a.max_request_bytes {
-            let ceiling = crate::protocol::MAX_REQUEST_BYTES_CEILING;
-            if n == 0 || n > ceiling {
-                return Err(format!("--max-request-bytes must be 1..={ceiling}"));
-            }
-        }
-        if a.max_id_bytes == Some(0) {
-            return Err("--max-id-bytes must be at least 1".into());
-        }
+        let parse = super::parse_options(
+            a.max_image_size,
+            a.credentials_decoder.clone(),
+            a.max_request_bytes,
+            a.max_id_bytes,
+        )?;
         let flash = a
             .flash
             .as_deref()
@@ -296,12 +293,7 @@ impl AgentConfig {
             http: Arc::new(http),
             flash,
             flash_options,
-            parse: ParseOptions {
-                max_image_size: a.max_image_size,
-                credentials_decoder: a.credentials_decoder,
-                max_request_bytes: a.max_request_bytes,
-                max_id_bytes: a.max_id_bytes,
-            },
+            parse,
             policy: Policy {
                 download_attempts: a
                     .download_attempts
