@@ -9,11 +9,11 @@
 //! | `before-request-commit` | a request was read; nothing is committed yet |
 //! | `after-accept` | the accept is committed; the ack is not sent yet |
 //! | `mid-download` | half the image is written to the partial file (`ab:` the slot), not checkpointed |
-//! | `after-checkpoint-fsync` | the partial file is fsynced; the offset is not committed |
+//! | `after-checkpoint-fsync` | the partial file (`ab:` the slot) is fsynced; the offset is not committed |
 //! | `after-checkpoint` | a checkpoint's offset is committed |
 //! | `after-download` | every byte is fsynced; `downloaded` is not committed |
 //! | `mid-verify` | verification is under way |
-//! | `mid-flash` | half the image is written to the flash target |
+//! | `mid-flash` | half the image is written to the flash target (`ab:` only when copied from `downloads/`) |
 //! | `after-flash` | the image is installed and read back; `flashed` is not committed |
 //! | `before-delivered` | an outgoing message is sent; its delivery is not recorded |
 //! | `after-slot-write` | `ab:` the slot holds the verified image; next-boot not switched |

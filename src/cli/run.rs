@@ -63,7 +63,8 @@ pub struct RunArgs {
     /// Retained `online`/`offline` (the last will) [default: devices/{deviceId}/status].
     #[arg(long)]
     pub status_topic: Option<String>,
-    /// Where verified images go: file:PATH, ab:DIR (docs/AB-SLOTS.md) or
+    /// Where images go: file:PATH (once verified), ab:DIR (streamed into the
+    /// inactive slot, booted only once verified; docs/AB-SLOTS.md) or
     /// command:CMD (an installer; `{image}` is replaced by the image's path).
     #[arg(long)]
     pub flash: Option<String>,

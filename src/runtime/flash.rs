@@ -3,16 +3,18 @@
 //!
 //! - `--flash file:PATH` writes the image to a file or block device, fsyncs
 //!   it, reads it back and compares the md5.
-//! - `--flash ab:DIR` does the same to the inactive one of two slots, then
-//!   points the boot-control record's next-boot at it ([`ab`], and
+//! - `--flash ab:DIR`: the download has already streamed the image into the
+//!   inactive one of two slots (`super::staging`); this fsyncs it and points
+//!   the boot-control record's next-boot at it (an image left in
+//!   `downloads/` by another `--flash` is copied in first) ([`ab`], and
 //!   docs/AB-SLOTS.md); the upgrade waits in `awaiting_reboot`. After the
 //!   reboot [`CheckBoot`] finds out which slot runs, runs the health check and
 //!   commits, or reports the roll-back.
 //! - `--flash command:CMD` runs an installer (`rauc install {image}`) with a
 //!   deadline; exit 0 is success ([`exec`]).
 //!
-//! Flashing is repeatable: after a crash the whole image is written (or the
-//! installer run) again. The actor runs on its own thread, so long writes and
+//! Flashing is repeatable: after a crash the image is written (`file:`), the
+//! switch made (`ab:`) or the installer run again. The actor runs on its own thread, so long writes and
 //! commands never stall messaging.
 //!
 //! Crash points of this module (see `crate::crash`): `mid-flash`,

@@ -10,9 +10,11 @@
 //! back from the slot and compares it with what it wrote, so the md5 that
 //! verification computes is the slot's content (docs/AB-SLOTS.md).
 //!
-//! The Download actor stages and unstages; the Upgrade actor only asks where
-//! the image is. Neither runs while the Flash actor switches or commits the
-//! record (one upgrade at a time, one phase at a time).
+//! The Download actor stages; the Upgrade actor asks where the image is and
+//! how much room there is, and discards what an ended upgrade staged (both
+//! actors do, for a task waking late). Neither writes the record while the
+//! Flash actor switches or commits it (one upgrade at a time, one phase at a
+//! time).
 
 use super::flash::ab;
 use super::flash::FlashSpec;

@@ -3,7 +3,8 @@
 //! Every handler does the same three things, in this order (ARCHITECTURE.md,
 //! "Durability rules"): apply the event with the pure state machine, commit
 //! the result in one sled transaction (flushed), and only then send the
-//! outbox and start the commands. After a restart it re-sends the pending
+//! outbox and start the commands. (A progress figure that queues and starts
+//! nothing is committed without the flush: `Store::commit_lazily`.) After a restart it re-sends the pending
 //! outbox and restarts the active upgrade's current phase.
 
 use super::download::{AbortDownload, FetchJob, StartDownload};

@@ -242,7 +242,8 @@ pub enum Command {
     CheckBoot { job: JobId },
     /// Stop any work under way for this job.
     Abort { job: JobId },
-    /// Remove the job's partial file.
+    /// The job has ended: remove what it staged (its partial file, a slot's
+    /// `writing` note) and take back a trial boot still pending for it.
     Cleanup { job: JobId },
 }
 
@@ -719,8 +720,8 @@ impl<'a> Step<'a> {
         self.finish(Phase::Failed, outcome, "upgrade failed")
     }
 
-    /// Enter a terminal phase: result recorded and reported once, partial
-    /// file removed.
+    /// Enter a terminal phase: result recorded and reported once, what was
+    /// staged cleaned up, the request's credentials dropped.
     fn finish(mut self, phase: Phase, result: Outcome, why: &str) -> Transition {
         // Built from stored text too (`gave up …: {last_error}`).
         let result = Outcome::new(result.error_no, self.redactor.text(&result.description));

@@ -4,6 +4,8 @@
 //! that handles a user name, password or `passPort` in clear is easy to find.
 //! Serialisation writes the plain text (the store needs it to resume), which is
 //! why the store lives in a 0700 directory and no CLI shape serialises a `Secret`.
+//! [`Redactor`] puts `<redacted>` over secrets in free text (what servers and
+//! commands say) before the state machine stores or reports it.
 
 use serde::{Deserialize, Serialize};
 use std::fmt;
