@@ -22,20 +22,6 @@ const LONG: Duration = Duration::from_secs(120);
 /// The seed's directory, recreated under each server's root.
 const SEED_DIR: &str = "download/DAP-2020SSA_3200_6200/C007V001";
 
-/// The only result report of a run, as (errorNo, description).
-fn only_result(run: &Run) -> (u64, String) {
-    let lines = run.json_lines();
-    let r = results(&lines);
-    assert_eq!(r.len(), 1, "one result report: {run}");
-    (
-        r[0]["result"]["errorNo"].as_u64().unwrap_or(u64::MAX),
-        r[0]["result"]["description"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string(),
-    )
-}
-
 /// The seed's first message pointed at an FTP server: its port and
 /// credentials replaced, its path kept, the file one we put there.
 fn seed_request(port: u16, user: &str, pass: &str, fw: &Firmware) -> Value {
@@ -116,7 +102,11 @@ fn wrong_password_is_21_and_never_shown() {
     let mut req = servers.ftp_request(&fw);
     req["info"]["serverConfig"]["password"] = b64(secret).into();
     let run = run_stdio_upgrade(&dir.path().join("state"), &target, &[req], &no_env(), LONG);
-    let (no, description) = only_result(&run);
+    let ResultReport {
+        error_no: no,
+        description,
+        ..
+    } = only_result(&run);
     assert_eq!(no, 21, "{run}");
     assert!(description.contains("530"), "{description}");
     assert!(
@@ -140,7 +130,11 @@ fn missing_file_is_22_on_both_servers() {
         &no_env(),
         LONG,
     );
-    let (no, description) = only_result(&run);
+    let ResultReport {
+        error_no: no,
+        description,
+        ..
+    } = only_result(&run);
     assert_eq!(no, 22, "{run}");
     assert!(description.contains("550"), "{description}");
 
@@ -153,7 +147,7 @@ fn missing_file_is_22_on_both_servers() {
         &no_env(),
         LONG,
     );
-    assert_eq!(only_result(&run).0, 22, "{run}");
+    assert_eq!(only_result(&run).error_no, 22, "{run}");
     assert!(!target.exists(), "nothing is flashed");
 }
 
@@ -173,7 +167,11 @@ fn nothing_listening_is_20_after_bounded_retries() {
         &[req],
         LONG,
     );
-    let (no, description) = only_result(&run);
+    let ResultReport {
+        error_no: no,
+        description,
+        ..
+    } = only_result(&run);
     assert_eq!(no, 20, "{run}");
     assert!(description.contains("127.0.0.1"), "{description}");
     assert!(
@@ -201,7 +199,11 @@ fn size_mismatch_is_30_without_retr_on_both_servers() {
             &no_env(),
             LONG,
         );
-        let (no, description) = only_result(&run);
+        let ResultReport {
+            error_no: no,
+            description,
+            ..
+        } = only_result(&run);
         assert_eq!(no, 30, "{run}");
         assert!(description.contains("200000"), "{description}");
     }
@@ -215,7 +217,7 @@ fn size_mismatch_is_30_without_retr_on_both_servers() {
     let mut req = servers.vsftpd_request(&fw);
     req["info"]["fileInfo"]["upgradeFileSize"] = 123_456.into();
     let run = run_stdio_upgrade(&dir.path().join("v"), &target, &[req], &no_env(), LONG);
-    assert_eq!(only_result(&run).0, 30, "{run}");
+    assert_eq!(only_result(&run).error_no, 30, "{run}");
     let commands = vsftpd_commands(&servers, &fw.name);
     assert!(
         commands.iter().any(|c| c.starts_with("SIZE ")),
@@ -273,7 +275,11 @@ fn a_file_changed_between_crash_and_resume_is_fetched_again_not_spliced() {
     std::thread::sleep(Duration::from_millis(1100));
     fw.rewrite(b_seed);
     let second = run_stdio_upgrade(&state, &target, &[], &no_env(), LONG);
-    assert_eq!(only_result(&second).0, 0, "no splice of A and B: {second}");
+    assert_eq!(
+        only_result(&second).error_no,
+        0,
+        "no splice of A and B: {second}"
+    );
     assert_eq!(md5_file(&target), b_md5);
     assert!(
         second.stderr.contains("starting from zero"),

@@ -12,14 +12,12 @@ mod common;
 
 use common::*;
 use serde_json::Value;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
-
-const LIMIT: Duration = Duration::from_secs(60);
 
 /// What the data connection does after `RETR`.
 #[derive(Clone, Copy, Debug)]
@@ -213,79 +211,6 @@ async fn send_data(conn: &mut TcpStream, rest: &[u8], data: Data) -> bool {
 
 // ---------------------------------------------------------------- the agent
 
-struct Outcome {
-    run: Run,
-    took: Duration,
-    state: PathBuf,
-    target: PathBuf,
-}
-
-fn run_agent(dir: &Path, req: &Value, attempts: &str) -> Outcome {
-    let state = dir.join("state");
-    let target = dir.join("flash.bin");
-    let mut cmd = fwagent([
-        "run",
-        "--transport",
-        "stdio",
-        "--connect-timeout",
-        "2",
-        "--idle-timeout",
-        "2",
-        "--retry-base-ms",
-        "50",
-        "--download-attempts",
-        attempts,
-    ]);
-    cmd.arg("--state-dir")
-        .arg(&state)
-        .arg("--flash")
-        .arg(format!("file:{}", target.display()));
-    let started = Instant::now();
-    let run = run_with_timeout(cmd, format!("{req}\n").as_bytes(), LIMIT);
-    Outcome {
-        run,
-        took: started.elapsed(),
-        state,
-        target,
-    }
-}
-
-impl Outcome {
-    /// The one result report: (errorNo, description).
-    fn result(&self) -> (u64, String) {
-        let lines = self.run.json_lines();
-        let r: Vec<&Value> = lines
-            .iter()
-            .filter(|v| v["operator"] == "reportCloudUpgradeResult")
-            .collect();
-        assert_eq!(r.len(), 1, "{}", self.run);
-        (
-            r[0]["result"]["errorNo"].as_u64().unwrap_or(u64::MAX),
-            r[0]["result"]["description"]
-                .as_str()
-                .unwrap_or_default()
-                .to_string(),
-        )
-    }
-
-    fn assert_failed(&self, error_no: u64) -> String {
-        assert_eq!(self.run.code(), Some(0), "{}", self.run);
-        let (no, description) = self.result();
-        assert_eq!(no, error_no, "{description}\n{}", self.run);
-        assert!(self.took < Duration::from_secs(30), "took {:?}", self.took);
-        assert!(!self.target.exists(), "nothing is flashed");
-        self.assert_no_partial_file();
-        description
-    }
-
-    fn assert_no_partial_file(&self) {
-        let left: Vec<_> = std::fs::read_dir(self.state.join("downloads"))
-            .map(|d| d.flatten().map(|e| e.path()).collect())
-            .unwrap_or_default();
-        assert!(left.is_empty(), "partial files left: {left:?}");
-    }
-}
-
 fn image(dir: &Path, len: u64) -> (Firmware, Vec<u8>) {
     let fw = Firmware::create(dir, "hostile-ftp", len);
     let bytes = fw.bytes();
@@ -303,9 +228,13 @@ fn a_pasv_reply_naming_another_host_is_not_followed() {
     let dir = temp_dir();
     let (fw, bytes) = image(dir.path(), 200_000);
     let server = FakeFtp::start(bytes, Data::Honest, true);
-    let out = run_agent(dir.path(), &request(server.port, &fw), "2");
+    let out = run_short(
+        dir.path(),
+        &request(server.port, &fw),
+        &[("--download-attempts", "2")],
+    );
     assert_eq!(out.run.code(), Some(0), "{}", out.run);
-    assert_eq!(out.result().0, 0, "{}", out.run);
+    assert_eq!(only_result(&out.run).error_no, 0, "{}", out.run);
     assert_eq!(md5_file(&out.target), fw.md5);
     assert_eq!(
         server.decoy_hits.load(Ordering::SeqCst),
@@ -319,8 +248,12 @@ fn more_data_than_size_said_is_30() {
     let dir = temp_dir();
     let (fw, bytes) = image(dir.path(), 200_000);
     let server = FakeFtp::start(bytes, Data::More { extra: 10_000 }, false);
-    let out = run_agent(dir.path(), &request(server.port, &fw), "3");
-    let why = out.assert_failed(30);
+    let out = run_short(
+        dir.path(),
+        &request(server.port, &fw),
+        &[("--download-attempts", "3")],
+    );
+    let why = out.assert_failed(30, Duration::from_secs(30));
     assert!(why.contains("more than the declared"), "{why}");
     assert_eq!(
         server.sent("RETR").len(),
@@ -334,8 +267,12 @@ fn a_data_connection_that_stops_short_every_time_is_23_after_the_attempts() {
     let dir = temp_dir();
     let (fw, bytes) = image(dir.path(), 200_000);
     let server = FakeFtp::start(bytes, Data::Short { cut: 30_000 }, false);
-    let out = run_agent(dir.path(), &request(server.port, &fw), "3");
-    out.assert_failed(23);
+    let out = run_short(
+        dir.path(),
+        &request(server.port, &fw),
+        &[("--download-attempts", "3")],
+    );
+    out.assert_failed(23, Duration::from_secs(30));
     assert_eq!(server.sent("RETR").len(), 3, "{:#?}", server.commands());
     assert_eq!(
         server.sent("REST"),
@@ -349,8 +286,12 @@ fn a_data_connection_that_drips_is_too_slow() {
     let dir = temp_dir();
     let (fw, bytes) = image(dir.path(), 100_000);
     let server = FakeFtp::start(bytes, Data::Drip, false);
-    let out = run_agent(dir.path(), &request(server.port, &fw), "2");
-    let why = out.assert_failed(23);
+    let out = run_short(
+        dir.path(),
+        &request(server.port, &fw),
+        &[("--download-attempts", "2")],
+    );
+    let why = out.assert_failed(23, Duration::from_secs(30));
     assert!(why.contains("too slow"), "{why}");
     assert_eq!(server.sent("RETR").len(), 2);
 }

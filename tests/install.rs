@@ -269,18 +269,10 @@ fn ab_new_slot_that_never_boots_falls_back_and_reports_51() {
 
     let second = gw.run(&[], &[], None);
     assert_eq!(second.code(), Some(0), "{second}");
-    let lines = second.json_lines();
-    let res = results(&lines);
-    assert_eq!(res.len(), 1, "{second}");
-    assert_eq!(res[0]["result"]["errorNo"], 51, "{second}");
-    assert_eq!(res[0]["info"]["phase"], "rolled_back");
-    assert!(
-        res[0]["result"]["description"]
-            .as_str()
-            .unwrap_or("")
-            .contains("fell back"),
-        "{second}"
-    );
+    let res = only_result(&second);
+    assert_eq!(res.error_no, 51, "{second}");
+    assert_eq!(res.phase, "rolled_back");
+    assert!(res.description.contains("fell back"), "{second}");
     assert_eq!(status(&gw.state)["phase"], "rolled_back");
     assert_record(&gw.record(), "a", None, "a");
     assert_eq!(
@@ -310,12 +302,10 @@ fn ab_failed_health_check_rolls_back_and_reboots_into_the_old_slot() {
         None,
     );
     assert_eq!(second.code(), Some(0), "{second}");
-    let lines = second.json_lines();
-    let res = results(&lines);
-    assert_eq!(res.len(), 1, "{second}");
-    assert_eq!(res[0]["result"]["errorNo"], 51, "{second}");
-    assert_eq!(res[0]["info"]["phase"], "rolled_back");
-    let description = res[0]["result"]["description"].as_str().unwrap_or("");
+    let res = only_result(&second);
+    assert_eq!(res.error_no, 51, "{second}");
+    assert_eq!(res.phase, "rolled_back");
+    let description = res.description;
     assert!(
         description.contains("health check failed") && description.contains("app-not-responding"),
         "{description}"
@@ -374,9 +364,8 @@ fn crash_before_the_reboot_then_complete(servers: &Servers, point: &str) {
     let third = gw.run(&[], &[], None);
     assert_eq!(third.code(), Some(0), "{point}: {third}");
     let lines = all_lines([&first, &second, &third]);
-    let res = results(&lines);
-    assert_eq!(res.len(), 1, "{point}: one result: {lines:#?}");
-    assert_eq!(res[0]["result"]["errorNo"], 0, "{point}: {lines:#?}");
+    let res = only_result_among(&lines, &format!("{point}: {lines:#?}"));
+    assert_eq!(res.error_no, 0, "{point}: {lines:#?}");
     assert_record(&gw.record(), "b", None, "b");
 }
 
@@ -429,9 +418,8 @@ fn ab_kill_9_during_the_commit_recovers_and_reports_once_after_it() {
         let third = gw.run(&[], &health, None);
         assert_eq!(third.code(), Some(0), "{point}: {third}");
         let lines = all_lines([&first, &second, &third]);
-        let res = results(&lines);
-        assert_eq!(res.len(), 1, "{point}: one result: {lines:#?}");
-        assert_eq!(res[0]["result"]["errorNo"], 0, "{point}: {lines:#?}");
+        let res = only_result_among(&lines, &format!("{point}: {lines:#?}"));
+        assert_eq!(res.error_no, 0, "{point}: {lines:#?}");
         assert_record(&gw.record(), "b", None, "b");
         assert_eq!(status(&gw.state)["phase"], "completed", "{point}");
     }
@@ -459,11 +447,9 @@ fn ab_an_image_that_kills_the_agent_on_every_boot_ends_rolled_back() {
     assert_eq!(runs, 4, "three trial boots, then the old slot");
     let last = gw.run(&[], &[], None);
     assert_eq!(last.code(), Some(0), "{last}");
-    let lines = last.json_lines();
-    let res = results(&lines);
-    assert_eq!(res.len(), 1, "{last}");
-    assert_eq!(res[0]["result"]["errorNo"], 51, "{last}");
-    assert_eq!(res[0]["info"]["phase"], "rolled_back", "{last}");
+    let res = only_result(&last);
+    assert_eq!(res.error_no, 51, "{last}");
+    assert_eq!(res.phase, "rolled_back", "{last}");
     assert_record(&gw.record(), "a", None, "a");
 }
 
@@ -493,10 +479,10 @@ fn ab_a_reboot_that_never_happens_ends_failed_not_in_a_loop() {
         "three boot checks, then the fourth start gives up"
     );
     assert_eq!(gw.reboots(), 4, "every check asked for the reboot again");
-    let last = runs.last().expect("a run").json_lines();
-    let res = results(&last);
-    assert_eq!(res[0]["result"]["errorNo"], 51, "{last:#?}");
-    assert_eq!(res[0]["info"]["phase"], "failed", "{last:#?}");
+    let last = runs.last().expect("a run");
+    let res = only_result(last);
+    assert_eq!(res.error_no, 51, "{last}");
+    assert_eq!(res.phase, "failed", "{last}");
     // The trial is taken back: the device never boots what was reported failed.
     let r = gw.record();
     assert_record(&r, "a", None, "a");
@@ -528,10 +514,7 @@ fn ab_without_a_reboot_command_agent_restarts_before_the_reboot_do_not_count() {
     // The reboot, at last.
     assert_eq!(gw.power_on(None), "b");
     let last = gw.run(&[], &args, None);
-    let lines = last.json_lines();
-    let res = results(&lines);
-    assert_eq!(res.len(), 1, "{last}");
-    assert_eq!(res[0]["result"]["errorNo"], 0, "{last}");
+    assert_eq!(only_result(&last).error_no, 0, "{last}");
     assert_record(&gw.record(), "b", None, "b");
 }
 
@@ -621,10 +604,7 @@ fn ab_a_bad_image_in_the_slot_is_never_made_bootable() {
     req["info"]["fileInfo"]["md5sum"] = "0123456789abcdef0123456789abcdef".into();
     let run = gw.run(&[&req], &[], None);
     assert_eq!(run.code(), Some(0), "{run}");
-    let lines = run.json_lines();
-    let res = results(&lines);
-    assert_eq!(res.len(), 1, "{run}");
-    assert_eq!(res[0]["result"]["errorNo"], 31, "{run}");
+    assert_eq!(only_result(&run).error_no, 31, "{run}");
     let r = gw.record();
     assert_record(&r, "a", None, "a");
     assert!(r["md5"]["b"].is_null() && r["trial"].is_null(), "{r}");
@@ -831,9 +811,8 @@ fn ab_power_lost_after_the_switch_but_before_its_commit_still_completes() {
     let second = gw.run(&[], &[], None);
     assert_eq!(second.code(), Some(0), "{second}");
     let lines = all_lines([&first, &second]);
-    let res = results(&lines);
-    assert_eq!(res.len(), 1, "{second}");
-    assert_eq!(res[0]["result"]["errorNo"], 0, "{second}");
+    let res = only_result_among(&lines, &second);
+    assert_eq!(res.error_no, 0, "{second}");
     assert_record(&gw.record(), "b", None, "b");
     assert_eq!(gw.reboots(), 0, "no reboot: the new slot already ran");
 }
@@ -903,11 +882,9 @@ fn command_installer_that_succeeds_completes_with_its_output_in_the_log() {
         None,
     );
     assert_eq!(run.code(), Some(0), "{run}");
-    let lines = run.json_lines(); // every stdout line is protocol JSON
-    let res = results(&lines);
-    assert_eq!(res.len(), 1, "{run}");
-    assert_eq!(res[0]["result"]["errorNo"], 0, "{run}");
-    assert_eq!(res[0]["info"]["phase"], "completed");
+    let res = only_result(&run); // every stdout line is protocol JSON
+    assert_eq!(res.error_no, 0, "{run}");
+    assert_eq!(res.phase, "completed");
     assert_eq!(md5_file(&target), fw.md5);
     assert!(
         run.stderr.contains("installer-stdout-line")
@@ -934,31 +911,14 @@ fn command_installer_that_fails_gives_50() {
         None,
     );
     assert_eq!(run.code(), Some(0), "{run}");
-    let lines = run.json_lines();
-    let res = results(&lines);
-    assert_eq!(res.len(), 1, "{run}");
-    assert_eq!(res[0]["result"]["errorNo"], 50, "{run}");
-    assert_eq!(res[0]["info"]["phase"], "failed");
-    let description = res[0]["result"]["description"].as_str().unwrap_or("");
+    let res = only_result(&run);
+    assert_eq!(res.error_no, 50, "{run}");
+    assert_eq!(res.phase, "failed");
+    let description = res.description;
     assert!(
         description.contains("exit status 3") && description.contains("bundle-signature-invalid"),
         "{description}"
     );
-}
-
-fn alive(pid: i32) -> bool {
-    // SAFETY: signal 0 only checks that the process exists.
-    let exists = unsafe { libc::kill(pid, 0) } == 0;
-    let zombie = fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| {
-            s.rsplit(')')
-                .next()
-                .unwrap_or("")
-                .trim_start()
-                .starts_with('Z')
-        })
-        .unwrap_or(false);
-    exists && !zombie
 }
 
 #[test]
@@ -981,17 +941,9 @@ fn command_installer_that_hangs_is_killed_at_the_timeout_with_50() {
         started.elapsed() < Duration::from_secs(60),
         "bounded by the timeout"
     );
-    let lines = run.json_lines();
-    let res = results(&lines);
-    assert_eq!(res.len(), 1, "{run}");
-    assert_eq!(res[0]["result"]["errorNo"], 50, "{run}");
-    assert!(
-        res[0]["result"]["description"]
-            .as_str()
-            .unwrap_or("")
-            .contains("timed out after 2 s"),
-        "{run}"
-    );
+    let res = only_result(&run);
+    assert_eq!(res.error_no, 50, "{run}");
+    assert!(res.description.contains("timed out after 2 s"), "{run}");
     let pid: i32 = fs::read_to_string(&pidfile)
         .expect("pid file")
         .trim()
@@ -1035,9 +987,8 @@ fn command_installer_interrupted_by_a_crash_is_run_again_on_restart() {
     let second = run_installer(&state, &cmd, &[], &[], None);
     assert_eq!(second.code(), Some(0), "{second}");
     let lines = all_lines([&first, &second]);
-    let res = results(&lines);
-    assert_eq!(res.len(), 1, "{lines:#?}");
-    assert_eq!(res[0]["result"]["errorNo"], 0, "{lines:#?}");
+    let res = only_result_among(&lines, &format!("{lines:#?}"));
+    assert_eq!(res.error_no, 0, "{lines:#?}");
     assert_eq!(md5_file(&target), fw.md5);
     let after = fs::read_to_string(&log).expect("installer log");
     assert_eq!(after.matches("done").count(), 1, "{after}");
@@ -1064,9 +1015,7 @@ fn command_installer_that_kills_the_agent_ends_failed_not_in_a_loop() {
         4,
         "three flash attempts, then the fourth start gives up"
     );
-    let lines = last.json_lines();
-    let res = results(&lines);
-    assert_eq!(res.len(), 1, "{last}");
-    assert_eq!(res[0]["result"]["errorNo"], 50, "{last}");
-    assert_eq!(res[0]["info"]["phase"], "failed");
+    let res = only_result(last);
+    assert_eq!(res.error_no, 50, "{last}");
+    assert_eq!(res.phase, "failed");
 }

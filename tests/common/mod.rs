@@ -246,11 +246,7 @@ impl Servers {
         // SAFETY: kill(2) on a pid read from the broker's own pid file.
         unsafe { libc::kill(pid, sig) };
         wait_port_closed(self.mqtt_port, Duration::from_secs(10));
-        wait_until(Duration::from_secs(10), "mosquitto to exit", || {
-            // SAFETY: signal 0 only checks that the process exists.
-            let gone = unsafe { libc::kill(pid, 0) } != 0;
-            gone || is_zombie(pid)
-        });
+        wait_until(Duration::from_secs(10), "mosquitto to exit", || !alive(pid));
         let _ = fs::remove_file(&self.mosquitto_pidfile);
     }
 
@@ -606,6 +602,13 @@ pub fn wait_port_closed(port: u16, timeout: Duration) {
     });
 }
 
+/// The process exists and is not a zombie.
+pub fn alive(pid: i32) -> bool {
+    // SAFETY: signal 0 only checks that the process exists.
+    let exists = unsafe { libc::kill(pid, 0) } == 0;
+    exists && !is_zombie(pid)
+}
+
 fn is_zombie(pid: i32) -> bool {
     fs::read_to_string(format!("/proc/{pid}/stat"))
         .map(|s| {
@@ -899,6 +902,35 @@ pub fn results(lines: &[serde_json::Value]) -> Vec<&serde_json::Value> {
         .collect()
 }
 
+/// What a result report says.
+#[derive(Debug)]
+pub struct ResultReport {
+    pub error_no: u64,
+    pub phase: String,
+    pub description: String,
+}
+
+/// The one result report among `lines` (asserted: exactly one); `what` says
+/// where the lines came from, for the failure message.
+pub fn only_result_among(
+    lines: &[serde_json::Value],
+    what: &dyn std::fmt::Display,
+) -> ResultReport {
+    let r = results(lines);
+    assert_eq!(r.len(), 1, "one result report: {what}");
+    let text = |v: &serde_json::Value| v.as_str().unwrap_or_default().to_string();
+    ResultReport {
+        error_no: r[0]["result"]["errorNo"].as_u64().unwrap_or(u64::MAX),
+        phase: text(&r[0]["info"]["phase"]),
+        description: text(&r[0]["result"]["description"]),
+    }
+}
+
+/// The one result report `run` printed (asserted: exactly one).
+pub fn only_result(run: &Run) -> ResultReport {
+    only_result_among(&run.json_lines(), run)
+}
+
 /// All stdout lines of several runs, in order.
 pub fn all_lines<'a>(runs: impl IntoIterator<Item = &'a Run>) -> Vec<serde_json::Value> {
     runs.into_iter().flat_map(|r| r.json_lines()).collect()
@@ -948,6 +980,125 @@ pub fn assert_installed(
         !state.join("downloads").read_dir().unwrap().any(|_| true),
         "the partial file is removed once the upgrade ends"
     );
+}
+
+// ---------------------------------------------------------------- hostile servers
+
+/// Generous: every hostile case is designed to end within seconds.
+pub const SHORT_RUN_LIMIT: Duration = Duration::from_secs(60);
+
+/// One run of the agent against a misbehaving server ([`run_short`]).
+pub struct ShortRun {
+    pub run: Run,
+    pub took: Duration,
+    pub state: PathBuf,
+    pub target: PathBuf,
+}
+
+/// The short limits every hostile case runs with (`extra` in [`run_short`]
+/// may replace them).
+pub const SHORT_LIMITS: [(&str, &str); 4] = [
+    ("--connect-timeout", "2"),
+    ("--idle-timeout", "2"),
+    ("--download-attempts", "3"),
+    ("--retry-base-ms", "50"),
+];
+
+/// `fwagent run` over stdio with [`SHORT_LIMITS`] and `extra` flags, fed
+/// `req` then EOF, into `DIR/state` and `--flash file:DIR/flash.bin`.
+pub fn run_short(dir: &Path, req: &serde_json::Value, extra: &[(&str, &str)]) -> ShortRun {
+    let state = dir.join("state");
+    let target = dir.join("flash.bin");
+    let mut cmd = fwagent(["run", "--transport", "stdio"]);
+    for (flag, value) in SHORT_LIMITS {
+        if !extra.iter().any(|(f, _)| *f == flag) {
+            cmd.arg(flag).arg(value);
+        }
+    }
+    for (flag, value) in extra {
+        cmd.arg(flag).arg(value);
+    }
+    cmd.arg("--state-dir")
+        .arg(&state)
+        .arg("--flash")
+        .arg(format!("file:{}", target.display()));
+    let started = Instant::now();
+    let run = run_with_timeout(cmd, format!("{req}\n").as_bytes(), SHORT_RUN_LIMIT);
+    ShortRun {
+        run,
+        took: started.elapsed(),
+        state,
+        target,
+    }
+}
+
+impl ShortRun {
+    /// Ended in `failed` with `error_no` within `bound`: acked 0, nothing
+    /// flashed, no partial file, the store says the same. Returns the
+    /// description.
+    pub fn assert_failed(&self, error_no: u64, bound: Duration) -> String {
+        assert_eq!(self.run.code(), Some(0), "{}", self.run);
+        let lines = self.run.json_lines();
+        assert_eq!(lines[0]["result"]["errorNo"], 0, "acked: {}", self.run);
+        let ResultReport {
+            error_no: no,
+            phase,
+            description,
+        } = only_result(&self.run);
+        assert_eq!(
+            (no, phase.as_str()),
+            (error_no, "failed"),
+            "{description}\n{}",
+            self.run
+        );
+        assert!(
+            self.took < bound,
+            "took {:?}, bound {bound:?}: {}",
+            self.took,
+            self.run
+        );
+        assert!(!self.target.exists(), "nothing is flashed");
+        self.assert_no_partial_file();
+        let status = run_fwagent(
+            [
+                "status",
+                "--json",
+                "--state-dir",
+                self.state.to_str().unwrap(),
+            ],
+            b"",
+            SHORT_RUN_LIMIT,
+        );
+        let job: serde_json::Value =
+            serde_json::from_str(status.stdout.trim()).unwrap_or_else(|e| panic!("{e}: {status}"));
+        assert_eq!(job["phase"], "failed", "{status}");
+        assert_eq!(job["result"]["errorNo"], error_no, "{status}");
+        description
+    }
+
+    pub fn assert_completed(&self, fw: &Firmware) {
+        assert_eq!(self.run.code(), Some(0), "{}", self.run);
+        let ResultReport {
+            error_no: no,
+            phase,
+            description,
+        } = only_result(&self.run);
+        assert_eq!(
+            (no, phase.as_str()),
+            (0, "completed"),
+            "{description}\n{}",
+            self.run
+        );
+        assert_eq!(md5_file(&self.target), fw.md5, "the right image");
+        self.assert_no_partial_file();
+    }
+
+    pub fn assert_no_partial_file(&self) {
+        let left: Vec<_> = std::fs::read_dir(self.state.join("downloads"))
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        assert!(left.is_empty(), "partial files left: {left:?}");
+    }
 }
 
 // ---------------------------------------------------------------- kill -9 rounds
