@@ -450,7 +450,9 @@ impl Handler<JobEvent> for Upgrade {
         // crash loses only the figure, which the next checkpoint restores.
         let lazy = is_progress && t.outbox.is_empty() && t.commands.is_empty() && t.log.is_none();
         let committed = if lazy {
-            self.store.commit_lazily(&t).map_err(|e| e.to_string())
+            self.store
+                .commit_lazily(&job, &t)
+                .map_err(|e| e.to_string())
         } else {
             self.commit_and_dispatch(t, ctx).map(|_| ())
         };

@@ -159,46 +159,6 @@ pub enum Event {
 }
 
 impl Event {
-    /// The same event with `redactor` over its free text (what servers and
-    /// commands said), so no credential reaches a log entry, a stored error
-    /// or a report.
-    fn redacted(self, redactor: &Redactor) -> Event {
-        let failure = |f: Failure| Failure {
-            description: redactor.text(&f.description),
-            ..f
-        };
-        match self {
-            Event::DownloadFailed {
-                failure: f,
-                durable_offset,
-            } => Event::DownloadFailed {
-                failure: failure(f),
-                durable_offset,
-            },
-            Event::VerifyFailed { failure: f } => Event::VerifyFailed {
-                failure: failure(f),
-            },
-            Event::FlashFailed { failure: f } => Event::FlashFailed {
-                failure: failure(f),
-            },
-            Event::Booted { ok, detail } => Event::Booted {
-                ok,
-                detail: redactor.text(&detail),
-            },
-            Event::RebootPending { detail } => Event::RebootPending {
-                detail: redactor.text(&detail),
-            },
-            Event::Start
-            | Event::Progress { .. }
-            | Event::Checkpoint { .. }
-            | Event::SourceChanged { .. }
-            | Event::Downloaded
-            | Event::Verified
-            | Event::Flashed { .. }
-            | Event::Cancel => self,
-        }
-    }
-
     fn name(&self) -> &'static str {
         match self {
             Event::Start => "start",
@@ -399,7 +359,6 @@ pub fn transition(
     if phase.is_terminal() {
         return Err(Refused::Ended(phase.name()));
     }
-    let event = event.redacted(&job.request.redactor());
     let mut step = Step::new(job, now, policy);
     match event {
         Event::Start => {
@@ -532,7 +491,7 @@ pub fn transition(
                 return Err(wrong());
             };
             let offset = offset.max(durable_offset).min(job.request.firmware.size);
-            step.job.last_error = Some(failure.description.clone());
+            step.set_last_error(&failure.description);
             if failure.retryable && job.attempts < policy.download_attempts {
                 let retry = job.attempts;
                 step.job.attempts += 1;
@@ -592,7 +551,7 @@ pub fn transition(
                     "new image booted and committed",
                 ));
             }
-            step.job.last_error = Some(detail.clone());
+            step.set_last_error(&detail);
             Ok(step.finish(
                 Phase::RolledBack,
                 Outcome::new(result_no::ROLLED_BACK, detail),
@@ -636,8 +595,10 @@ fn download(job: &Job, offset: u64, delay: Duration) -> Command {
 /// A transition being built from one job.
 struct Step<'a> {
     from: PhaseName,
-    /// Over every text stored or reported (the job's credentials may be
-    /// forgotten before the transition is done).
+    /// Over every text the step stores or reports (what servers and commands
+    /// said, text reused from the record), so no credential reaches a log
+    /// entry, a stored error or a report; built before the credentials may
+    /// be forgotten.
     redactor: Redactor,
     job: Job,
     now: OffsetDateTime,
@@ -657,6 +618,11 @@ impl<'a> Step<'a> {
             policy,
             out: Transition::default(),
         }
+    }
+
+    /// Remember what went wrong (redacted, as every text the step stores).
+    fn set_last_error(&mut self, text: &str) {
+        self.job.last_error = Some(self.redactor.text(text));
     }
 
     fn log(&mut self, event: String, error: Option<String>) {

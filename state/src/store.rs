@@ -489,8 +489,10 @@ impl Store {
     /// checkpoints) and queues nothing and starts nothing. It is as whole
     /// as any commit and reads see it at once; it becomes durable with the
     /// next flush. On a gateway's flash this saves an `fdatasync` (and the
-    /// wear) per progress event. Anything else is refused.
-    pub fn commit_lazily(&self, t: &Transition) -> Result<(), StoreError> {
+    /// wear) per progress event. Anything else is refused: `from` is the
+    /// record `t` was computed from (the store's, with one writer), and `t`
+    /// may differ from it in the figures only.
+    pub fn commit_lazily(&self, from: &Job, t: &Transition) -> Result<(), StoreError> {
         let refused = || StoreError::Conflict {
             why: "only a transition that changes a job's figures may skip the flush".into(),
         };
@@ -501,19 +503,15 @@ impl Store {
         {
             return Err(refused());
         }
-        // The record as stored, but for the figures: the same, or refused.
-        // (One writer, the Upgrade actor: nothing changes it in between.)
         let Some(new) = &t.job else {
             return Err(refused());
         };
-        let figures_only = self.job(new.id)?.is_some_and(|old| {
-            Job {
-                bytes_done: new.bytes_done,
-                updated_at: new.updated_at,
-                last_progress: new.last_progress,
-                ..old
-            } == *new
-        });
+        let figures_only = Job {
+            bytes_done: new.bytes_done,
+            updated_at: new.updated_at,
+            last_progress: new.last_progress,
+            ..from.clone()
+        } == *new;
         if !figures_only {
             return Err(refused());
         }

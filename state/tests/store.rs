@@ -502,7 +502,7 @@ fn a_lazy_commit_takes_only_figures_is_read_at_once_and_made_durable_by_the_next
         )
         .expect("applies");
         assert!(t.log.is_none() && t.outbox.is_empty() && t.commands.is_empty());
-        store.commit_lazily(&t).expect("lazy commit");
+        store.commit_lazily(&job, &t).expect("lazy commit");
         let read = store.active().expect("read").expect("active");
         assert_eq!(read.bytes_done, 7, "read at once");
         // A durable offset is no figure, even with nothing queued or logged.
@@ -519,7 +519,7 @@ fn a_lazy_commit_takes_only_figures_is_read_at_once_and_made_durable_by_the_next
         .expect("applies");
         assert!(checkpoint.log.is_none() && checkpoint.outbox.is_empty());
         assert!(matches!(
-            store.commit_lazily(&checkpoint),
+            store.commit_lazily(&job, &checkpoint),
             Err(StoreError::Conflict { .. })
         ));
         assert_eq!(
@@ -531,7 +531,7 @@ fn a_lazy_commit_takes_only_figures_is_read_at_once_and_made_durable_by_the_next
         let cancel =
             transition(&job, Event::Cancel, at_ms(3), &Policy::default()).expect("applies");
         assert!(matches!(
-            store.commit_lazily(&cancel),
+            store.commit_lazily(&job, &cancel),
             Err(StoreError::Conflict { .. })
         ));
         assert_eq!(
