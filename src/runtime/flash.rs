@@ -264,13 +264,7 @@ pub fn flash_ab(
     let target = record.inactive().map_err(ab_failure)?;
     let path = slots.path(target);
     if image == path {
-        let ours = |slot: Slot, md5: &str| slot == target && md5 == firmware.md5;
-        let holds = record
-            .writing
-            .as_ref()
-            .is_some_and(|w| ours(w.slot, &w.md5))
-            || record.trial.as_ref().is_some_and(|t| ours(t.slot, &t.md5));
-        if !holds {
+        if !record.holds(target, &firmware.md5, None) {
             return Err(Failure::new(
                 result_no::FLASH_FAILED,
                 format!("slot {target} no longer holds the verified image: its boot-control record changed during the upgrade"),

@@ -171,6 +171,21 @@ impl BootControl {
         Ok(fresh)
     }
 
+    /// Whether `slot` holds (or is receiving) image `md5` for an upgrade
+    /// (`job`, when given): the upgrade is `writing` it, or a trial of the
+    /// image in it is pending.
+    pub fn holds(&self, slot: Slot, md5: &str, job: Option<u64>) -> bool {
+        let writing = self
+            .writing
+            .as_ref()
+            .is_some_and(|w| w.slot == slot && w.md5 == md5 && job.map_or(true, |j| j == w.job));
+        let trial = self
+            .trial
+            .as_ref()
+            .is_some_and(|t| t.slot == slot && t.md5 == md5 && slot != self.active);
+        writing || trial
+    }
+
     /// The slot an upgrade may write: neither the active nor the booted one.
     pub fn inactive(&self) -> Result<Slot, AbError> {
         if self.booted != self.active {
@@ -336,11 +351,9 @@ pub fn stage(
 /// image is not in a slot.
 pub fn staged(dir: &Path, job: u64, md5: &str) -> Option<PathBuf> {
     let record = BootControl::load(dir).ok()??;
-    let slot = match (&record.writing, &record.trial) {
-        (Some(w), _) if w.job == job && w.md5 == md5 => w.slot,
-        (_, Some(t)) if t.md5 == md5 && t.slot != record.active => t.slot,
-        _ => return None,
-    };
+    let slot = [Slot::A, Slot::B]
+        .into_iter()
+        .find(|&slot| record.holds(slot, md5, Some(job)))?;
     Some(Slots::load(dir).ok()?.path(slot).to_path_buf())
 }
 
