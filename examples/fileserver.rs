@@ -10,6 +10,14 @@
 //! streamed in 64 KiB chunks (memory stays bounded whatever their size); connections are
 //! kept alive. `--rate` throttles each response, to watch a download's progress.
 //!
+//! Unless `--quiet`, every response is logged to stderr when it ends, with the range asked
+//! for and the body bytes actually written to the socket:
+//! `GET /f.bin 206 1048576 bytes range="bytes=1048576-" start=1048576 1.002s`; a response the
+//! client cut short ends with `... aborted after N bytes ...` instead. `--log-every BYTES`
+//! adds a line `sending GET /f.bin start=S sent=N` each time another BYTES of a body went
+//! out, so whoever reads the log live (scripts/powercut/, whose VM is killed mid-response)
+//! knows how much left the server even when the final line never comes.
+//!
 //! HTTP/1.1 is parsed by hand on tokio: the workspace builds hyper with its client side
 //! only (no `server` feature), and this server needs nothing beyond the above.
 
@@ -41,12 +49,23 @@ struct Args {
     /// Do not log requests to stderr.
     #[arg(long)]
     quiet: bool,
+    /// Also log a line each time this many more body bytes of a response went out (0: off).
+    #[arg(long, default_value_t = 0)]
+    log_every: u64,
 }
 
 struct Config {
     root: PathBuf,
     rate: Option<u64>,
     quiet: bool,
+    log_every: u64,
+}
+
+/// What one response has done so far, for the log line (also when it fails half-way).
+#[derive(Default)]
+struct Sent {
+    start: u64,
+    body: u64,
 }
 
 const CHUNK: usize = 64 * 1024;
@@ -74,6 +93,7 @@ async fn main() -> std::io::Result<()> {
         root,
         rate: args.rate.filter(|r| *r > 0),
         quiet: args.quiet,
+        log_every: args.log_every,
     });
     loop {
         let (stream, _) = listener.accept().await?;
@@ -132,18 +152,25 @@ async fn serve_connection(stream: TcpStream, cfg: &Config) -> std::io::Result<()
                 .is_some_and(|v| v.trim() != "0");
         let keep = req.keep_alive() && !has_body;
         let started = Instant::now();
-        let (status, sent) = respond(&req, &mut wr, cfg, keep).await?;
+        let mut sent = Sent::default();
+        let outcome = respond(&req, &mut wr, cfg, keep, &mut sent).await;
         if !cfg.quiet {
+            let status = match &outcome {
+                Ok(code) => code.to_string(),
+                Err(_) => "aborted after".to_string(),
+            };
             eprintln!(
-                "{} {} {} {} bytes range={:?} {:.3}s",
+                "{} {} {} {} bytes range={:?} start={} {:.3}s",
                 req.method,
                 req.target,
                 status,
-                sent,
+                sent.body,
                 req.header("range").unwrap_or(""),
+                sent.start,
                 started.elapsed().as_secs_f64()
             );
         }
+        outcome?;
         if !keep {
             let _ = wr.shutdown().await;
             return Ok(());
@@ -232,7 +259,8 @@ async fn respond<W: AsyncWriteExt + Unpin>(
     wr: &mut W,
     cfg: &Config,
     keep: bool,
-) -> std::io::Result<(u16, u64)> {
+    sent: &mut Sent,
+) -> std::io::Result<u16> {
     let head = req.method == "HEAD";
     if req.method != "GET" && !head {
         let r = simple(
@@ -243,12 +271,12 @@ async fn respond<W: AsyncWriteExt + Unpin>(
             false,
         );
         wr.write_all(&r).await?;
-        return Ok((405, 0));
+        return Ok(405);
     }
     let Some(path) = resolve(&cfg.root, &req.target) else {
         wr.write_all(&simple(404, "Not Found", &[], !keep, head))
             .await?;
-        return Ok((404, 0));
+        return Ok(404);
     };
     let opened = match File::open(&path).await {
         Ok(f) => match f.metadata().await {
@@ -260,7 +288,7 @@ async fn respond<W: AsyncWriteExt + Unpin>(
     let Some((mut file, meta)) = opened else {
         wr.write_all(&simple(404, "Not Found", &[], !keep, head))
             .await?;
-        return Ok((404, 0));
+        return Ok(404);
     };
     let len = meta.len();
     let mtime = meta.modified().unwrap_or(UNIX_EPOCH);
@@ -292,7 +320,7 @@ async fn respond<W: AsyncWriteExt + Unpin>(
                 head,
             );
             wr.write_all(&r).await?;
-            return Ok((416, 0));
+            return Ok(416);
         }
         Some(RangeSpec::Bytes(a, b)) => (206, "Partial Content", a, b - a + 1),
     };
@@ -316,13 +344,14 @@ async fn respond<W: AsyncWriteExt + Unpin>(
     wr.write_all(h.as_bytes()).await?;
     if head {
         wr.flush().await?;
-        return Ok((code, 0));
+        return Ok(code);
     }
 
+    sent.start = start;
     file.seek(SeekFrom::Start(start)).await?;
     let mut buf = vec![0u8; CHUNK];
     let mut left = count;
-    let mut sent = 0u64;
+    let mut next_log = cfg.log_every;
     let began = Instant::now();
     while left > 0 {
         let want = left.min(CHUNK as u64) as usize;
@@ -334,11 +363,26 @@ async fn respond<W: AsyncWriteExt + Unpin>(
                 "file shrank while sending",
             ));
         }
-        wr.write_all(&buf[..n]).await?;
+        // Count what went out even when the write fails half-way (the client left).
+        let mut off = 0;
+        while off < n {
+            let w = wr.write(&buf[off..n]).await?;
+            if w == 0 {
+                return Err(std::io::ErrorKind::WriteZero.into());
+            }
+            off += w;
+            sent.body += w as u64;
+        }
         left -= n as u64;
-        sent += n as u64;
+        if cfg.log_every > 0 && !cfg.quiet && sent.body >= next_log {
+            eprintln!(
+                "sending {} {} start={} sent={}",
+                req.method, req.target, start, sent.body
+            );
+            next_log = sent.body + cfg.log_every;
+        }
         if let Some(rate) = cfg.rate {
-            let due = Duration::from_secs_f64(sent as f64 / rate as f64);
+            let due = Duration::from_secs_f64(sent.body as f64 / rate as f64);
             let elapsed = began.elapsed();
             if due > elapsed {
                 tokio::time::sleep(due - elapsed).await;
@@ -346,7 +390,7 @@ async fn respond<W: AsyncWriteExt + Unpin>(
         }
     }
     wr.flush().await?;
-    Ok((code, sent))
+    Ok(code)
 }
 
 enum RangeSpec {

@@ -1,0 +1,94 @@
+#!/bin/sh
+# /init of the power-cut VM (busybox sh). scripts/powercut/powercut.py builds the initramfs
+# around it and reads what it prints on four serial ports:
+#   ttyS0  kernel console and this script's own lines ("pc: ...")
+#   ttyS1  the agent's stdout: the JSON acks and reports (the "cloud" side)
+#   ttyS2  the agent's stderr and the in-guest file server's log
+#   ttyS3  after a clean run: the store's view, the target's md5, then DONE
+# Parameters come on the kernel command line: pc.fs=ext4|f2fs|vfat pc.round=N pc.boot=N
+# pc.rate=BYTES_PER_SEC.
+export PATH=/bin:/sbin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev 2>/dev/null
+say() { echo "pc: $*" > /dev/ttyS0; }
+say "init started"
+
+fs=ext4; round=0; boot=0; rate=8388608
+for a in $(cat /proc/cmdline); do
+    case "$a" in
+        pc.fs=*) fs=${a#pc.fs=} ;;
+        pc.round=*) round=${a#pc.round=} ;;
+        pc.boot=*) boot=${a#pc.boot=} ;;
+        pc.rate=*) rate=${a#pc.rate=} ;;
+    esac
+done
+
+# Modules in dependency order (modules.list, written by the builder). A module that does not
+# apply to this CPU (crc32c-intel without SSE4.2) may fail; the mount below says if it mattered.
+while read -r m; do
+    insmod "/lib/modules/$m" 2>/dev/null || say "insmod $m failed"
+done < /lib/modules/modules.list
+
+for t in 1 2 3; do stty -F /dev/ttyS$t raw -echo 2>/dev/null || say "stty ttyS$t failed"; done
+hostname powercut-vm
+ip link set lo up
+ip addr add 127.0.0.1/8 dev lo 2>/dev/null
+
+n=0
+while [ ! -b /dev/vda ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n + 1)); done
+mkdir -p /mnt
+case "$fs" in
+    vfat) opts="-o umask=077,flush" ;;
+    *) opts="" ;;
+esac
+if ! mount -t "$fs" $opts /dev/vda /mnt; then
+    say "MOUNT-FAILED $fs"
+    dmesg | tail -20 > /dev/ttyS0
+    poweroff -f
+fi
+say "mounted $fs round=$round boot=$boot"
+
+# The request: the same messageId on every boot of a round (the agent must answer a repeat
+# with the same ack and start no second upgrade).
+sed "s/@ROUND@/$round/g" /srv/request.json.in > /tmp/request.json
+
+rm -f /tmp/port
+fileserver --root /srv/www --port 0 --port-file /tmp/port --rate "$rate" --log-every 131072 \
+    2>/dev/ttyS2 >/dev/null &
+srv=$!
+n=0
+while [ ! -s /tmp/port ] && [ $n -lt 100 ]; do sleep 0.05; n=$((n + 1)); done
+port=$(cat /tmp/port)
+sed -i "s/@PORT@/$port/g" /tmp/request.json
+say "fileserver on 127.0.0.1:$port"
+
+mid=$(sed -n 's/.*"messageId": *"\([^"]*\)".*/\1/p' /tmp/request.json)
+say "agent starting"
+echo "pc: boot $boot agent starting" > /dev/ttyS2
+fwagent run --transport stdio --state-dir /mnt/state --flash file:/mnt/target.img \
+    --device-id powercut-vm --checkpoint-bytes 1048576 --retry-base-ms 200 \
+    < /tmp/request.json > /dev/ttyS1 2> /dev/ttyS2
+rc=$?
+echo "pc: agent exited $rc" > /dev/ttyS2
+say "agent exited $rc"
+kill $srv 2>/dev/null
+
+{
+    echo "RUN-EXIT $rc"
+    echo "SHOW-BEGIN"
+    fwagent show --json "$mid" --state-dir /mnt/state 2>/tmp/show.err
+    echo "SHOW-END rc=$?"
+    echo "HISTORY-BEGIN"
+    fwagent history --json --state-dir /mnt/state 2>>/tmp/show.err
+    echo "HISTORY-END rc=$?"
+    echo "CLI-STDERR-BEGIN"
+    cat /tmp/show.err
+    echo "CLI-STDERR-END"
+    echo "MD5 $(md5sum /mnt/target.img | cut -d' ' -f1) $(stat -c %s /mnt/target.img)"
+    sync
+    umount /mnt && echo "UMOUNT ok"
+    echo "DONE"
+} > /dev/ttyS3 2>&1
+say "done; powering off"
+poweroff -f
