@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: all build test test-only lint fmt servers servers-stop servers-status clean-servers demo bench help
+.PHONY: all build test test-only lint fmt servers servers-stop servers-status clean-servers demo bench powercut help
 
 all: build
 
@@ -17,6 +17,7 @@ help:
 	@echo "make servers-stop   stop them; make clean-servers also deletes target/test-servers"
 	@echo "make demo           run the demo"
 	@echo "make bench          run the benchmarks"
+	@echo "make powercut       real power cuts: the agent in a QEMU VM, qemu SIGKILLed (CUTS=100, SEED=S to replay)"
 
 build:
 	$(CARGO) build --workspace
@@ -52,3 +53,6 @@ demo:
 
 bench:
 	@scripts/bench.sh
+
+powercut:
+	@CUTS="$(or $(CUTS),10)" scripts/powercut.sh

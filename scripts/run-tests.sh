@@ -4,6 +4,7 @@
 #
 #   FWAGENT_TEST_TIMEOUT   seconds allowed for `cargo test` (build included); default 1800
 #   CARGO_TEST_ARGS        extra arguments for `cargo test --workspace` (e.g. "-- --nocapture")
+#   POWERCUT_TEST_CUTS     power cuts in the VM step after cargo test (default 10; docs/POWERCUT.md)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 CARGO="${CARGO:-cargo}"
@@ -55,3 +56,7 @@ set -a
 set +a
 # shellcheck disable=SC2086
 timeout -k 30 "${FWAGENT_TEST_TIMEOUT:-1800}" "$CARGO" test --workspace --no-fail-fast ${CARGO_TEST_ARGS:-} 9>&-
+
+STAGE="powercut"
+step "power cuts in a QEMU VM (scripts/powercut.sh, CUTS=${POWERCUT_TEST_CUTS:-10}; KVM or TCG)"
+CUTS="${POWERCUT_TEST_CUTS:-10}" timeout -k 30 "${POWERCUT_TEST_TIMEOUT:-1200}" scripts/powercut.sh 9>&-

@@ -11,7 +11,7 @@ export PATH=/bin:/sbin
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev 2>/dev/null
-say() { echo "pc: $*" > /dev/ttyS0; }
+say() { echo "pc: [$(cut -d" " -f1 /proc/uptime)] $*" > /dev/ttyS0; }
 say "init started"
 
 fs=ext4; round=0; boot=0; rate=8388608
@@ -49,12 +49,13 @@ if ! mount -t "$fs" $opts /dev/vda /mnt; then
 fi
 say "mounted $fs round=$round boot=$boot"
 
+# A fixed port: the store keeps the URL of the first boot's request.
 # The request: the same messageId on every boot of a round (the agent must answer a repeat
 # with the same ack and start no second upgrade).
 sed "s/@ROUND@/$round/g" /srv/request.json.in > /tmp/request.json
 
 rm -f /tmp/port
-fileserver --root /srv/www --port 0 --port-file /tmp/port --rate "$rate" --log-every 131072 \
+fileserver --root /srv/www --port 8080 --port-file /tmp/port --rate "$rate" --log-every 131072 \
     2>/dev/ttyS2 >/dev/null &
 srv=$!
 n=0
