@@ -53,6 +53,15 @@ SLED_CONF_WARNING = "empty/corrupt configuration file found"
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 PHASES = ["accepted", "mid-download", "checkpoint", "verifying", "flashing", "completed", "random"]
+# With --flash ab: the download goes into the slot and "flashing" is the switch; then a reboot.
+AB_PHASES = ["accepted", "mid-download", "checkpoint", "verifying", "ab-switch",
+             "awaiting-reboot", "boot-check", "ab-commit", "completed", "random"]
+AB_MARKERS = {
+    "ab-switch": ("next boot switched to it", "after the switch to the new slot"),
+    "awaiting-reboot": ("phase=awaiting_reboot", "after phase=awaiting_reboot"),
+    "boot-check": ("boot checked", "after 'boot checked'"),
+    "ab-commit": ("new slot committed", "after 'new slot committed'"),
+}
 
 
 def log(msg):
@@ -213,6 +222,7 @@ def make_disk(path, fs):
     stage = Path(tempfile.mkdtemp(prefix="disk-", dir=WORK))
     try:
         (stage / "target.img").write_bytes(b"")
+        (stage / "ab").mkdir()  # for ab: rounds; the agent creates the slots and the record
         if path.exists():
             path.unlink()
         with open(path, "wb") as f:
@@ -226,6 +236,7 @@ def make_disk(path, fs):
         elif fs == "vfat":
             subprocess.run(["mkfs.vfat", str(path)], **q)
             subprocess.run(["mcopy", "-i", str(path), str(stage / "target.img"), "::target.img"], **q)
+            subprocess.run(["mmd", "-i", str(path), "::ab"], **q)
         else:
             sys.exit(f"powercut: unknown fs {fs}")
     finally:
@@ -305,6 +316,10 @@ class Trigger:
             "flashing": rng.uniform(0, 0.8),
             "completed": rng.uniform(0, 0.05),
             "random": rng.uniform(0, 3.0 + size / rate),
+            "ab-switch": rng.uniform(0, 0.05),
+            "awaiting-reboot": rng.uniform(0, 0.05),
+            "boot-check": rng.uniform(0, 0.05),
+            "ab-commit": rng.uniform(0, 0.02),
         }[kind]
         self.rng = rng
         self.note = ""
@@ -317,6 +332,11 @@ class Trigger:
         if k == "random":
             if "agent starting" in line:
                 self.arm(now, f"{self.delay:.2f}s after the agent started")
+            return
+        if k in AB_MARKERS:
+            marker, why = AB_MARKERS[k]
+            if marker in line:
+                self.arm(now, why)
             return
         if k == "accepted" and "request accepted" in line:
             self.arm(now, "after 'request accepted'")
@@ -386,7 +406,7 @@ def boot_vm(accel, disk, initrd, bootdir, params, trigger=None, timeout=240):
                             stderr=subprocess.STDOUT, start_new_session=True)
     err_tail, res_tail = Tail(logs["stderr"]), Tail(logs["result"])
     out_tail = Tail(logs["stdout"])
-    cut = done = False
+    cut = done = reboot = False
     note = ""
     try:
         while True:
@@ -400,6 +420,8 @@ def boot_vm(accel, disk, initrd, bootdir, params, trigger=None, timeout=240):
             for line in res_tail.lines():
                 if line.strip() == "DONE":
                     done = True
+                if line.strip() == "REBOOT":
+                    reboot = True
             if trigger is not None and trigger.fire_at is not None and now >= trigger.fire_at \
                     and proc.poll() is None:
                 os.kill(proc.pid, signal.SIGKILL)  # the power cut
@@ -423,10 +445,12 @@ def boot_vm(accel, disk, initrd, bootdir, params, trigger=None, timeout=240):
     for line in res_tail.lines():
         if line.strip() == "DONE":
             done = True
-    if cut and done:
-        cut = False  # the run finished before the cut fired
-    return {"cut": cut, "done": done, "seconds": time.monotonic() - t0, "note": note,
-            "rc": proc.returncode}
+        if line.strip() == "REBOOT":
+            reboot = True
+    if cut and (done or reboot):
+        cut = False  # the boot finished before the cut fired
+    return {"cut": cut, "done": done, "reboot": reboot, "seconds": time.monotonic() - t0,
+            "note": note, "rc": proc.returncode}
 
 
 def probe_accel(initrd, where, wanted):
@@ -522,9 +546,9 @@ def section(lines, begin, end):
     return None
 
 
-def check_round(rdir, boots, mid, md5, size, rate, tolerate, fs):
+def check_round(rdir, boots, mid, md5, size, rate, tolerate, fs, flash="file"):
     """Every check of docs/POWERCUT.md over one round's boots. Returns (failures, figures)."""
-    fails, figures = [], {"refetch": [], "sled_conf": 0, "partial_lines": 0}
+    fails, figures = [], {"refetch": [], "sled_conf": 0, "partial_lines": 0, "cuts": []}
     parsed = [parse_boot(rdir / f"boot-{i}") for i in range(len(boots))]
     last = parsed[-1]
 
@@ -597,6 +621,22 @@ def check_round(rdir, boots, mid, md5, size, rate, tolerate, fs):
         n = sum(1 for j in jobs if j.get("messageId") == mid)
         if n != 1:
             fails.append(f"{n} upgrades for {mid} in the store (history)")
+    if flash == "ab":
+        if not any(b.get("reboot") for b in boots):
+            fails.append("ab: no boot asked for the reboot into the new slot")
+        bl = next((l for l in res if l.startswith("BOOTCTL ")), None)
+        try:
+            rec = json.loads(bl[len("BOOTCTL "):]) if bl else None
+        except ValueError:
+            rec = None
+        if not isinstance(rec, dict):
+            fails.append(f"ab: no boot-control record: {bl!r}")
+        else:
+            act = rec.get("active")
+            if act != "b" or rec.get("booted") != act or rec.get("next") is not None \
+                    or rec.get("trial") is not None or rec.get("writing") is not None \
+                    or (rec.get("md5") or {}).get(act) != md5:
+                fails.append(f"ab: the record is not 'slot b committed with the image': {rec}")
     md5line = next((l for l in res if l.startswith("MD5 ")), None)
     if md5line is None or md5line.split()[1:3] != [md5, str(size)]:
         fails.append(f"target is not the image: {md5line!r} (want {md5} {size})")
@@ -638,6 +678,15 @@ def check_round(rdir, boots, mid, md5, size, rate, tolerate, fs):
         refetch = p["server_sent"] - kept
         if boots[i]["cut"]:
             figures["refetch"].append(refetch)
+            # Where the server was at the cut, and the last bytesDone the agent reported.
+            reported = [m["info"].get("bytesDone") for m in p["json"]
+                        if isinstance(m.get("info"), dict) and m["info"].get("bytesDone")]
+            figures["cuts"].append({
+                "boot": i, "phase": boots[i].get("phase"), "note": boots[i].get("note"),
+                "from": p["first_start"], "server_sent": p["server_sent"],
+                "server_at": max(s0 + n for s0, n in p["responses"]),
+                "last_reported": max(reported) if reported else None,
+                "next_resume": nxt, "refetch": refetch})
             bound = CHECKPOINT + rate
             if refetch > bound:
                 fails.append(f"boot {i}: {refetch} bytes re-fetched after the cut "
@@ -676,6 +725,7 @@ def run(args):
     failures = []
     cycle_secs = []
     refetch = []
+    cut_details = []
     sled_conf = 0
     sled_by_fs = {}
     boots_after_cut = {}
@@ -692,6 +742,8 @@ def run(args):
         disk = rdir / "disk.img"
         make_disk(disk, fs)
         mid = f"MID:cloud-powercut-{rounds}"
+        flash = "ab" if rng.random() < args.ab_share else "file"
+        phases = AB_PHASES if flash == "ab" else PHASES
         max_cuts = min(rng.randint(1, 4), args.cuts - cuts)
         boots = []
         seen = set()  # phases this round has passed
@@ -700,9 +752,9 @@ def run(args):
             want_cut = sum(1 for x in boots if x["cut"]) < max_cuts
             trig = None
             if want_cut:
-                choices = [p for p in PHASES if not (p == "accepted" and "accepted" in seen)]
+                choices = [p for p in phases if not (p == "accepted" and "accepted" in seen)]
                 trig = Trigger(rng.choice(choices), rng, size, rate)
-            params = {"fs": fs, "round": rounds, "boot": b, "rate": rate}
+            params = {"fs": fs, "round": rounds, "boot": b, "rate": rate, "flash": flash}
             r = boot_vm(accel, disk, initrd, rdir / f"boot-{b}", params, trig)
             r["phase"] = trig.kind if trig else "-"
             boots.append(r)
@@ -712,10 +764,13 @@ def run(args):
                 cuts += 1
                 by_phase[r["phase"]] = by_phase.get(r["phase"], 0) + 1
             what = f"cut {r['phase']}: {r['note']}" if r["cut"] else (
-                "DONE" if r["done"] else f"no DONE ({r['note'] or 'qemu exited ' + str(r['rc'])})")
-            log(f"powercut: round {rounds} ({fs}) boot {b}: {what} [{r['seconds']:.1f}s]")
+                "DONE" if r["done"] else "reboot asked for" if r["reboot"] else
+                f"no DONE ({r['note'] or 'qemu exited ' + str(r['rc'])})")
+            log(f"powercut: round {rounds} ({fs}, {flash}:) boot {b}: {what} [{r['seconds']:.1f}s]")
             if r["done"]:
                 break
+            if r["reboot"]:
+                continue
             if not r["cut"]:
                 failures.append((rounds, [f"boot {b} ended without DONE and without a cut: "
                                           f"{r['note'] or 'qemu exited ' + str(r['rc'])}"]))
@@ -724,11 +779,13 @@ def run(args):
                 failures.append((rounds, ["more than 12 boots without finishing"]))
                 break
         if boots[-1]["done"]:
-            fails, fig = check_round(rdir, boots, mid, md5, size, rate, args.tolerate, fs)
+            fails, fig = check_round(rdir, boots, mid, md5, size, rate, args.tolerate, fs, flash)
             refetch += fig["refetch"]
+            cut_details += [dict(c, round=rounds, fs=fs, flash=flash) for c in fig["cuts"]]
             sled_conf += fig["sled_conf"]
             sled_by_fs[fs] = sled_by_fs.get(fs, 0) + fig["sled_conf"]
-            boots_after_cut[fs] = boots_after_cut.get(fs, 0) + len(boots) - 1
+            boots_after_cut[fs] = boots_after_cut.get(fs, 0) + sum(
+                1 for k in range(1, len(boots)) if boots[k - 1]["cut"])
             partial += fig["partial_lines"]
             if fails:
                 failures.append((rounds, fails))
@@ -761,6 +818,7 @@ def run(args):
         "partial_stdout_lines": partial,
         "failed_rounds": [r for r, _ in failures],
         "rounds_failed_only_on_the_sled_warning": sled_only, "boots": len(cycle_secs),
+        "refetch_per_download_cut": sorted(cut_details, key=lambda c: -c["refetch"]),
     }
     (rundir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     (WORK / "last-summary.json").write_text(json.dumps(summary, indent=1) + "\n")
@@ -791,14 +849,18 @@ def manual(args):
     build_initramfs(image, request_template(md5, size), initrd)
     accel = probe_accel(initrd, d, args.accel)
     make_disk(d / "disk.img", args.fs)
-    r = boot_vm(accel, d / "disk.img", initrd, d / "boot-0",
-                {"fs": args.fs, "round": 0, "boot": 0, "rate": args.rate})
-    log(f"powercut: manual boot ({accel}): {r}; logs in {d / 'boot-0'}")
-    fails, fig = check_round(d, [r], "MID:cloud-powercut-0", md5, size, args.rate, args.tolerate,
-                            args.fs)
+    boots = []
+    while not boots or (boots[-1]["reboot"] and len(boots) < 4):
+        r = boot_vm(accel, d / "disk.img", initrd, d / f"boot-{len(boots)}",
+                    {"fs": args.fs, "round": 0, "boot": len(boots), "rate": args.rate,
+                     "flash": args.flash})
+        log(f"powercut: manual boot {len(boots)} ({accel}): {r}; logs in {d}")
+        boots.append(r)
+    fails, fig = check_round(d, boots, "MID:cloud-powercut-0", md5, size, args.rate,
+                             args.tolerate, args.fs, args.flash)
     for f in fails:
         log(f"powercut: FAIL {f}")
-    return 1 if fails or not r["done"] else 0
+    return 1 if fails or not boots[-1]["done"] else 0
 
 
 def main():
@@ -813,7 +875,11 @@ def main():
                     default=float(os.environ.get("POWERCUT_F2FS_SHARE", "0.3")))
     ap.add_argument("--vfat-share", type=float,
                     default=float(os.environ.get("POWERCUT_VFAT_SHARE", "0")))
+    ap.add_argument("--ab-share", type=float,
+                    default=float(os.environ.get("POWERCUT_AB_SHARE", "0.3")),
+                    help="share of rounds that flash ab:/mnt/ab (reboot, bootloader stand-in)")
     ap.add_argument("--fs", default="ext4", choices=["ext4", "f2fs", "vfat"])
+    ap.add_argument("--flash", default="file", choices=["file", "ab"])
     ap.add_argument("--tolerate", default=os.environ.get("POWERCUT_TOLERATE", ""),
                     help="comma-separated known issues not to fail on: sled-conf")
     args = ap.parse_args()
