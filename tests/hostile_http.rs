@@ -108,6 +108,34 @@ fn fewer_bytes_then_close_every_time_is_23_after_the_attempts() {
     );
 }
 
+/// A server that drops every answer partway and can never resume: each
+/// start goes from byte 0 again and reaches the same checkpoints, which are
+/// no progress (ARCHITECTURE.md, rule 8). It ends in 23 after the attempts,
+/// not in a loop that fetches the same half file for ever.
+#[test]
+fn a_download_that_can_never_resume_ends_in_23_not_a_loop() {
+    let dir = temp_dir();
+    let (fw, bytes) = image(dir.path(), 400_000);
+    let cases = [
+        ("no-validator", Behaviour::NoResume { cut: 300_000 }),
+        ("new-etag", Behaviour::NewValidatorEachTime { cut: 300_000 }),
+    ];
+    for (name, behaviour) in cases {
+        let server = Hostile::start("127.0.0.1", bytes.clone(), behaviour);
+        let out = run_short(
+            &dir.path().join(name),
+            &request(server.port(), &fw),
+            &[("--checkpoint-bytes", "65536")],
+        );
+        let why = out.assert_failed(23, Duration::from_secs(30));
+        let answers = server.seen().len();
+        assert!(
+            answers <= 3,
+            "{name}: --download-attempts 3 allows 3 starts, the server saw {answers}: {why}"
+        );
+    }
+}
+
 #[test]
 fn a_server_that_drips_a_byte_a_second_fails_the_attempt_as_too_slow() {
     let dir = temp_dir();

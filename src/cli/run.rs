@@ -12,7 +12,7 @@ use crate::runtime::mqtt::{Mqtt, MqttArgs, MqttSettings};
 use crate::runtime::staging::Staging;
 use crate::runtime::upgrade::{Upgrade, Wire};
 use crate::runtime::verify::Verify;
-use crate::runtime::{Paths, Transfer};
+use crate::runtime::{Paths, Shutdown, Transfer};
 use actix::prelude::*;
 use fwagent_state::{Policy, Protocol, Secret, Store};
 use serde::Deserialize;
@@ -440,14 +440,16 @@ fn start(config: AgentConfig, store: Store) -> Result<(), String> {
         messaging: messaging.clone().recipient(),
         listen: messaging.recipient(),
         download: download.clone().recipient(),
-        abort: download.recipient(),
+        abort: download.clone().recipient(),
+        drain: download.recipient(),
         verify: verify.recipient(),
         reboot: flash.clone().recipient(),
         check_boot: flash.clone().recipient(),
         flash: flash.recipient(),
     });
     crate::control::serve(control_socket, upgrade.clone());
-    actix_rt::spawn(async {
+    let stopper = upgrade.clone();
+    actix_rt::spawn(async move {
         use tokio::signal::unix::{signal, SignalKind};
         let (Ok(mut term), Ok(mut int)) = (
             signal(SignalKind::terminate()),
@@ -455,12 +457,19 @@ fn start(config: AgentConfig, store: Store) -> Result<(), String> {
         ) else {
             return;
         };
-        tokio::select! {
-            _ = term.recv() => {},
-            _ = int.recv() => {},
+        for n in 0.. {
+            tokio::select! {
+                _ = term.recv() => {},
+                _ = int.recv() => {},
+            }
+            if n > 0 {
+                // A second signal: stop now (what is committed stands).
+                tracing::info!("second signal; stopping at once");
+                System::current().stop();
+                return;
+            }
+            stopper.do_send(Shutdown);
         }
-        tracing::info!("signal received; stopping (every step so far is committed)");
-        System::current().stop();
     });
     Ok(())
 }

@@ -692,6 +692,8 @@ mod tests {
             phase: Phase::Downloading { offset: 4 << 20 },
             attempts: 2,
             bytes_done: 16 << 20,
+            high_water: 4 << 20,
+            fetched: 4 << 20,
             validator: None,
             result: None,
             last_error: Some("login as operator7 with hunter2hunter2 refused (pp-4711)".into()),

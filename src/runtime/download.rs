@@ -15,7 +15,7 @@
 use super::staging::{Staged, Staging};
 use super::verify::VerifyMsg;
 use super::{JobEvent, Transfer};
-use crate::crash;
+use crate::{crash, fsutil};
 use actix::prelude::*;
 use bytes::{Bytes, BytesMut};
 use fwagent_state::{result_no, Event, Failure, Firmware, JobId, Protocol, Redactor, Source};
@@ -147,6 +147,41 @@ fn io_failure(what: &str, path: &std::path::Path, e: io::Error) -> Failure {
     )
 }
 
+/// Open (or create) the partial file at `path`. A file or directory it
+/// creates is made durable in its parent at once (an fsync of the file
+/// does not make its directory entry durable on every file system): a
+/// checkpoint's offset must never outlive the file it counts bytes of.
+fn open_durably(path: &std::path::Path) -> Result<File, Failure> {
+    let synced = |dir: &std::path::Path| {
+        fsutil::sync_dir(dir).map_err(|e| io_failure("cannot fsync", dir, e))
+    };
+    let parent = |p: &std::path::Path| {
+        p.parent()
+            .map(|d| match d.as_os_str().is_empty() {
+                true => std::path::PathBuf::from("."),
+                false => d.to_path_buf(),
+            })
+            .unwrap_or_else(|| "/".into())
+    };
+    let existed = path.exists();
+    let dir = parent(path);
+    if !dir.exists() {
+        std::fs::create_dir_all(&dir).map_err(|e| io_failure("cannot create", &dir, e))?;
+        synced(&parent(&dir))?;
+    }
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(|e| io_failure("cannot open", path, e))?;
+    if !existed {
+        synced(&dir)?;
+    }
+    Ok(file)
+}
+
 /// Commit "the download starts again from byte 0" and wait for it, before
 /// a byte is written over what the old offset vouched for: a crash in
 /// between must not find the old offset with new bytes under it.
@@ -183,16 +218,7 @@ impl Sink {
             read_back,
             stale,
         } = staged;
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| io_failure("cannot create", dir, e))?;
-        }
-        let mut file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .read(true)
-            .write(true)
-            .open(&path)
-            .map_err(|e| io_failure("cannot open", &path, e))?;
+        let mut file = open_durably(&path)?;
         let meta = file
             .metadata()
             .map_err(|e| io_failure("cannot stat", &path, e))?;
@@ -431,6 +457,32 @@ impl Sink {
         Ok(self.written)
     }
 
+    /// The agent stops: make every byte received so far durable and wait
+    /// until its offset is committed, so the next start re-fetches none of
+    /// them. Returns the durable offset.
+    async fn pause(&mut self) -> Result<u64, Failure> {
+        let offset = self.sync().await?;
+        if offset > self.last_checkpoint {
+            self.last_checkpoint = offset;
+            let event = Event::Checkpoint {
+                offset,
+                validator: self.validator.clone(),
+            };
+            let job = self.job;
+            self.events
+                .send(JobEvent { job, event })
+                .await
+                .map_err(|e| {
+                    Failure::new(
+                        result_no::TRANSFER,
+                        format!("cannot record the checkpoint: {e}"),
+                        true,
+                    )
+                })?;
+        }
+        Ok(offset)
+    }
+
     /// fsync, then report the offset for commit.
     async fn checkpoint(&mut self) -> Result<(), Failure> {
         let offset = self.sync().await?;
@@ -477,6 +529,17 @@ pub struct AbortDownload {
     pub discard: bool,
 }
 
+/// The agent stops: every transfer checkpoints what it has received
+/// (fsync, then the offset committed) and ends; answered once all have, or
+/// after [`DRAIN_WAIT`].
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct Drain;
+
+/// How long [`Drain`] waits for the transfers' last checkpoints (an fsync
+/// and a commit each).
+pub const DRAIN_WAIT: Duration = Duration::from_secs(10);
+
 /// Fetchers by protocol.
 #[derive(Clone, Default)]
 pub struct Fetchers(HashMap<Protocol, Arc<dyn Fetcher>>);
@@ -497,7 +560,13 @@ pub struct Download {
     staging: Staging,
     events: Recipient<JobEvent>,
     verifier: Recipient<VerifyMsg>,
-    running: HashMap<JobId, tokio::task::JoinHandle<()>>,
+    running: HashMap<JobId, Running>,
+}
+
+/// A transfer task and the switch that asks it to pause for a stop.
+struct Running {
+    task: tokio::task::JoinHandle<()>,
+    stop: tokio::sync::watch::Sender<bool>,
 }
 
 impl Download {
@@ -527,21 +596,55 @@ impl Handler<StartDownload> for Download {
     fn handle(&mut self, msg: StartDownload, _ctx: &mut Context<Self>) {
         let job = msg.fetch.job;
         if let Some(old) = self.running.remove(&job) {
-            old.abort();
+            old.task.abort();
         }
         let events = self.events.clone();
         let verifier = self.verifier.clone();
         let fetcher = self.fetchers.0.get(&msg.fetch.source.protocol).cloned();
         let staging = self.staging.clone();
+        let (stop, mut stopped) = tokio::sync::watch::channel(false);
         let task = actix_rt::spawn(async move {
             if !msg.delay.is_zero() {
-                tokio::time::sleep(msg.delay).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(msg.delay) => {}
+                    _ = stopped.wait_for(|s| *s) => return,
+                }
             }
-            let event = run(msg, fetcher, &staging, events.clone(), verifier).await;
-            events.do_send(JobEvent { job, event });
+            let ended = run(msg, fetcher, &staging, events.clone(), verifier, stopped).await;
+            if let Some(event) = ended {
+                events.do_send(JobEvent { job, event });
+            }
         });
-        self.running.retain(|_, t| !t.is_finished());
-        self.running.insert(job, task);
+        self.running.retain(|_, r| !r.task.is_finished());
+        self.running.insert(job, Running { task, stop });
+    }
+}
+
+impl Handler<Drain> for Download {
+    type Result = ResponseFuture<()>;
+
+    fn handle(&mut self, _msg: Drain, _ctx: &mut Context<Self>) -> Self::Result {
+        let tasks: Vec<_> = self
+            .running
+            .drain()
+            .map(|(_, r)| {
+                r.stop.send_replace(true);
+                r.task
+            })
+            .collect();
+        Box::pin(async move {
+            let all = futures_join(tasks);
+            if tokio::time::timeout(DRAIN_WAIT, all).await.is_err() {
+                tracing::warn!("a transfer did not reach its checkpoint in time; stopping anyway (it resumes from the last one)");
+            }
+        })
+    }
+}
+
+/// Wait for every task (their results do not matter).
+async fn futures_join(tasks: Vec<tokio::task::JoinHandle<()>>) {
+    for task in tasks {
+        let _ = task.await;
     }
 }
 
@@ -549,8 +652,8 @@ impl Handler<AbortDownload> for Download {
     type Result = ();
 
     fn handle(&mut self, msg: AbortDownload, _ctx: &mut Context<Self>) {
-        if let Some(task) = self.running.remove(&msg.job) {
-            task.abort();
+        if let Some(running) = self.running.remove(&msg.job) {
+            running.task.abort();
             tracing::info!(upgrade = msg.job, "download aborted");
         }
         self.verifier.do_send(VerifyMsg::Forget { job: msg.job });
@@ -571,53 +674,85 @@ pub fn remove_partial(job: JobId, part: &std::path::Path) {
     }
 }
 
-/// One transfer attempt, start to end, as the event that reports it.
+/// One transfer attempt, start to end, as the event that reports it; `None`
+/// when `stop` paused it (what it received is durable and committed).
 async fn run(
     msg: StartDownload,
     fetcher: Option<Arc<dyn Fetcher>>,
     staging: &Staging,
     events: Recipient<JobEvent>,
     verifier: Recipient<VerifyMsg>,
-) -> Event {
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> Option<Event> {
     let Some(fetcher) = fetcher else {
-        return Event::DownloadFailed {
+        return Some(Event::DownloadFailed {
             failure: Failure::new(
                 result_no::TRANSFER,
                 format!("no downloader for {}", msg.fetch.source.protocol),
                 false,
             ),
             durable_offset: msg.offset,
-        };
+        });
     };
     let opened = match staging.open(msg.fetch.job, &msg.fetch.firmware) {
         Ok(staged) => {
-            Sink::open(
+            let open = Sink::open(
                 &msg.fetch,
                 staged,
                 msg.offset,
-                msg.validator,
+                msg.validator.clone(),
                 events,
                 verifier,
-            )
-            .await
+            );
+            tokio::select! {
+                opened = open => opened,
+                _ = stop.wait_for(|s| *s) => return None,
+            }
         }
         Err(failure) => Err(failure),
     };
     let mut sink = match opened {
         Ok(sink) => sink,
         Err(failure) => {
-            return Event::DownloadFailed {
+            return Some(Event::DownloadFailed {
                 failure,
                 durable_offset: 0,
-            }
+            })
         }
     };
     tracing::info!(upgrade = msg.fetch.job, offset = sink.offset(), url = %msg.fetch.source.url, "download starting");
     let fetched = if sink.remaining() == 0 {
         Ok(())
     } else {
-        fetcher.fetch(&msg.fetch, &mut sink).await
+        // A stop drops the fetch between two writes: what the sink holds
+        // is whole, and is made durable and committed before the exit.
+        let fetch = fetcher.fetch(&msg.fetch, &mut sink);
+        let stopped = tokio::select! {
+            fetched = fetch => Ok(fetched),
+            _ = stop.wait_for(|s| *s) => Err(()),
+        };
+        match stopped {
+            Ok(fetched) => fetched,
+            Err(()) => {
+                match sink.pause().await {
+                    Ok(offset) => tracing::info!(
+                        upgrade = msg.fetch.job,
+                        offset,
+                        "download paused for the stop; every byte received is durable"
+                    ),
+                    Err(failure) => {
+                        tracing::warn!(upgrade = msg.fetch.job, error = %failure.description, "download stopped; it resumes from the last checkpoint")
+                    }
+                }
+                return None;
+            }
+        }
     };
+    Some(ended(&msg, &mut sink, fetched).await)
+}
+
+/// How a transfer that ran to its end (or failed) is reported.
+async fn ended(msg: &StartDownload, sink: &mut Sink, fetched: Result<(), Failure>) -> Event {
     let fetched = fetched.and_then(|()| {
         if sink.remaining() == 0 {
             Ok(())

@@ -57,6 +57,12 @@ pub struct Delivered {
 #[rtype(result = "()")]
 pub struct InputClosed;
 
+/// SIGTERM or SIGINT: checkpoint, settle, deliver, then exit 0
+/// ([`upgrade::Upgrade`] runs the stop; docs/DURABILITY.md).
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct Shutdown;
+
 /// Where the agent keeps its files inside the state directory.
 #[derive(Clone, Debug)]
 pub struct Paths {

@@ -7,20 +7,21 @@
 //! nothing is committed without the flush: `Store::commit_lazily`.) After a restart it re-sends the pending
 //! outbox and restarts the active upgrade's current phase.
 
-use super::download::{AbortDownload, FetchJob, StartDownload};
+use super::download::{AbortDownload, Drain, FetchJob, StartDownload};
 use super::flash::{BootCheck, CheckBoot, FlashImage, RequestReboot};
 use super::messaging::{Listen, Outbound};
 use super::staging::Staging;
 use super::verify::VerifyMsg;
-use super::{Delivered, IncomingRequest, InputClosed, JobEvent, Transfer};
+use super::{Delivered, IncomingRequest, InputClosed, JobEvent, Shutdown, Transfer};
 use crate::crash;
 use crate::protocol::{self, ParseOptions};
 use actix::prelude::*;
 use fwagent_state::{
     ack_no, on_request, transition, Ack, Command, Event, Incoming, Job, JobId, OutboxEntry,
-    Outcome, Outgoing, Phase, Policy, Protocol, Store, Transition, OP_UPGRADE,
+    Outcome, Outgoing, Phase, Policy, Protocol, Store, StoreError, Transition, OP_UPGRADE,
 };
 use std::collections::HashSet;
+use std::time::{Duration, Instant};
 use time::OffsetDateTime;
 
 /// The upgrade's peers, handed over once every actor runs.
@@ -31,10 +32,29 @@ pub struct Wire {
     pub listen: Recipient<Listen>,
     pub download: Recipient<StartDownload>,
     pub abort: Recipient<AbortDownload>,
+    pub drain: Recipient<Drain>,
     pub verify: Recipient<VerifyMsg>,
     pub flash: Recipient<FlashImage>,
     pub reboot: Recipient<RequestReboot>,
     pub check_boot: Recipient<CheckBoot>,
+}
+
+/// On SIGTERM: how long a flash under way (file:, ab:) may take to reach
+/// its durable end before the agent exits anyway (flashing is repeatable:
+/// the next start does it again).
+pub const STOP_FLASH_WAIT: Duration = Duration::from_secs(60);
+/// On SIGTERM: how long the outbox gets to be delivered.
+pub const STOP_DELIVERY_WAIT: Duration = Duration::from_secs(5);
+const STOP_POLL: Duration = Duration::from_millis(20);
+
+/// Where a stop (SIGTERM, SIGINT) has got to.
+#[derive(Debug)]
+struct Stopping {
+    started: Instant,
+    /// The transfers have not all checkpointed yet.
+    draining: bool,
+    /// When delivering the outbox began.
+    delivering: Option<Instant>,
 }
 
 /// Outbox entries sent without a commit (the store itself failed) carry this
@@ -60,6 +80,14 @@ pub struct Upgrade {
     /// in `awaiting_reboot` has nothing more to do here. (Until then, with
     /// stdin at EOF, the agent would exit before the resumed check ran.)
     boot_settled: bool,
+    /// A commit or flush failed after it was applied (`StoreError::is_fatal`):
+    /// the agent is stopping with exit 3 and this actor touches the store,
+    /// sends and starts nothing more.
+    halted: bool,
+    /// The job whose flash the Flash actor is carrying out (sent, no
+    /// answer yet): a stop waits for it.
+    flashing: Option<JobId>,
+    stopping: Option<Stopping>,
 }
 
 impl Upgrade {
@@ -83,7 +111,20 @@ impl Upgrade {
             parsing: 0,
             flash_calls: 0,
             boot_settled: false,
+            halted: false,
+            flashing: None,
+            stopping: None,
         }
+    }
+
+    /// The store failed after applying a change (or cannot be trusted any
+    /// more): stop with exit 3 before anything of it is sent or started.
+    /// The next start recovers from what is durable (ARCHITECTURE.md,
+    /// durability rule 7).
+    fn halt(&mut self, what: &str, error: &StoreError) {
+        tracing::error!(%error, "{what}: the store could not be made durable; stopping (exit 3) so the next start recovers from what is on disk");
+        self.halted = true;
+        System::current().stop_with_code(3);
     }
 
     /// Commit `t`, then send its outbox and start its commands.
@@ -91,8 +132,12 @@ impl Upgrade {
         &mut self,
         t: Transition,
         ctx: &mut Context<Self>,
-    ) -> Result<Vec<OutboxEntry>, String> {
-        let entries = self.store.commit(&t).map_err(|e| e.to_string())?;
+    ) -> Result<Vec<OutboxEntry>, StoreError> {
+        let entries = self.store.commit(&t).inspect_err(|e| {
+            if e.is_fatal() {
+                self.halt("commit", e);
+            }
+        })?;
         if let Some(job) = &t.job {
             if let Some(log) = &t.log {
                 tracing::info!(upgrade = %job.request.message_id, phase = %job.phase.name(), event = %log.event, error = log.error.as_deref().unwrap_or(""), "transition");
@@ -111,9 +156,57 @@ impl Upgrade {
             peers.messaging.do_send(Outbound(entry.clone()));
         }
         for command in &t.commands {
+            // While stopping, no new work starts: every phase's work is
+            // started again by the next start.
+            let starts_work = !matches!(command, Command::Abort { .. } | Command::Cleanup { .. });
+            if self.stopping.is_some() && starts_work {
+                tracing::info!(?command, "stopping; left for the next start");
+                continue;
+            }
             self.run_command(command, t.job.as_ref(), &peers, ctx);
         }
         self.maybe_exit();
+    }
+
+    /// One step of a stop: wait for the transfers' checkpoints and for a
+    /// flash under way (at most [`STOP_FLASH_WAIT`]), then for the outbox
+    /// (at most [`STOP_DELIVERY_WAIT`]), then flush and exit 0.
+    fn continue_stop(&mut self, ctx: &mut Context<Self>) {
+        if self.halted {
+            return;
+        }
+        let Some(stop) = &mut self.stopping else {
+            return;
+        };
+        let now = Instant::now();
+        let flash_busy = self.flashing.is_some() && now < stop.started + STOP_FLASH_WAIT;
+        let pending = || {
+            self.store
+                .pending_outbox()
+                .map(|p| !p.is_empty())
+                .unwrap_or(false)
+        };
+        let waiting = if stop.draining || flash_busy {
+            true
+        } else {
+            let since = *stop.delivering.get_or_insert(now);
+            now < since + STOP_DELIVERY_WAIT && pending()
+        };
+        if waiting {
+            ctx.run_later(STOP_POLL, |act, ctx| act.continue_stop(ctx));
+            return;
+        }
+        if self.flashing.is_some() {
+            tracing::warn!("the flash did not end in time; the next start does it again");
+        }
+        if let Err(e) = self.store.flush() {
+            return self.halt("flushing before the stop", &e);
+        }
+        tracing::info!(
+            undelivered = self.store.pending_outbox().map(|p| p.len()).unwrap_or(0),
+            "stopped: every step so far is durable; the next start resumes from it"
+        );
+        System::current().stop();
     }
 
     fn run_command(
@@ -153,11 +246,14 @@ impl Upgrade {
                 path: self.staging.image(*id, &job.request.firmware),
                 firmware: job.request.firmware.clone(),
             }),
-            Command::Flash { job: id } => peers.flash.do_send(FlashImage {
-                job: *id,
-                image: self.staging.image(*id, &job.request.firmware),
-                firmware: job.request.firmware.clone(),
-            }),
+            Command::Flash { job: id } => {
+                self.flashing = Some(*id);
+                peers.flash.do_send(FlashImage {
+                    job: *id,
+                    image: self.staging.image(*id, &job.request.firmware),
+                    firmware: job.request.firmware.clone(),
+                })
+            }
             Command::Reboot { job: id } => {
                 self.request_reboot(*id, job.request.firmware.md5.clone(), peers, ctx)
             }
@@ -233,8 +329,8 @@ impl Upgrade {
     }
 
     /// With stdin closed: stop once nothing is under way and the outbox is empty.
-    fn maybe_exit(&self) {
-        if !self.input_closed || self.flash_calls > 0 || self.parsing > 0 {
+    fn maybe_exit(&mut self) {
+        if self.halted || !self.input_closed || self.flash_calls > 0 || self.parsing > 0 {
             return;
         }
         let idle = match self.store.active() {
@@ -250,7 +346,9 @@ impl Upgrade {
         if idle && flushed {
             tracing::info!("input closed and nothing under way; exiting");
             if let Err(e) = self.store.flush() {
-                tracing::warn!(error = %e, "cannot flush the delivery marks; those messages will be sent again");
+                // The delivery marks may be lost: those messages will be
+                // sent again, with their messageIds.
+                return self.halt("flushing the delivery marks", &e);
             }
             System::current().stop();
         }
@@ -341,6 +439,15 @@ impl Handler<IncomingRequest> for Upgrade {
     type Result = ();
 
     fn handle(&mut self, msg: IncomingRequest, ctx: &mut Context<Self>) {
+        if self.halted {
+            return;
+        }
+        if self.stopping.is_some() {
+            // Not answered: the cloud (or the broker, which gets no PUBACK)
+            // sends it again to the next start.
+            tracing::info!("stopping; a request was not taken");
+            return;
+        }
         crash::point("before-request-commit");
         if self.parse.credentials_decoder.is_some() {
             // The decoder is an external command (up to 5 s per credential):
@@ -405,6 +512,9 @@ impl Upgrade {
         });
         let entries = match self.store.commit(&t) {
             Ok(entries) => entries,
+            // Applied, maybe durable: no answer now; the next start sends
+            // what the store kept, or the request is asked again.
+            Err(e) if e.is_fatal() => return self.halt("recording a request", &e),
             Err(e) => return self.store_failed(&incoming, e.to_string(), reply),
         };
         if let (Some(ack), Some(job)) = (&ack, &t.job) {
@@ -426,6 +536,9 @@ impl Handler<JobEvent> for Upgrade {
     type Result = ();
 
     fn handle(&mut self, msg: JobEvent, ctx: &mut Context<Self>) {
+        if self.halted {
+            return;
+        }
         let job = match self.store.job(msg.job) {
             Ok(Some(job)) => job,
             Ok(None) => {
@@ -437,6 +550,14 @@ impl Handler<JobEvent> for Upgrade {
                 return;
             }
         };
+        if matches!(
+            msg.event,
+            Event::Flashed { .. } | Event::FlashFailed { .. } | Event::ImageMissing { .. }
+        ) {
+            // The Flash actor answered (ImageMissing may come from Verify
+            // too; no flash runs then either).
+            self.flashing = None;
+        }
         let is_checkpoint = matches!(msg.event, Event::Checkpoint { offset, .. } if offset > 0);
         let is_progress = matches!(msg.event, Event::Progress { .. });
         let t = match transition(&job, msg.event, OffsetDateTime::now_utc(), &self.policy) {
@@ -450,16 +571,15 @@ impl Handler<JobEvent> for Upgrade {
         // crash loses only the figure, which the next checkpoint restores.
         let lazy = is_progress && t.outbox.is_empty() && t.commands.is_empty() && t.log.is_none();
         let committed = if lazy {
-            self.store
-                .commit_lazily(&job, &t)
-                .map_err(|e| e.to_string())
+            self.store.commit_lazily(&job, &t)
         } else {
             self.commit_and_dispatch(t, ctx).map(|_| ())
         };
         if let Err(e) = committed {
-            // Nothing was committed and nothing started: the last durable
-            // state stands, and a restart resumes from it.
+            // Nothing was sent or started: the last durable state stands,
+            // and a restart resumes from it.
             tracing::error!(upgrade = %job.request.message_id, error = %e, "cannot commit; stopping so a restart resumes from the store");
+            self.halted = true;
             System::current().stop_with_code(3);
             return;
         }
@@ -473,12 +593,42 @@ impl Handler<Delivered> for Upgrade {
     type Result = ();
 
     fn handle(&mut self, msg: Delivered, _ctx: &mut Context<Self>) {
+        if self.halted {
+            return;
+        }
         if msg.seq != UNCOMMITTED {
             if let Err(e) = self.store.delivered(msg.seq) {
                 tracing::error!(seq = msg.seq, error = %e, "cannot mark a message delivered; it will be sent again");
             }
         }
         self.maybe_exit();
+    }
+}
+
+impl Handler<Shutdown> for Upgrade {
+    type Result = ();
+
+    fn handle(&mut self, _msg: Shutdown, ctx: &mut Context<Self>) {
+        if self.halted || self.stopping.is_some() {
+            return;
+        }
+        tracing::info!("signal received; checkpointing, then delivering the outbox, then stopping");
+        self.stopping = Some(Stopping {
+            started: Instant::now(),
+            draining: true,
+            delivering: None,
+        });
+        let Some(peers) = self.peers.clone() else {
+            System::current().stop();
+            return;
+        };
+        let drained = peers.drain.send(Drain);
+        ctx.spawn(drained.into_actor(self).map(|_, act, ctx| {
+            if let Some(stop) = &mut act.stopping {
+                stop.draining = false;
+            }
+            act.continue_stop(ctx);
+        }));
     }
 }
 
@@ -519,6 +669,9 @@ impl Handler<CancelRequest> for Upgrade {
     type Result = Result<Job, String>;
 
     fn handle(&mut self, msg: CancelRequest, ctx: &mut Context<Self>) -> Self::Result {
+        if self.halted {
+            return Err("the agent is stopping: its store could not be made durable".into());
+        }
         let job = match &msg.message_id {
             Some(mid) => self.store.job_by_message_id(mid),
             None => self.store.active(),
@@ -531,7 +684,10 @@ impl Handler<CancelRequest> for Upgrade {
         let t = transition(&job, Event::Cancel, OffsetDateTime::now_utc(), &self.policy)
             .map_err(|refused| refused.to_string())?;
         let cancelled = t.job.clone().ok_or("the cancel produced no record")?;
-        self.commit_and_dispatch(t, ctx)?;
+        self.commit_and_dispatch(t, ctx).map_err(|e| match e.is_fatal() {
+            true => format!("the state store failed: {e}; the agent stops, and its next start resumes from what is durable"),
+            false => format!("the state store failed: {e}"),
+        })?;
         Ok(cancelled)
     }
 }

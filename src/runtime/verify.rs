@@ -89,6 +89,13 @@ fn check(path: &Path, firmware: &Firmware, streamed: Option<Hashing>) -> Event {
         failure: Failure::new(error_no, description, retryable),
     };
     let unreadable = |e: io::Error| {
+        if e.kind() == io::ErrorKind::NotFound {
+            // Downloaded, then lost (its directory entry was not durable,
+            // or someone removed it): fetch it again.
+            return Event::ImageMissing {
+                detail: format!("the image {} is gone: {e}", path.display()),
+            };
+        }
         failed(
             result_no::TRANSFER,
             format!("cannot read the image {}: {e}", path.display()),

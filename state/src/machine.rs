@@ -22,10 +22,18 @@ use time::OffsetDateTime;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Policy {
     /// Starts of the download allowed (retries and restarts both count)
-    /// without durable progress: a checkpoint that moves the offset resets
-    /// the count, so many power cuts during a long download never fail it,
-    /// while a server or image that crashes the agent at once still does.
+    /// without durable progress: a checkpoint beyond the highest durable
+    /// offset the upgrade ever reached resets the count, so many power cuts
+    /// during a long download never fail it, while a server or image that
+    /// crashes the agent at once, or a download that restarts from zero
+    /// every time, still does.
     pub download_attempts: u32,
+    /// Durable bytes one upgrade may fetch, as a multiple of the image's
+    /// size (restarts from zero make it fetch the same bytes again): past
+    /// `fetch_budget × size` it fails with 23. Bytes received after the
+    /// last checkpoint of an attempt are not counted; they are at most one
+    /// checkpoint per attempt.
+    pub fetch_budget: u64,
     /// Starts of verification allowed (only restarts repeat it).
     pub verify_attempts: u32,
     /// Starts of flashing allowed (only restarts repeat it).
@@ -49,6 +57,7 @@ impl Default for Policy {
     fn default() -> Self {
         Policy {
             download_attempts: 6,
+            fetch_budget: 3,
             verify_attempts: 3,
             flash_attempts: 3,
             boot_checks: 3,
@@ -130,6 +139,12 @@ pub enum Event {
         failure: Failure,
         durable_offset: u64,
     },
+    /// The downloaded image is gone (verifying or flashing found no partial
+    /// file: a power cut took its directory entry, someone removed it). The
+    /// download starts again from zero; the fetch budget bounds how often.
+    ImageMissing {
+        detail: String,
+    },
     /// Size and md5 match.
     Verified,
     VerifyFailed {
@@ -167,6 +182,7 @@ impl Event {
             Event::SourceChanged { .. } => "source changed",
             Event::Downloaded => "downloaded",
             Event::DownloadFailed { .. } => "download failed",
+            Event::ImageMissing { .. } => "image missing",
             Event::Verified => "verified",
             Event::VerifyFailed { .. } => "verify failed",
             Event::Flashed { .. } => "flashed",
@@ -312,6 +328,8 @@ pub fn on_request(view: &RequestView, incoming: Incoming, now: OffsetDateTime) -
         phase: Phase::Accepted,
         attempts: 0,
         bytes_done: 0,
+        high_water: 0,
+        fetched: 0,
         validator: None,
         result: None,
         last_error: None,
@@ -438,15 +456,21 @@ pub fn transition(
                 return Err(wrong());
             };
             let offset = offset.min(job.request.firmware.size);
-            if offset > before {
+            if offset > job.high_water {
                 // Durable progress: the attempts so far were not a loop.
-                // Only starts without progress count towards the bound.
+                // Only starts without progress count towards the bound; a
+                // restart from zero that reaches the old offsets again is
+                // none.
                 step.job.attempts = 1;
             }
+            step.durable(before, offset);
             step.job.phase = Phase::Downloading { offset };
             step.job.bytes_done = job.bytes_done.max(offset);
             if validator.is_some() {
                 step.job.validator = validator;
+            }
+            if let Some(failure) = step.over_budget() {
+                return Ok(step.fail(failure));
             }
             step.maybe_progress();
             Ok(step.done())
@@ -487,11 +511,15 @@ pub fn transition(
             failure,
             durable_offset,
         } => {
-            let Phase::Downloading { offset } = phase else {
+            let Phase::Downloading { offset: before } = phase else {
                 return Err(wrong());
             };
-            let offset = offset.max(durable_offset).min(job.request.firmware.size);
+            let offset = before.max(durable_offset).min(job.request.firmware.size);
             step.set_last_error(&failure.description);
+            step.durable(before, offset);
+            if let Some(over) = step.over_budget() {
+                return Ok(step.fail(over));
+            }
             if failure.retryable && job.attempts < policy.download_attempts {
                 let retry = job.attempts;
                 step.job.attempts += 1;
@@ -504,6 +532,20 @@ pub fn transition(
                 return Ok(step.done());
             }
             Ok(step.fail(failure))
+        }
+        Event::ImageMissing { detail } => {
+            let (Phase::Verifying | Phase::Flashing) = phase else {
+                return Err(wrong());
+            };
+            step.set_last_error(&detail);
+            step.job.bytes_done = 0;
+            step.job.validator = None;
+            step.enter(
+                Phase::Downloading { offset: 0 },
+                "the downloaded image is gone; downloading it again from byte 0",
+            );
+            step.command(download(&step.job, 0, Duration::ZERO));
+            Ok(step.done())
         }
         Event::Verified => {
             if phase != Phase::Verifying {
@@ -633,6 +675,40 @@ impl<'a> Step<'a> {
             event: self.redactor.text(&event),
             error: error.map(|e| self.redactor.text(&e)),
         });
+    }
+
+    /// The durable offset moved from `before` to `offset`: count the new
+    /// durable bytes and raise the high-water mark.
+    fn durable(&mut self, before: u64, offset: u64) {
+        self.job.fetched = self
+            .job
+            .fetched
+            .saturating_add(offset.saturating_sub(before));
+        self.job.high_water = self.job.high_water.max(offset);
+    }
+
+    /// The upgrade fetched more than its budget allows: the failure to end it with.
+    fn over_budget(&self) -> Option<Failure> {
+        let size = self.job.request.firmware.size;
+        let budget = self.policy.fetch_budget.saturating_mul(size);
+        (self.job.fetched > budget).then(|| {
+            let why = self
+                .job
+                .last_error
+                .as_deref()
+                .map(|e| format!("; last error: {e}"))
+                .unwrap_or_default();
+            Failure::new(
+                result_no::TRANSFER,
+                format!(
+                    "gave up: fetched {} bytes of a {size}-byte image, more than {} times its size, \
+                     without completing it (the download keeps restarting from zero: the server \
+                     cannot resume it){why}",
+                    self.job.fetched, self.policy.fetch_budget
+                ),
+                false,
+            )
+        })
     }
 
     fn command(&mut self, command: Command) {

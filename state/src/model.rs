@@ -326,6 +326,14 @@ pub struct Job {
     pub attempts: u32,
     /// Bytes fetched so far (may run ahead of the durable offset).
     pub bytes_done: u64,
+    /// The highest durable offset this upgrade ever reached: only a
+    /// checkpoint beyond it is progress (ARCHITECTURE.md, rule 8).
+    #[serde(default)]
+    pub high_water: u64,
+    /// Durable bytes fetched over every attempt, restarts from zero
+    /// included; bounded by [`crate::Policy::fetch_budget`].
+    #[serde(default)]
+    pub fetched: u64,
     /// What identifies the server's file (ETag, Last-Modified, FTP SIZE/MDTM),
     /// so a resume never splices two different files.
     pub validator: Option<String>,

@@ -140,6 +140,23 @@ pub enum StoreError {
     /// sled failed while reading, writing or flushing.
     #[error("the store failed: {0}")]
     Sled(#[from] sled::Error),
+    /// A commit was applied but could not be made durable (sled's flush or
+    /// the `fdatasync` failed). The change may or may not survive a power
+    /// cut, and after a failed fsync Linux may report later ones as
+    /// successful: the process must stop, sending and starting nothing of
+    /// that change, and the next start recovers from what is durable. See
+    /// [`StoreError::is_fatal`].
+    #[error("the store could not be made durable: {0}")]
+    NotDurable(#[source] Box<StoreError>),
+}
+
+impl StoreError {
+    /// This store handle must not be used any more: a commit was applied
+    /// but is not known to be durable ([`StoreError::NotDurable`]). Any
+    /// other error refused the change before anything was applied.
+    pub fn is_fatal(&self) -> bool {
+        matches!(self, StoreError::NotDurable(_))
+    }
 }
 
 impl From<TransactionError<StoreError>> for StoreError {
@@ -162,6 +179,74 @@ fn key_name(tree: &str, key: &[u8]) -> String {
         16 if numeric => format!("{tree}/{}/{}", be(key, 0), be(key, 8)),
         _ => format!("{tree}/{}", String::from_utf8_lossy(key)),
     }
+}
+
+/// Open sled at `path`, waiting up to [`LOCK_WAIT`] for its lock.
+fn open_sled(path: &Path) -> Result<sled::Db, StoreError> {
+    let started = Instant::now();
+    loop {
+        match sled::Config::new().path(path).open() {
+            Ok(db) => return Ok(db),
+            Err(e) if is_lock_error(&e) => {
+                if started.elapsed() >= LOCK_WAIT {
+                    return Err(StoreError::Locked {
+                        path: path.to_path_buf(),
+                    });
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(source) => {
+                return Err(StoreError::Open {
+                    path: path.to_path_buf(),
+                    source,
+                })
+            }
+        }
+    }
+}
+
+/// Create a new sled database at `path` so that a power cut at any moment
+/// leaves either no store or a whole one: sled 0.34 writes its files (its
+/// `conf` among them) without any fsync, so it is created beside, in
+/// `db.new`, every file and directory of it fsynced, then renamed into
+/// place and the rename made durable. A `db.new` left by a cut is removed.
+fn create_durably(state_dir: &Path, path: &Path) -> Result<(), StoreError> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| StoreError::Io { path, source }
+    };
+    let fresh = state_dir.join("db.new");
+    match std::fs::remove_dir_all(&fresh) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io(&fresh)(e)),
+    }
+    let db = open_sled(&fresh)?;
+    db.flush()?;
+    drop(db);
+    sync_tree(&fresh)?;
+    std::fs::rename(&fresh, path).map_err(io(path))?;
+    sync_dir(state_dir)
+}
+
+/// fsync every file and directory under `dir`, and `dir` itself.
+fn sync_tree(dir: &Path) -> Result<(), StoreError> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| StoreError::Io { path, source }
+    };
+    for entry in std::fs::read_dir(dir).map_err(io(dir))? {
+        let entry = entry.map_err(io(dir))?;
+        let path = entry.path();
+        if entry.file_type().map_err(io(&path))?.is_dir() {
+            sync_tree(&path)?;
+        } else {
+            std::fs::File::open(&path)
+                .and_then(|f| f.sync_all())
+                .map_err(io(&path))?;
+        }
+    }
+    sync_dir(dir)
 }
 
 /// Make a directory's entries durable.
@@ -376,29 +461,20 @@ impl Store {
             .map_err(io)?;
 
         let path = state_dir.join("db");
-        let started = Instant::now();
-        let db = loop {
-            match sled::Config::new().path(&path).open() {
-                Ok(db) => break db,
-                Err(e) if is_lock_error(&e) => {
-                    if started.elapsed() >= LOCK_WAIT {
-                        return Err(StoreError::Locked { path });
-                    }
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-                Err(source) => return Err(StoreError::Open { path, source }),
-            }
-        };
+        if !path.exists() {
+            create_durably(state_dir, &path)?;
+        }
+        let db = open_sled(&path)?;
         // sled 0.34 keeps its log in `db/db`; see the module doc for why the
-        // store syncs it itself. New directory entries are made durable once.
+        // store syncs it itself. sled rewrites `conf` (unsynced) when it
+        // finds it empty: make it and the entries durable on every open.
         let data_path = path.join("db");
         let data_file = std::fs::File::open(&data_path).map_err(|source| StoreError::Io {
             path: data_path.clone(),
             source,
         })?;
-        for dir in [path.as_path(), state_dir] {
-            sync_dir(dir)?;
-        }
+        sync_tree(&path)?;
+        sync_dir(state_dir)?;
         let tree = |name: &str| {
             db.open_tree(name).map_err(|source| StoreError::Open {
                 path: path.clone(),
@@ -817,11 +893,13 @@ impl Store {
 impl Inner {
     /// sled's flush, then `fdatasync` of its data file.
     fn flush(&self) -> Result<(), StoreError> {
-        self.db.flush()?;
-        self.data_file.sync_data().map_err(|source| StoreError::Io {
-            path: self.data_path.clone(),
-            source,
-        })
+        let synced = self.db.flush().map_err(StoreError::Sled).and_then(|_| {
+            self.data_file.sync_data().map_err(|source| StoreError::Io {
+                path: self.data_path.clone(),
+                source,
+            })
+        });
+        synced.map_err(|e| StoreError::NotDurable(Box::new(e)))
     }
 
     fn meta_u64(&self, key: &str) -> Result<Option<u64>, StoreError> {

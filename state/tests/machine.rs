@@ -472,6 +472,150 @@ fn checkpoint_moves_the_durable_offset_and_keeps_the_validator() {
     assert_eq!(job.validator.as_deref(), Some("v1"));
 }
 
+/// A download that restarts from zero every time reaches the same
+/// checkpoints again: that is no progress, so the attempts run out
+/// (ARCHITECTURE.md, rule 8). Before, each first checkpoint reset them and
+/// the agent fetched the same half file for ever.
+#[test]
+fn restarts_from_zero_are_no_progress_and_run_out_of_attempts() {
+    let p = policy();
+    let mut job = downloading();
+    let mut ended = None;
+    for round in 0..50 {
+        for offset in [100, 200, 300] {
+            let t = transition(
+                &job,
+                Event::Checkpoint {
+                    offset,
+                    validator: None,
+                },
+                at_ms(round * 10),
+                &p,
+            )
+            .expect("applies");
+            job = t.job.expect("job");
+        }
+        assert_eq!(job.high_water, 300);
+        let t = transition(
+            &job,
+            Event::DownloadFailed {
+                failure: retryable(result_no::TRANSFER),
+                durable_offset: 300,
+            },
+            at_ms(round * 10 + 5),
+            &p,
+        )
+        .expect("applies");
+        job = t.job.clone().expect("job");
+        if job.phase.is_terminal() {
+            ended = Some((round, t));
+            break;
+        }
+        let t = transition(
+            &job,
+            Event::SourceChanged { validator: None },
+            at_ms(round * 10 + 6),
+            &p,
+        )
+        .expect("applies");
+        job = t.job.expect("job");
+    }
+    let (round, t) = ended.expect("the attempts run out");
+    assert_eq!(round + 1, p.download_attempts as i64, "one start per round");
+    assert_eq!(
+        results(&t.outbox),
+        vec![(PhaseName::Failed, result_no::TRANSFER)]
+    );
+}
+
+/// A restart from zero that goes beyond the old high-water mark is
+/// progress; but the durable bytes fetched over all attempts are bounded by
+/// `fetch_budget` times the size, so a download that creeps a little
+/// further each time still ends, in 23, with the reason.
+#[test]
+fn the_bytes_fetched_are_bounded_by_the_budget() {
+    let p = policy();
+    let mut job = downloading();
+    let mut reach = 100;
+    let t = loop {
+        let mut last = None;
+        for offset in (100..=reach).step_by(100) {
+            let t = transition(
+                &job,
+                Event::Checkpoint {
+                    offset,
+                    validator: None,
+                },
+                at_ms(1),
+                &p,
+            )
+            .expect("applies");
+            job = t.job.clone().expect("job");
+            if job.phase.is_terminal() {
+                last = Some(t);
+                break;
+            }
+        }
+        if let Some(t) = last {
+            break t;
+        }
+        assert_eq!(job.attempts, 1, "beyond the high-water mark: progress");
+        job = job_after(&job, Event::SourceChanged { validator: None }, 2);
+        reach = (reach + 100).min(SIZE - 100);
+    };
+    assert_eq!(job.phase, Phase::Failed);
+    assert!(job.fetched > p.fetch_budget * SIZE, "{}", job.fetched);
+    assert!(
+        job.fetched <= p.fetch_budget * SIZE + 100,
+        "{}",
+        job.fetched
+    );
+    assert_eq!(
+        results(&t.outbox),
+        vec![(PhaseName::Failed, result_no::TRANSFER)]
+    );
+    let why = job.result.expect("a result").description;
+    assert!(why.contains("more than 3 times its size"), "{why}");
+    assert!(t.commands.contains(&Command::Cleanup { job: job.id }));
+}
+
+/// A partial file gone in `verifying` or `flashing` (a power cut took its
+/// directory entry) is downloaded again, not a final 23.
+#[test]
+fn a_missing_image_goes_back_to_downloading_from_zero() {
+    for phase in [Phase::Verifying, Phase::Flashing] {
+        let job = Job {
+            bytes_done: SIZE,
+            validator: Some("v1".into()),
+            high_water: SIZE,
+            fetched: SIZE,
+            ..at_phase(phase, 1)
+        };
+        let t = apply(
+            &job,
+            Event::ImageMissing {
+                detail: "no such file".into(),
+            },
+            1,
+        );
+        let next = t.job.clone().expect("job");
+        assert_eq!(next.phase, Phase::Downloading { offset: 0 }, "{phase:?}");
+        assert_eq!((next.bytes_done, next.validator.as_deref()), (0, None));
+        assert_eq!(next.attempts, 1);
+        assert_eq!(
+            t.commands,
+            vec![Command::Download {
+                job: 1,
+                offset: 0,
+                validator: None,
+                delay: Duration::ZERO
+            }]
+        );
+        assert!(results(&t.outbox).is_empty(), "not the end of the upgrade");
+        assert_eq!(progress(&t.outbox), vec![(PhaseName::Downloading, 0)]);
+    }
+}
+
 #[test]
 fn source_changed_starts_again_from_zero_and_reports_it() {
     let job = Job {
@@ -815,6 +959,9 @@ fn every_event() -> Vec<Event> {
             failure: retryable(result_no::CONNECT),
             durable_offset: 0,
         },
+        Event::ImageMissing {
+            detail: String::new(),
+        },
         Event::Verified,
         Event::VerifyFailed {
             failure: fatal(result_no::MD5_MISMATCH),
@@ -845,6 +992,7 @@ fn applies(event: &Event, phase: Phase) -> bool {
         | Event::SourceChanged { .. }
         | Event::Downloaded
         | Event::DownloadFailed { .. } => downloading,
+        Event::ImageMissing { .. } => matches!(phase, Phase::Verifying | Phase::Flashing),
         Event::Verified | Event::VerifyFailed { .. } => phase == Phase::Verifying,
         Event::Flashed { .. } | Event::FlashFailed { .. } => phase == Phase::Flashing,
         Event::Booted { .. } | Event::RebootPending { .. } => phase == Phase::AwaitingReboot,

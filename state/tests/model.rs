@@ -114,6 +114,9 @@ struct MJob {
     md5: String,
     phase: PhaseName,
     offset: u64,
+    /// The highest durable offset reached, and the durable bytes fetched.
+    high: u64,
+    fetched: u64,
     bytes: u64,
     attempts: u32,
     result: Option<u32>,
@@ -193,6 +196,8 @@ impl Model {
             md5: md5.to_string(),
             phase: PhaseName::Accepted,
             offset: 0,
+            high: 0,
+            fetched: 0,
             bytes: 0,
             attempts: 0,
             result: None,
@@ -285,13 +290,20 @@ impl Model {
             Ev::Checkpoint(pc) if downloading => {
                 let offset = u64::from(*pc) * SIZE / 100;
                 let j = &mut self.jobs[i];
-                if offset > j.offset {
-                    // Durable progress resets the attempt count.
+                if offset > j.high {
+                    // Only durable progress beyond the highest offset ever
+                    // reached resets the attempt count.
                     j.attempts = 1;
                 }
+                j.fetched += offset.saturating_sub(j.offset);
+                j.high = j.high.max(offset);
                 j.offset = offset;
                 j.bytes = j.bytes.max(offset);
-                self.maybe_progress(i);
+                if j.fetched > p.fetch_budget * SIZE {
+                    self.finish(i, PhaseName::Failed, result_no::TRANSFER);
+                } else {
+                    self.maybe_progress(i);
+                }
             }
             Ev::SourceChanged if downloading => {
                 self.jobs[i].offset = 0;
@@ -311,9 +323,14 @@ impl Model {
             }
             Ev::DownloadFailed { retryable, durable } if downloading => {
                 let j = &mut self.jobs[i];
-                if *retryable && j.attempts < p.download_attempts {
+                let offset = j.offset.max(u64::from(*durable) * SIZE / 100);
+                j.fetched += offset - j.offset;
+                j.high = j.high.max(offset);
+                j.offset = offset;
+                if j.fetched > p.fetch_budget * SIZE {
+                    self.finish(i, PhaseName::Failed, result_no::TRANSFER);
+                } else if *retryable && j.attempts < p.download_attempts {
                     j.attempts += 1;
-                    j.offset = j.offset.max(u64::from(*durable) * SIZE / 100);
                 } else {
                     self.finish(i, PhaseName::Failed, result_no::CONNECT);
                 }

@@ -26,6 +26,14 @@ pub enum Behaviour {
     FewerThenClose { cut: usize, then_honest: bool },
     /// 200 with the right `Content-Length`, one byte a second.
     Drip,
+    /// Every request gets 200 and the whole image's `Content-Length`, with
+    /// no ETag or Last-Modified and `Range` ignored, and the connection
+    /// closes after `cut` bytes: a download that can never resume.
+    NoResume { cut: usize },
+    /// Every answer carries a new strong ETag, so `If-Range` never matches
+    /// and the whole file comes each time, closed after `cut` bytes: a
+    /// validator that never matches twice.
+    NewValidatorEachTime { cut: usize },
     /// The first answer stops after `cut` bytes (so the agent resumes); every
     /// `Range` request gets a 206 from byte `start` of a file of `total` bytes.
     WrongContentRange { cut: usize, start: u64, total: u64 },
@@ -213,6 +221,20 @@ async fn serve(
                 let end = (start + cut).min(len);
                 (h, image[start..end].to_vec())
             }
+        }
+        Behaviour::NoResume { cut } => {
+            let head =
+                format!("HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: {len}\r\n\r\n");
+            (head, image[..(*cut).min(len)].to_vec())
+        }
+        Behaviour::NewValidatorEachTime { cut } => {
+            // `If-Range` names an older ETag, so the whole file comes, as
+            // from an honest server whose file keeps changing.
+            let head = format!(
+                "HTTP/1.1 200 OK\r\nConnection: close\r\nETag: \"v{}\"\r\nContent-Length: {len}\r\n\r\n",
+                nth + 1
+            );
+            (head, image[..(*cut).min(len)].to_vec())
         }
         Behaviour::Drip => {
             stream

@@ -62,6 +62,11 @@ pub fn job_in(phase: Phase) -> Job {
         phase,
         attempts: 0,
         bytes_done: 0,
+        high_water: match phase {
+            Phase::Downloading { offset } => offset,
+            _ => 0,
+        },
+        fetched: 0,
         validator: None,
         result: None,
         last_error: None,
