@@ -8,7 +8,7 @@ use common::*;
 use fwagent_state::store::SCHEMA_VERSION;
 use fwagent_state::{
     ack_no, on_request, transition, Ack, Event, Incoming, Job, Outcome, Outgoing, Phase, PhaseName,
-    Policy, Store, StoreError, Transition,
+    Policy, RequestView, Store, StoreError, Transition,
 };
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -46,6 +46,29 @@ fn the_state_directory_is_created_0700() {
     let _store = open(&dir);
     assert_eq!(mode(&dir), 0o700);
     assert!(dir.join("db").is_dir());
+}
+
+/// A new store is built in `db.new` and renamed into place whole (sled
+/// writes its `conf` unsynced: a cut during creation must leave no store
+/// rather than one with an empty `conf`); what a cut left there is removed.
+#[test]
+fn a_new_store_is_created_beside_and_renamed_whole() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("state");
+    std::fs::create_dir_all(dir.join("db.new")).expect("mkdir");
+    std::fs::write(dir.join("db.new/conf"), b"").expect("a half-made store");
+    let store = open(&dir);
+    assert!(!dir.join("db.new").exists(), "the leftover is gone");
+    let conf = std::fs::read(dir.join("db/conf")).expect("sled's conf");
+    assert!(!conf.is_empty(), "sled's conf is whole");
+    let t = on_request(&RequestView::default(), valid("MID:a", &md5('a')), t0());
+    store.commit(&t).expect("commit");
+    drop(store);
+    let again = open(&dir);
+    assert!(
+        again.active().expect("read").is_some(),
+        "the renamed store is the one in use"
+    );
 }
 
 #[test]
