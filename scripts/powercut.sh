@@ -24,7 +24,8 @@ as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
 need=()
 command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
-[ -x /bin/busybox ] && /bin/busybox --list 2>/dev/null | grep -qx insmod || need+=(busybox-static)
+# (grep without -q: with pipefail an early exit would SIGPIPE busybox and fail the test)
+[ -x /bin/busybox ] && /bin/busybox --list 2>/dev/null | grep -x insmod >/dev/null || need+=(busybox-static)
 command -v mkfs.ext4 >/dev/null || need+=(e2fsprogs)
 command -v sload.f2fs >/dev/null || need+=(f2fs-tools)
 command -v mkfs.vfat >/dev/null || need+=(dosfstools)

@@ -715,7 +715,11 @@ def run(args):
     if rundir.exists():
         shutil.rmtree(rundir)
     rundir.mkdir(parents=True)
-    initrd = WORK / "initramfs.cpio"
+    head = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"],
+                          capture_output=True, text=True).stdout.strip()
+    agent_md5 = hashlib.md5((ROOT / "target" / "release" / "fwagent").read_bytes()).hexdigest()
+    log(f"powercut: agent {agent_md5[:12]} built from {head or '?'} (the work tree at build time)")
+    initrd = rundir / "initramfs.cpio"  # per series: two series may run side by side
     mods = build_initramfs(image, request_template(md5, size), initrd)
     log(f"powercut: initramfs {initrd.stat().st_size // MIB} MiB, {len(mods)} modules")
     del image
@@ -806,7 +810,7 @@ def run(args):
     sled_only = [r for r, fl in failures if all(SLED_CONF_WARNING in f for f in fl)]
     mib = [x / MIB for x in refetch]
     summary = {
-        "seed": seed, "cuts": cuts, "rounds": rounds, "completed": completed,
+        "seed": seed, "git": head, "agent_md5": agent_md5, "cuts": cuts, "rounds": rounds, "completed": completed,
         "failures": len(failures), "accel": accel, "seconds_per_cycle": round(per_cycle, 1),
         "elapsed_s": round(elapsed, 1), "image_bytes": size, "rate": rate,
         "refetch_mib_per_cut": {
@@ -822,6 +826,7 @@ def run(args):
     }
     (rundir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     (WORK / "last-summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    initrd.unlink(missing_ok=True)
     if not failures:
         shutil.rmtree(rundir / "probe-kvm", ignore_errors=True)
     log(f"powercut: cuts by phase {by_phase}; re-fetched per cut: mean "
