@@ -77,9 +77,11 @@ def main():
     os.makedirs(a.state_dir)
     stderr = open(os.path.join(os.path.dirname(a.state_dir.rstrip("/")) or ".",
                                os.path.basename(a.state_dir.rstrip("/")) + ".agent.log"), "w")
+    target = os.path.join(a.state_dir, "never-written.bin")
+    open(target, "wb").close()  # file: flashes only an existing file or block device
     p = subprocess.Popen(
         [a.bin, "run", "--transport", "stdio", "--state-dir", a.state_dir,
-         "--flash", "file:" + os.path.join(a.state_dir, "never-written.bin"), "--device-id", "bench"],
+         "--flash", "file:" + target, "--device-id", "bench"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, bufsize=0)
     out = p.stdout
     sock = os.path.join(a.state_dir, "control.sock")

@@ -243,6 +243,7 @@ class Bench:
             s["curl_md5"].append(w)
             # 2. the agent, full upgrade to file: (its log gives download+verify)
             target = self.fresh("agent-target.bin")
+            open(target, "wb").close()  # file: flashes only an existing target
             mid, req = self.http_request("http")
             r = self.run_agent(mid, req, "file:" + target, f"http-{i}")
             if os.path.getsize(target) != self.size:
@@ -294,6 +295,7 @@ class Bench:
             self.check_md5(out, "curl ftp|md5sum")
             s["curl_ftp_md5"].append(w)
             target = self.fresh("agent-target.bin")
+            open(target, "wb").close()  # file: flashes only an existing target
             mid, req = self.ftp_request("ftp")
             try:
                 r = self.run_agent(mid, req, "file:" + target, f"ftp-{i}")
@@ -319,6 +321,7 @@ class Bench:
         mid, req = self.http_request("crash", name="crash.bin")
         state = self.fresh("state-crash")
         target = self.fresh("crash-target.bin")
+        open(target, "wb").close()  # file: flashes only an existing target
         log("kill -9 at 50 %, then restart")
         r1 = self.run_agent(mid, req, "file:" + target, "crash-1", state=state,
                             env_extra={"FWAGENT_CRASH_AT": "mid-download"}, expect_ok=False)

@@ -124,6 +124,7 @@ fi
 
 step "fwagent run --transport stdio  (stdout: the ack, then the reports)"
 flash="$work/flashed.bin"
+: > "$flash"   # the partition: file: flashes only an existing file or block device
 "$bin" run --transport stdio --state-dir "$state" --flash "file:$flash" --device-id demo-gw \
     < "$work/request.json" 2> "$work/agent.log"
 echo "(agent log: $work/agent.log)"

@@ -60,6 +60,7 @@ as_root() {
 
 have() { command -v "$1" >/dev/null 2>&1; }
 have_pyftpdlib() { "$PYTHON" -c 'import pyftpdlib' >/dev/null 2>&1; }
+have_fusepy() { /usr/bin/python3 -c 'import fusepy' >/dev/null 2>&1; }
 
 install_missing() {
     local pkgs=() nginx_pkg=""
@@ -71,6 +72,8 @@ install_missing() {
     have openssl || pkgs+=(openssl)
     have setsid || pkgs+=(util-linux)
     have "$PYTHON" || pkgs+=(python3)
+    # tests/lying_disk.rs mounts scripts/lyingfs.py (FUSE) with Debian's python3 and its fusepy.
+    have_fusepy || pkgs+=(python3-fusepy)
     if [ -n "$nginx_pkg" ] || [ "${#pkgs[@]}" -gt 0 ]; then
         have apt-get || die "missing servers and no apt-get: install nginx vsftpd mosquitto mosquitto-clients by hand"
         export DEBIAN_FRONTEND=noninteractive
@@ -114,6 +117,7 @@ install_missing() {
     for b in nginx vsftpd mosquitto mosquitto_pub mosquitto_sub curl openssl setsid; do
         have "$b" || die "$b still missing after install"
     done
+    have_fusepy || die "python3-fusepy still missing after install (/usr/bin/python3 -c 'import fusepy' fails)"
 }
 
 # ---------------------------------------------------------------- ports

@@ -1,8 +1,11 @@
-//! Small file-system helpers: free space, directory fsync, private dirs.
+//! Small file-system helpers: free space, directory fsync, private dirs,
+//! reading a file back from its medium rather than from the page cache.
 
+use std::fs::File;
 use std::io;
+use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{FileExt, FileTypeExt, PermissionsExt};
 use std::path::Path;
 
 /// Bytes available to an unprivileged writer on the file system of `path`.
@@ -27,4 +30,60 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
 pub fn private_dir(dir: &Path) -> io::Result<()> {
     std::fs::create_dir_all(dir)?;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+}
+
+/// The block size of [`read_from_medium`]: large reads, so the second pass
+/// over the image costs what the medium's bandwidth does.
+pub const MEDIUM_READ_BUF: usize = 1 << 20;
+
+/// `ioctl(BLKFLSBUF)`: write out and drop a block device's buffer cache
+/// (`_IO(0x12, 97)`; not in the libc crate).
+const BLKFLSBUF: u64 = 0x1261;
+
+/// Drop the page cache of `file` (fsync it first: only clean pages are
+/// dropped), so the next read comes from the medium, not from the pages that
+/// were just written. A block device also gets `BLKFLSBUF` when allowed (it
+/// needs CAP_SYS_ADMIN; `posix_fadvise` alone drops its pages otherwise).
+pub fn evict(file: &File) -> io::Result<()> {
+    let fd = file.as_raw_fd();
+    if file.metadata()?.file_type().is_block_device() {
+        // SAFETY: BLKFLSBUF takes no argument; `fd` is open.
+        let rc = unsafe { libc::ioctl(fd, BLKFLSBUF as _, 0) };
+        if rc != 0 {
+            let e = io::Error::last_os_error();
+            tracing::debug!(error = %e, "BLKFLSBUF refused; dropping the device's pages with posix_fadvise only");
+        }
+    }
+    // Length 0: to the end, so a last page partly covered goes too.
+    // SAFETY: plain system call on an open descriptor.
+    match unsafe { libc::posix_fadvise(fd, 0, 0, libc::POSIX_FADV_DONTNEED) } {
+        0 => Ok(()),
+        errno => Err(io::Error::from_raw_os_error(errno)),
+    }
+}
+
+/// Read the first `len` bytes of `file` (fewer at its end) from the medium:
+/// its cached pages are evicted first ([`evict`]; fsync it before), then it
+/// is read in [`MEDIUM_READ_BUF`] blocks, each handed to `each`, and its
+/// pages are dropped again (the image is no use in the cache). Returns the
+/// bytes read.
+pub fn read_from_medium(file: &File, len: u64, mut each: impl FnMut(&[u8])) -> io::Result<u64> {
+    evict(file)?;
+    // SAFETY: plain system call on an open descriptor; advice only.
+    unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_SEQUENTIAL) };
+    let mut buf = vec![0u8; MEDIUM_READ_BUF];
+    let mut done = 0u64;
+    while done < len {
+        let want = (len - done).min(buf.len() as u64) as usize;
+        let n = match file.read_at(&mut buf[..want], done) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        each(&buf[..n]);
+        done += n as u64;
+    }
+    let _ = evict(file);
+    Ok(done)
 }

@@ -96,7 +96,7 @@ impl Agent {
         ]);
         cmd.arg(state)
             .arg("--flash")
-            .arg(format!("file:{}", target.display()))
+            .arg(file_flash(target))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(log).expect("create the agent's log"));
@@ -232,7 +232,7 @@ fn a_declared_size_above_the_free_space_is_ack_7_before_any_fetch() {
     );
     assert!(server.seen().is_empty(), "nothing was fetched");
     assert!(files_in(&state.join("downloads")).is_empty());
-    assert!(!target.exists());
+    assert!(unflashed(&target));
     // The refusal is recorded: the same messageId gets the same ack.
     let again = run_stdio_upgrade(&state, &target, &[req], &Default::default(), LIMIT);
     assert_eq!(again.json_lines(), lines, "{again}");
@@ -279,7 +279,7 @@ fn a_disk_that_fills_during_the_download_is_40_and_the_agent_goes_on() {
     let result = agent.wait_for("the first result", |v| is_result_of(v, &first));
     assert_eq!(result["result"]["errorNo"], 40, "{result}");
     assert_eq!(result["info"]["phase"], "failed", "{result}");
-    assert!(!target.exists(), "nothing is flashed");
+    assert!(unflashed(&target), "nothing is flashed");
     wait_until(LIMIT, "the partial file to be removed", || {
         files_in(&downloads) == [filler.clone()]
     });

@@ -113,7 +113,7 @@ fn wrong_password_is_21_and_never_shown() {
         !run.stdout.contains(secret) && !run.stderr.contains(secret),
         "the password was shown: {run}"
     );
-    assert!(!target.exists(), "nothing is flashed");
+    assert!(unflashed(&target), "nothing is flashed");
 }
 
 #[test]
@@ -148,7 +148,7 @@ fn missing_file_is_22_on_both_servers() {
         LONG,
     );
     assert_eq!(only_result(&run).error_no, 22, "{run}");
-    assert!(!target.exists(), "nothing is flashed");
+    assert!(unflashed(&target), "nothing is flashed");
 }
 
 #[test]
@@ -180,7 +180,7 @@ fn nothing_listening_is_20_after_bounded_retries() {
     );
     let retries = run.stderr.matches("download attempt failed").count();
     assert_eq!(retries, 3, "three attempts: {run}");
-    assert!(!target.exists(), "nothing is flashed");
+    assert!(unflashed(&target), "nothing is flashed");
 }
 
 #[test]
@@ -227,7 +227,7 @@ fn size_mismatch_is_30_without_retr_on_both_servers() {
         !commands.iter().any(|c| c.starts_with("RETR ")),
         "no RETR on vsftpd: {commands:?}"
     );
-    assert!(!target.exists(), "nothing is flashed");
+    assert!(unflashed(&target), "nothing is flashed");
 }
 
 #[test]

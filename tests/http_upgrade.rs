@@ -100,7 +100,7 @@ fn missing_file_and_dead_server_map_to_their_results() {
     ]);
     cmd.arg(dir.path().join("s2"))
         .arg("--flash")
-        .arg(format!("file:{}", target.display()));
+        .arg(file_flash(&target));
     let started = Instant::now();
     let run = run_with_timeout(cmd, format!("{req}\n").as_bytes(), LONG);
     let lines = run.json_lines();
@@ -109,7 +109,7 @@ fn missing_file_and_dead_server_map_to_their_results() {
         started.elapsed() < Duration::from_secs(30),
         "retries are bounded"
     );
-    assert!(!target.exists(), "nothing is flashed");
+    assert!(unflashed(&target), "nothing is flashed");
 }
 
 #[test]
@@ -146,7 +146,7 @@ fn wrong_size_fails_with_30() {
             30,
             "{run}"
         );
-        assert!(!target.exists(), "nothing is flashed");
+        assert!(unflashed(&target), "nothing is flashed");
     }
 }
 
@@ -326,7 +326,7 @@ fn request_size_and_id_limits_come_from_the_flags() {
     ]);
     cmd.arg(dir.path().join("state"))
         .arg("--flash")
-        .arg(format!("file:{}", dir.path().join("flash.bin").display()));
+        .arg(file_flash(&dir.path().join("flash.bin")));
     let big = servers.http_request(&fw); // longer than 300 bytes
     assert!(big.to_string().len() > 300);
     let run = run_with_timeout(cmd, format!("{big}\n").as_bytes(), LONG);
@@ -351,7 +351,7 @@ fn request_size_and_id_limits_come_from_the_flags() {
     ]);
     cmd.arg(dir.path().join("state2"))
         .arg("--flash")
-        .arg(format!("file:{}", dir.path().join("flash.bin").display()));
+        .arg(file_flash(&dir.path().join("flash.bin")));
     let run = run_with_timeout(cmd, format!("{big}\n").as_bytes(), LONG);
     let lines = run.json_lines();
     assert_eq!(lines[0]["result"]["errorNo"], 4, "{run}");
@@ -393,7 +393,7 @@ fn seed_two_with_a_credentials_decoder_installs_the_image() {
     ]);
     cmd.arg(dir.path().join("state"))
         .arg("--flash")
-        .arg(format!("file:{}", target.display()));
+        .arg(file_flash(&target));
     let run = run_with_timeout(cmd, format!("{req}\n").as_bytes(), LONG);
     assert_installed(&run, &req, &fw, &dir.path().join("state"), &target);
 }

@@ -129,7 +129,7 @@ fn refused_run(servers: &Servers, fw: &Firmware, dir: &Path, extra: &[&str]) -> 
     let r = results(&lines);
     assert_eq!(r.len(), 1, "{run}");
     assert_eq!(r[0]["info"]["phase"], "failed", "{run}");
-    assert!(!target.exists(), "nothing is flashed: {run}");
+    assert!(unflashed(&target), "nothing is flashed: {run}");
     (
         r[0]["result"]["errorNo"].as_i64().unwrap(),
         r[0]["result"]["description"].as_str().unwrap().to_string(),

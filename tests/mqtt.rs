@@ -301,7 +301,7 @@ impl Agent {
             .arg("--state-dir")
             .arg(spec.state.join("state"))
             .arg("--flash")
-            .arg(format!("file:{}", spec.target.join("flash.bin").display()))
+            .arg(file_flash(&spec.target.join("flash.bin")))
             .args(&spec.extra)
             .stdout(Stdio::null())
             .stderr(File::create(&log).expect("create the agent log"));

@@ -91,7 +91,7 @@ fn run_agent(state: &Path, target: &Path, req: &Value) -> Run {
     cmd.arg("--state-dir")
         .arg(state)
         .arg("--flash")
-        .arg(format!("file:{}", target.display()));
+        .arg(file_flash(target));
     run_with_timeout(cmd, format!("{req}\n").as_bytes(), LIMIT)
 }
 
@@ -152,7 +152,7 @@ fn inspect_through_the_socket(state: &Path, target: &Path, ids: &[&str], out: &m
     cmd.arg("--state-dir")
         .arg(state)
         .arg("--flash")
-        .arg(format!("file:{}", target.display()))
+        .arg(file_flash(target))
         .stdin(Stdio::piped())
         .stdout(std::fs::File::create(&stdout).expect("create"))
         .stderr(std::fs::File::create(&stderr).expect("create"));

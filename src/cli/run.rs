@@ -334,6 +334,13 @@ pub fn main(args: Box<RunArgs>) -> ExitCode {
             return ExitCode::from(exit::USAGE);
         }
     };
+    // `file:PATH` names an existing file or block device: never create one.
+    if let FlashSpec::File(target) = &config.flash {
+        if let Err(e) = crate::runtime::flash::file_target(target) {
+            eprintln!("fwagent run: --flash file:{}: {e}", target.display());
+            return ExitCode::from(exit::USAGE);
+        }
+    }
     if let Err(e) = crate::fsutil::private_dir(&config.paths.state_dir)
         .and_then(|()| crate::fsutil::private_dir(&config.paths.downloads()))
     {

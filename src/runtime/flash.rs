@@ -24,13 +24,14 @@
 pub mod ab;
 pub mod exec;
 
-use super::verify::{hash_prefix, hex_digest, IO_BUF};
+use super::verify::{hex_digest, IO_BUF};
 use super::JobEvent;
 use crate::crash;
 use ab::{BootControl, Slot, Slots, Trial, Verdict};
 use actix::prelude::*;
 use exec::{run_shell, shell_quote};
 use fwagent_state::{result_no, Event, Failure, Firmware, JobId};
+use md5::{Digest, Md5};
 use std::fmt;
 use std::fs::OpenOptions;
 use std::io::{Read, Write};
@@ -174,16 +175,105 @@ fn flash_failure(what: &str, path: &Path, e: impl fmt::Display) -> Failure {
     )
 }
 
-/// Write `image` to `target`, fsync, read back and compare with `firmware.md5`.
+/// What `--flash file:PATH` may name: it must exist (the agent creates
+/// nothing there: a typo'd `/dev/mmcblk0p3` must not become a file in RAM).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FileTarget {
+    /// A regular file: cut to the image's length.
+    Regular,
+    /// A block device of this many bytes: keeps its size.
+    BlockDevice { size: u64 },
+}
+
+/// Check `--flash file:PATH`'s target (symbolic links followed): `run`
+/// refuses to start without one, and every flash checks it again.
+pub fn file_target(path: &Path) -> Result<FileTarget, String> {
+    use std::os::unix::fs::FileTypeExt;
+    let meta = std::fs::metadata(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => format!(
+            "{} does not exist: the flash target must be an existing regular file or block device (the agent creates none)",
+            path.display()
+        ),
+        _ => format!("cannot stat {}: {e}", path.display()),
+    })?;
+    let kind = meta.file_type();
+    if kind.is_file() {
+        Ok(FileTarget::Regular)
+    } else if kind.is_block_device() {
+        let size = ab::device_size(path)
+            .map_err(|e| format!("cannot read the size of {}: {e}", path.display()))?;
+        Ok(FileTarget::BlockDevice { size })
+    } else {
+        Err(format!(
+            "{} is neither a regular file nor a block device",
+            path.display()
+        ))
+    }
+}
+
+/// Write `image` to the existing file or block device `target` (never
+/// created), fsync, read it back from the medium and compare its md5 with
+/// `firmware.md5`.
 pub fn write_file(image: &Path, target: &Path, firmware: &Firmware) -> Result<(), Failure> {
+    let refused = |why: String| Failure::new(result_no::FLASH_FAILED, why, false);
+    if let FileTarget::BlockDevice { size } = file_target(target).map_err(refused)? {
+        if size < firmware.size {
+            return Err(refused(format!(
+                "the block device {} has {size} bytes, fewer than the image's {}",
+                target.display(),
+                firmware.size
+            )));
+        }
+    }
+    // No O_CREAT: a target that vanished since the check above is an error.
+    let dst = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(target)
+        .map_err(|e| flash_failure("cannot open the flash target", target, e))?;
+    write_and_read_back(image, dst, target, firmware)
+}
+
+/// Write `image` into the slot file or device `path`, creating a missing
+/// slot file (its directory fsynced, so the new entry is durable), then
+/// fsync, read back from the medium and compare.
+fn write_slot(image: &Path, path: &Path, firmware: &Firmware) -> Result<(), Failure> {
+    let open = |create_new| {
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(create_new)
+            .open(path)
+    };
+    let dst = match open(false) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let f = open(true).map_err(|e| flash_failure("cannot create", path, e))?;
+            sync_parent(path)?;
+            f
+        }
+        Err(e) => return Err(flash_failure("cannot open", path, e)),
+    };
+    write_and_read_back(image, dst, path, firmware)
+}
+
+/// fsync the directory that holds `path`, so its entry is durable.
+fn sync_parent(path: &Path) -> Result<(), Failure> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    crate::fsutil::sync_dir(dir).map_err(|e| flash_failure("cannot fsync the directory", dir, e))
+}
+
+fn write_and_read_back(
+    image: &Path,
+    mut dst: std::fs::File,
+    target: &Path,
+    firmware: &Firmware,
+) -> Result<(), Failure> {
     let mut src =
         std::fs::File::open(image).map_err(|e| flash_failure("cannot open the image", image, e))?;
-    let mut dst = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(target)
-        .map_err(|e| flash_failure("cannot open", target, e))?;
     let mut buf = vec![0u8; IO_BUF];
     let mut written = 0u64;
     let mut crossed_half = false;
@@ -202,6 +292,7 @@ pub fn write_file(image: &Path, target: &Path, firmware: &Firmware) -> Result<()
             crash::point("mid-flash");
         }
     }
+    drop(buf);
     if written != firmware.size {
         return Err(Failure::new(
             result_no::FLASH_FAILED,
@@ -217,16 +308,25 @@ pub fn write_file(image: &Path, target: &Path, firmware: &Firmware) -> Result<()
     }
     dst.sync_all()
         .map_err(|e| flash_failure("cannot fsync", target, e))?;
-    drop(dst);
-    let (md5, read) =
-        hash_prefix(target, written).map_err(|e| flash_failure("cannot read back", target, e))?;
+    read_back(&dst, target, firmware)
+}
+
+/// Read the image's range of `file` (fsynced) back from the medium, past
+/// the page cache, and compare its md5 with the verified image's: a card
+/// that acknowledged writes it dropped fails here (50).
+fn read_back(file: &std::fs::File, path: &Path, firmware: &Firmware) -> Result<(), Failure> {
+    let mut md5 = Md5::new();
+    let read = crate::fsutil::read_from_medium(file, firmware.size, |b| md5.update(b))
+        .map_err(|e| flash_failure("cannot read back", path, e))?;
     let digest = hex_digest(md5);
-    if read != written || digest != firmware.md5 {
+    if read != firmware.size || digest != firmware.md5 {
         return Err(Failure::new(
             result_no::FLASH_FAILED,
             format!(
-                "read-back of {} does not match: md5 {digest}",
-                target.display()
+                "read-back of {} from the medium does not match the image: {read} bytes, md5 {digest} (expected {} bytes, md5 {})",
+                path.display(),
+                firmware.size,
+                firmware.md5
             ),
             false,
         ));
@@ -271,18 +371,28 @@ pub fn flash_ab(
                 false,
             ));
         }
-        OpenOptions::new()
+        // The download wrote, fsynced and compared every batch, but through
+        // the page cache: read the whole image back from the medium before
+        // anything points at it. A slot file the download created gets its
+        // directory entry made durable too.
+        let slot = OpenOptions::new()
+            .read(true)
             .write(true)
             .open(path)
-            .and_then(|f| f.sync_all())
+            .map_err(|e| flash_failure("cannot open", path, e))?;
+        slot.sync_all()
             .map_err(|e| flash_failure("cannot fsync", path, e))?;
-        tracing::info!(slot = %target, path = %path.display(), "the slot holds the verified image");
+        if slot.metadata().is_ok_and(|m| m.is_file()) {
+            sync_parent(path)?;
+        }
+        read_back(&slot, path, firmware)?;
+        tracing::info!(slot = %target, path = %path.display(), "the slot holds the verified image (read back from the medium)");
     } else {
         if record.forget(target) {
             record.store(dir, "").map_err(ab_failure)?;
         }
         tracing::info!(slot = %target, path = %path.display(), "writing the inactive slot");
-        write_file(image, path, firmware)?;
+        write_slot(image, path, firmware)?;
     }
     crash::point("after-slot-write");
     record.md5.set(target, Some(firmware.md5.clone()));
@@ -529,6 +639,7 @@ impl Handler<CheckBoot> for Flash {
 
 #[cfg(test)]
 mod tests {
+    use super::super::verify::hash_prefix;
     use super::*;
 
     #[test]
@@ -560,6 +671,30 @@ mod tests {
             size: bytes.len() as u64,
         };
         (path, firmware)
+    }
+
+    #[test]
+    fn a_file_target_is_written_read_back_and_never_created() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (img, fw) = image(dir.path(), b"new image");
+        let target = dir.path().join("mmcblk0p3");
+        let failure = write_file(&img, &target, &fw).expect_err("no target");
+        assert_eq!(failure.error_no, result_no::FLASH_FAILED);
+        assert!(
+            failure.description.contains("does not exist"),
+            "{}",
+            failure.description
+        );
+        assert!(!target.exists(), "not created");
+        assert!(file_target(dir.path()).is_err(), "a directory");
+        assert!(
+            file_target(Path::new("/dev/null")).is_err(),
+            "a character device"
+        );
+        std::fs::write(&target, b"an older, longer image").expect("write");
+        assert_eq!(file_target(&target), Ok(FileTarget::Regular));
+        write_file(&img, &target, &fw).expect("flashed");
+        assert_eq!(std::fs::read(&target).expect("read"), b"new image");
     }
 
     #[test]

@@ -873,7 +873,7 @@ pub fn run_stdio_upgrade(
     env: &HashMap<&str, &str>,
     timeout: Duration,
 ) -> Run {
-    let flash = format!("file:{}", target.display());
+    let flash = file_flash(target);
     let mut cmd = fwagent(["run", "--transport", "stdio", "--state-dir"]);
     cmd.arg(state).arg("--flash").arg(flash);
     for (k, v) in env {
@@ -1021,7 +1021,7 @@ pub fn run_short(dir: &Path, req: &serde_json::Value, extra: &[(&str, &str)]) ->
     cmd.arg("--state-dir")
         .arg(&state)
         .arg("--flash")
-        .arg(format!("file:{}", target.display()));
+        .arg(file_flash(&target));
     let started = Instant::now();
     let run = run_with_timeout(cmd, format!("{req}\n").as_bytes(), SHORT_RUN_LIMIT);
     ShortRun {
@@ -1057,7 +1057,7 @@ impl ShortRun {
             self.took,
             self.run
         );
-        assert!(!self.target.exists(), "nothing is flashed");
+        assert!(unflashed(&self.target), "nothing is flashed");
         self.assert_no_partial_file();
         let status = run_fwagent(
             [
@@ -1111,9 +1111,21 @@ pub fn stdio_agent(state: &Path, flash: &str, extra: &[&str]) -> Command {
     cmd
 }
 
-/// `--flash file:TARGET`.
+/// `--flash file:TARGET`, TARGET created empty first unless it exists (the
+/// agent flashes only an existing file or block device: an empty partition).
 pub fn file_flash(target: &Path) -> String {
+    if !target.exists() {
+        if let Some(dir) = target.parent() {
+            fs::create_dir_all(dir).expect("create the target's directory");
+        }
+        File::create(target).unwrap_or_else(|e| panic!("create {}: {e}", target.display()));
+    }
     format!("file:{}", target.display())
+}
+
+/// Nothing was flashed to a target made by [`file_flash`]: it is still empty.
+pub fn unflashed(target: &Path) -> bool {
+    fs::metadata(target).is_ok_and(|m| m.len() == 0)
 }
 
 /// [`stdio_agent`] fed `requests` (one JSON per line) then EOF, at most `timeout`.
