@@ -622,8 +622,12 @@ def check_round(rdir, boots, mid, md5, size, rate, tolerate, fs, flash="file"):
         if n != 1:
             fails.append(f"{n} upgrades for {mid} in the store (history)")
     if flash == "ab":
-        if not any(b.get("reboot") for b in boots):
-            fails.append("ab: no boot asked for the reboot into the new slot")
+        # The new slot must have been trial-booted by the bootloader before it was committed:
+        # after a reboot the agent asked for, or after a cut that came after the switch (a
+        # power cut is a reboot too; the agent then sees the trial boot and asks for none).
+        if not any("bootloader: booted=b next=b" in l
+                   for i in range(len(boots)) for l in read_lines(rdir / f"boot-{i}" / "console.log")):
+            fails.append("ab: slot b was never trial-booted before it was committed")
         bl = next((l for l in res if l.startswith("BOOTCTL ")), None)
         try:
             rec = json.loads(bl[len("BOOTCTL "):]) if bl else None
@@ -782,6 +786,7 @@ def run(args):
             if b > 12:
                 failures.append((rounds, ["more than 12 boots without finishing"]))
                 break
+        (rdir / "boots.json").write_text(json.dumps(boots, indent=1) + "\n")
         if boots[-1]["done"]:
             fails, fig = check_round(rdir, boots, mid, md5, size, rate, args.tolerate, fs, flash)
             refetch += fig["refetch"]
@@ -868,9 +873,37 @@ def manual(args):
     return 1 if fails or not boots[-1]["done"] else 0
 
 
+def recheck(args):
+    """The checks again over the rounds a series kept (after a change to a check)."""
+    rundir = WORK / "runs" / f"seed-{args.seed}"
+    rng = random.Random(args.seed)
+    size = rng.randrange(24 * MIB, 48 * MIB + 1)
+    md5 = hashlib.md5(random.Random(args.seed ^ 0x5EED).randbytes(size)).hexdigest()
+    bad = 0
+    for rdir in sorted(rundir.glob("round-*"), key=lambda d: int(d.name.split("-")[1])):
+        n = len(list(rdir.glob("boot-*")))
+        if (rdir / "boots.json").exists():
+            boots = json.loads((rdir / "boots.json").read_text())
+        else:  # older series: a boot that ended in neither DONE nor REBOOT was cut
+            boots = []
+            for i in range(n):
+                res = [l.strip() for l in read_lines(rdir / f"boot-{i}" / "result.log")]
+                boots.append({"done": "DONE" in res, "reboot": "REBOOT" in res,
+                              "cut": "DONE" not in res and "REBOOT" not in res and i < n - 1})
+        console = "\n".join(read_lines(rdir / "boot-0" / "console.log"))
+        m = re.search(r"mounted (\w+) round=(\d+) boot=\d+(?: flash=(\w+))?", console)
+        fs, rnd, flash = m.group(1), int(m.group(2)), m.group(3) or "file"
+        fails, _ = check_round(rdir, boots, f"MID:cloud-powercut-{rnd}", md5, size, args.rate,
+                               args.tolerate, fs, flash)
+        bad += bool(fails)
+        log(f"powercut: recheck {rdir.name} ({fs}, {flash}:, {n} boots): "
+            + ("; ".join(fails) if fails else "all checks pass"))
+    return 1 if bad else 0
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("mode", choices=["run", "boot"])
+    ap.add_argument("mode", choices=["run", "boot", "recheck"])
     ap.add_argument("--cuts", type=int, default=int(os.environ.get("CUTS", "10")))
     ap.add_argument("--seed", type=int, default=int(os.environ["SEED"]) if os.environ.get("SEED") else None)
     ap.add_argument("--accel", default=os.environ.get("POWERCUT_ACCEL", "auto"),
@@ -889,7 +922,7 @@ def main():
                     help="comma-separated known issues not to fail on: sled-conf")
     args = ap.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
-    sys.exit(run(args) if args.mode == "run" else manual(args))
+    sys.exit({"run": run, "boot": manual, "recheck": recheck}[args.mode](args))
 
 
 if __name__ == "__main__":
