@@ -64,9 +64,11 @@ pub fn evict(file: &File) -> io::Result<()> {
 
 /// Read the first `len` bytes of `file` (fewer at its end) from the medium:
 /// its cached pages are evicted first ([`evict`]; fsync it before), then it
-/// is read in [`MEDIUM_READ_BUF`] blocks, each handed to `each`, and its
-/// pages are dropped again (the image is no use in the cache). Returns the
-/// bytes read.
+/// is read in [`MEDIUM_READ_BUF`] blocks, each handed to `each` in order,
+/// and its pages are dropped again (the image is no use in the cache).
+/// Returns the bytes read. (The kernel's sequential read-ahead fetches the
+/// next blocks while `each` hashes this one: a reader thread of our own
+/// measured no faster.)
 pub fn read_from_medium(file: &File, len: u64, mut each: impl FnMut(&[u8])) -> io::Result<u64> {
     evict(file)?;
     // SAFETY: plain system call on an open descriptor; advice only.
@@ -86,4 +88,34 @@ pub fn read_from_medium(file: &File, len: u64, mut each: impl FnMut(&[u8])) -> i
     }
     let _ = evict(file);
     Ok(done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn read_from_medium_hands_over_every_byte_in_order() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("f");
+        let bytes: Vec<u8> = (0..(2 * MEDIUM_READ_BUF + 12345))
+            .map(|i| (i * 7 % 251) as u8)
+            .collect();
+        std::fs::write(&path, &bytes).expect("write");
+        let file = File::open(&path).expect("open");
+        for len in [
+            0,
+            1,
+            4096,
+            MEDIUM_READ_BUF as u64,
+            bytes.len() as u64,
+            u64::MAX,
+        ] {
+            let mut got = Vec::new();
+            let n = read_from_medium(&file, len, |b| got.extend_from_slice(b)).expect("read");
+            let want = len.min(bytes.len() as u64) as usize;
+            assert_eq!(n, want as u64, "len {len}");
+            assert!(got == bytes[..want], "len {len}");
+        }
+    }
 }
