@@ -1,10 +1,13 @@
 //! The Flash actor and its backends: where a verified image goes, and, for
 //! A/B slots, the reboot and the check of what booted.
 //!
-//! - `--flash file:PATH` writes the image to a file or block device, fsyncs
-//!   it, reads it back and compares the md5.
+//! - `--flash file:PATH` writes the image to an existing file or block
+//!   device (never created: a missing `/dev/mmcblk0p3` must not become a
+//!   file in RAM), fsyncs it, drops its cached pages, reads it back from the
+//!   medium and compares the md5 ([`file_target`], [`write_file`]).
 //! - `--flash ab:DIR`: the download has already streamed the image into the
-//!   inactive one of two slots (`super::staging`); this fsyncs it and points
+//!   inactive one of two slots (`super::staging`); this fsyncs it (and its
+//!   directory), reads it back from the medium, compares the md5 and points
 //!   the boot-control record's next-boot at it (an image left in
 //!   `downloads/` by another `--flash` is copied in first) ([`ab`], and
 //!   docs/AB-SLOTS.md); the upgrade waits in `awaiting_reboot`. After the

@@ -2,7 +2,8 @@
 //! for the bootloader's environment (docs/AB-SLOTS.md has the format).
 //!
 //! The agent writes only the slot that is neither active nor booted, reads
-//! it back, and only then points next-boot at it with a number of tries.
+//! it back from the medium (its cached pages dropped first), and only then
+//! points next-boot at it with a number of tries.
 //! After the reboot, [`decide`] reads the record and says what happened: the
 //! new slot booted (health check, then commit), the bootloader fell back, or
 //! the reboot has not happened yet. Every change of the record is atomic:
