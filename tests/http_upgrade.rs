@@ -246,6 +246,47 @@ fn every_crash_point_recovers_to_a_completed_upgrade() {
     }
 }
 
+/// The partial file gone after a crash in `verifying` or `flashing` (its
+/// directory entry was never durable, or someone removed it): the image is
+/// downloaded again and the upgrade completes. Before, verifying ended in a
+/// final 23 and flashing in 50 ("cannot open the image").
+#[test]
+fn an_image_gone_after_a_crash_is_downloaded_again() {
+    let servers = Servers::from_env();
+    for point in ["mid-verify", "mid-flash"] {
+        let (fw, req) = twelve_mib_upgrade(&servers, point);
+        let dir = temp_dir();
+        let state = dir.path().join("state");
+        let target = dir.path().join("flash.bin");
+        let env = HashMap::from([("FWAGENT_CRASH_AT", point)]);
+        let first = run_stdio_upgrade(&state, &target, std::slice::from_ref(&req), &env, LONG);
+        assert_eq!(first.signal(), Some(libc::SIGKILL), "{point}: {first}");
+        let parts: Vec<_> = std::fs::read_dir(state.join("downloads"))
+            .expect("downloads/")
+            .flatten()
+            .map(|e| e.path())
+            .collect();
+        assert_eq!(parts.len(), 1, "{point}: one partial file: {parts:?}");
+        std::fs::remove_file(&parts[0]).expect("remove the partial file");
+        let second = run_stdio_upgrade(&state, &target, &[], &no_env(), LONG);
+        assert_eq!(second.code(), Some(0), "{point}: {second}");
+        let ResultReport {
+            error_no, phase, ..
+        } = only_result(&second);
+        assert_eq!(
+            (error_no, phase.as_str()),
+            (0, "completed"),
+            "{point}: {second}"
+        );
+        assert_eq!(md5_file(&target), fw.md5, "{point}: the right image");
+        assert_eq!(
+            servers.nginx_requests(&fw.uri("/")).len(),
+            2,
+            "{point}: fetched once more"
+        );
+    }
+}
+
 #[test]
 fn kill_9_at_random_moments_resumes_and_completes() {
     let servers = Servers::from_env();

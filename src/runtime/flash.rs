@@ -555,6 +555,18 @@ impl Handler<FlashImage> for Flash {
 
     fn handle(&mut self, msg: FlashImage, _ctx: &mut Context<Self>) {
         tracing::info!(upgrade = msg.job, target = %self.spec, "flashing");
+        if let Err(e) = std::fs::metadata(&msg.image) {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                // Verified, then lost (a power cut took its directory entry,
+                // someone removed it): fetch it again rather than fail.
+                let detail = format!("the image {} is gone: {e}", msg.image.display());
+                let event = Event::ImageMissing { detail };
+                return self.events.do_send(JobEvent {
+                    job: msg.job,
+                    event,
+                });
+            }
+        }
         let done = match &self.spec {
             FlashSpec::File(target) => {
                 write_file(&msg.image, target, &msg.firmware).map(|()| false)
