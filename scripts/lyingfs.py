@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """A FUSE file system that lies: a worn or fake-capacity card, for the tests.
 
-    lyingfs.py BACKING MOUNTPOINT --drop START:END [--log FILE] [--ready FILE]
+    lyingfs.py BACKING MOUNTPOINT [--drop START:END] [--fail-fsync-while FILE]
+               [--log FILE] [--ready FILE]
 
 Every file under MOUNTPOINT is the file of the same name under BACKING, except
 that a write is acknowledged in full but its bytes at offsets START..END (of
@@ -10,6 +11,10 @@ mount keeps written pages in the kernel's page cache (`kernel_cache`) and
 reports a fixed mtime, so nothing but an explicit eviction (or O_DIRECT) makes
 the kernel ask for those bytes again: a read-back through the page cache sees
 what was written, a read from the medium sees what the card kept.
+
+--fail-fsync-while FILE: while FILE exists (a path outside the mount, made
+and removed by the test), every fsync and fsyncdir fails with EIO after
+passing the data on: a card whose flush fails.
 
 --log FILE gets one line per operation that changes the tree or makes it
 durable (create, mkdir, rename, unlink, truncate, fsync, fsyncdir, and
@@ -40,9 +45,10 @@ FIXED_TIME = 1_700_000_000
 class LyingFs(fuse.Operations):
     use_ns = True
 
-    def __init__(self, backing, drop, log, ready):
+    def __init__(self, backing, drop, log, ready, fail_fsync_while=None):
         self.backing = os.path.realpath(backing)
         self.drop = drop
+        self.fail_fsync_while = fail_fsync_while
         self.log_file = open(log, "a", buffering=1) if log else None
         self.ready = ready
         # Files that lost bytes since their last fsync (logged once).
@@ -168,8 +174,14 @@ class LyingFs(fuse.Operations):
         os.close(fh)
         return 0
 
+    def _fsync_fails(self, what, path):
+        if self.fail_fsync_while and os.path.exists(self.fail_fsync_while):
+            self._log(what, path, "EIO")
+            raise fuse.FuseOSError(errno.EIO)
+
     def fsync(self, path, datasync, fh):
         os.fsync(fh)
+        self._fsync_fails("fsync", path)
         self.dropping.discard(path)
         self._log("fsync", path)
         return 0
@@ -180,6 +192,7 @@ class LyingFs(fuse.Operations):
             os.fsync(fd)
         finally:
             os.close(fd)
+        self._fsync_fails("fsyncdir", path)
         self._log("fsyncdir", path)
         return 0
 
@@ -202,12 +215,15 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("backing")
     p.add_argument("mountpoint")
-    p.add_argument("--drop", type=byte_range, required=True, metavar="START:END")
+    p.add_argument("--drop", type=byte_range, metavar="START:END",
+                   help="bytes every write loses (default: none)")
+    p.add_argument("--fail-fsync-while", metavar="FILE")
     p.add_argument("--log")
     p.add_argument("--ready")
     a = p.parse_args()
     fuse.FUSE(
-        LyingFs(a.backing, a.drop, a.log, a.ready),
+        LyingFs(a.backing, a.drop or (1 << 62, (1 << 62) + 1), a.log, a.ready,
+                a.fail_fsync_while),
         a.mountpoint,
         foreground=True,
         nothreads=True,

@@ -9,7 +9,8 @@
 //! does `--flash ab:` with its slots there, next-boot never switched to the
 //! slot; on an honest card both complete, and with `ab:` the slot file the
 //! download created is made durable in its directory (fsyncdir) before the
-//! record points next-boot at it.
+//! record points next-boot at it. A card whose fsync fails (EIO) under the
+//! store stops the agent with exit 3, sending nothing of the failed commit.
 //!
 //! Needs root, /dev/fuse and fusepy for /usr/bin/python3 (Debian's
 //! python3-fusepy, which `scripts/test-servers.sh start` installs), and the
@@ -21,9 +22,10 @@ mod common;
 use common::*;
 use serde_json::Value;
 use std::fs;
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 const LIMIT: Duration = Duration::from_secs(120);
 /// The images: 4 MiB, the card loses what is written at 1 MiB..1.5 MiB.
@@ -66,6 +68,8 @@ impl LyingFs {
             .arg(dir.path().join("ops.log"))
             .arg("--ready")
             .arg(&ready)
+            .arg("--fail-fsync-while")
+            .arg(dir.path().join("fail-fsync"))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(fs::File::create(dir.path().join("fuse.err")).expect("create fuse.err"))
@@ -109,6 +113,15 @@ impl LyingFs {
             .lines()
             .map(str::to_string)
             .collect()
+    }
+
+    /// From now on every fsync on the card fails with EIO (`on`), or works.
+    fn fail_fsync(&self, on: bool) {
+        let flag = self.dir.path().join("fail-fsync");
+        match on {
+            true => fs::write(&flag, b"").expect("the fsync switch"),
+            false => fs::remove_file(&flag).expect("the fsync switch"),
+        }
     }
 
     /// A state directory beside the card, on the ordinary disk.
@@ -331,4 +344,111 @@ fn ab_slot_on_an_honest_card_is_made_durable_then_switched_and_committed() {
     );
     assert_eq!(md5_file(&card.medium("slots/slot-b")), fw.md5);
     assert_eq!(record(&slots)["active"], "b");
+}
+
+/// A store whose flush fails after the commit was applied (the card's fsync
+/// says EIO): the agent stops with exit 3 and sends nothing of that change,
+/// above all no errorNo 8 while the upgrade is in fact active and its "ok"
+/// waits in the outbox. The next start, on a working card, recovers from
+/// what is durable: one upgrade, acked 0, completed (ARCHITECTURE.md, rule 7).
+#[test]
+fn a_store_whose_flush_fails_stops_the_agent_and_says_nothing_of_it() {
+    let servers = Servers::from_env();
+    let card = LyingFs::mount(HONEST);
+    let state = card.mnt().join("state");
+    let target = card.state().with_file_name("flash.bin");
+    fs::write(&target, b"").expect("the flash target");
+    let fw = servers.put_http("fsync-eio", IMAGE);
+    let req = servers.http_request(&fw);
+
+    let mut cmd = stdio_agent(&state, &file_flash(&target), &[]);
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut agent = cmd.spawn().expect("spawn fwagent");
+    let mut stdin = agent.stdin.take().expect("stdin");
+    let stderr = agent.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        let mut all = String::new();
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line.clone());
+            all.push_str(&line);
+            all.push('\n');
+        }
+        all
+    });
+    // The store is open once the control socket is tried (a FUSE card
+    // without mknod refuses the socket; the agent goes on without it).
+    let started = Instant::now();
+    loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the agent's start-up log");
+        if line.contains("control socket") {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30));
+    }
+    card.fail_fsync(true);
+    writeln!(stdin, "{req}").expect("the request");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = agent.try_wait().expect("wait") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = agent.kill();
+            let _ = agent.wait();
+            let mut out = String::new();
+            let _ = agent.stdout.take().map(|mut o| o.read_to_string(&mut out));
+            panic!("the agent went on after its store failed to flush; it sent:\n{out}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    drop(stdin);
+    let mut stdout = String::new();
+    agent
+        .stdout
+        .take()
+        .expect("stdout")
+        .read_to_string(&mut stdout)
+        .expect("stdout");
+    let log = reader.join().expect("the stderr reader");
+    assert_eq!(status.code(), Some(3), "exit 3\n{stdout}\n{log}");
+    assert_eq!(
+        stdout.trim(),
+        "",
+        "nothing of the failed commit is sent\n{log}"
+    );
+    assert!(
+        card.ops().iter().any(|op| op.ends_with("EIO")),
+        "the card failed an fsync: {:?}",
+        card.ops()
+    );
+
+    card.fail_fsync(false);
+    let second = run_agent(
+        &state,
+        &target,
+        &[],
+        std::slice::from_ref(&req),
+        Duration::from_secs(60),
+    );
+    assert_eq!(second.code(), Some(0), "{second}");
+    let lines = second.json_lines();
+    let acks: Vec<_> = lines
+        .iter()
+        .filter(|v| operator(v) == "setCloudUpgradeConfig-Ack")
+        .collect();
+    assert!(!acks.is_empty(), "{second}");
+    assert!(
+        acks.iter().all(|a| a["result"]["errorNo"] == 0),
+        "only ok: {second}"
+    );
+    let ResultReport {
+        error_no, phase, ..
+    } = only_result(&second);
+    assert_eq!((error_no, phase.as_str()), (0, "completed"), "{second}");
+    assert_eq!(md5_file(&target), fw.md5);
 }
