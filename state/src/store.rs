@@ -181,14 +181,14 @@ fn key_name(tree: &str, key: &[u8]) -> String {
     }
 }
 
-/// Open sled at `path`, waiting up to [`LOCK_WAIT`] for its lock.
-fn open_sled(path: &Path) -> Result<sled::Db, StoreError> {
+/// Open sled at `path`, waiting up to `wait` for its lock.
+fn open_sled(path: &Path, wait: Duration) -> Result<sled::Db, StoreError> {
     let started = Instant::now();
     loop {
         match sled::Config::new().path(path).open() {
             Ok(db) => return Ok(db),
             Err(e) if is_lock_error(&e) => {
-                if started.elapsed() >= LOCK_WAIT {
+                if started.elapsed() >= wait {
                     return Err(StoreError::Locked {
                         path: path.to_path_buf(),
                     });
@@ -221,7 +221,7 @@ fn create_durably(state_dir: &Path, path: &Path) -> Result<(), StoreError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(io(&fresh)(e)),
     }
-    let db = open_sled(&fresh)?;
+    let db = open_sled(&fresh, LOCK_WAIT)?;
     db.flush()?;
     drop(db);
     sync_tree(&fresh)?;
@@ -461,10 +461,16 @@ impl Store {
             .map_err(io)?;
 
         let path = state_dir.join("db");
-        if !path.exists() {
-            create_durably(state_dir, &path)?;
-        }
-        let db = open_sled(&path)?;
+        // Just created, the lock is ours once sled's threads of the first
+        // handle have ended; give a slow machine time for that.
+        let wait = match path.exists() {
+            true => LOCK_WAIT,
+            false => {
+                create_durably(state_dir, &path)?;
+                10 * LOCK_WAIT
+            }
+        };
+        let db = open_sled(&path, wait)?;
         // sled 0.34 keeps its log in `db/db`; see the module doc for why the
         // store syncs it itself. sled rewrites `conf` (unsynced) when it
         // finds it empty: make it and the entries durable on every open.
