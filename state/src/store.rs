@@ -9,7 +9,13 @@
 //! still be lost. The flush is sled's, followed by an `fdatasync` of sled's
 //! data file: on Linux sled 0.34 syncs with `sync_file_range`, which writes
 //! the pages but neither the file's new size nor the drive's cache, and a
-//! gateway can lose power at any moment. [`Store::delivered`] does not
+//! gateway can lose power at any moment. A commit applied but not made
+//! durable fails with [`StoreError::NotDurable`] ([`StoreError::is_fatal`]):
+//! its caller must stop without sending or starting anything of it. Every
+//! other error refused the change before anything was applied. A new store
+//! is created in `db.new`, fsynced whole and renamed to `db` (sled writes
+//! its files without fsync); sled's files are fsynced again on every open.
+//! [`Store::delivered`] does not
 //! flush: after a crash an entry may be sent again, with the same messageId,
 //! which the cloud deduplicates.
 //!
