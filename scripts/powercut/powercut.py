@@ -256,7 +256,7 @@ def qemu_cmd(accel, disk, initrd, logs, params):
     cmd = ["qemu-system-x86_64", "-nodefaults", "-no-user-config", "-display", "none",
            "-nic", "none", "-no-reboot", "-m", str(VM_MIB), "-smp", "2", *accel_args,
            "-kernel", str(vmlinuz), "-initrd", str(initrd),
-           "-append", "console=ttyS0 panic=-1 loglevel=4 " + " ".join(
+           "-append", "console=ttyS0 panic=-1 loglevel=6 " + " ".join(
                f"pc.{k}={v}" for k, v in params.items())]
     for name in ("console", "stdout", "stderr", "result"):
         cmd += ["-serial", f"file:{logs[name]}"]
@@ -392,8 +392,12 @@ class Trigger:
         self.note = f"{why} (+{self.delay:.3f}s)"
 
 
+INIT_TIMEOUT = 60  # a boot that has not reached /init by then is stuck (seen once in 173 boots)
+
+
 def boot_vm(accel, disk, initrd, bootdir, params, trigger=None, timeout=240):
-    """One power-on. Returns a dict: cut (bool), done (bool), seconds, note."""
+    """One power-on. Returns a dict: cut (bool), done (bool), reboot (bool), hang (bool: no
+    /init within INIT_TIMEOUT; nothing touched the disk yet), seconds, note."""
     bootdir.mkdir(parents=True, exist_ok=True)
     logs = {n: bootdir / f"{n}.log" for n in ("console", "stdout", "stderr", "result")}
     for p in logs.values():
@@ -406,7 +410,9 @@ def boot_vm(accel, disk, initrd, bootdir, params, trigger=None, timeout=240):
                             stderr=subprocess.STDOUT, start_new_session=True)
     err_tail, res_tail = Tail(logs["stderr"]), Tail(logs["result"])
     out_tail = Tail(logs["stdout"])
-    cut = done = reboot = False
+    cut = done = reboot = hang = False
+    con_tail = Tail(logs["console"])
+    init_seen = False
     note = ""
     try:
         while True:
@@ -429,6 +435,14 @@ def boot_vm(accel, disk, initrd, bootdir, params, trigger=None, timeout=240):
                 cut = True
                 note = trigger.note
                 break
+            if not init_seen:
+                init_seen = any("pc: " in l and "init started" in l for l in con_tail.lines())
+                if not init_seen and now - t0 > INIT_TIMEOUT and proc.poll() is None:
+                    os.kill(proc.pid, signal.SIGKILL)
+                    proc.wait()
+                    hang = True
+                    note = f"no /init within {INIT_TIMEOUT}s"
+                    break
             if proc.poll() is not None:
                 break
             if now - t0 > timeout:
@@ -449,7 +463,8 @@ def boot_vm(accel, disk, initrd, bootdir, params, trigger=None, timeout=240):
             reboot = True
     if cut and (done or reboot):
         cut = False  # the boot finished before the cut fired
-    return {"cut": cut, "done": done, "reboot": reboot, "seconds": time.monotonic() - t0,
+    return {"cut": cut, "done": done, "reboot": reboot, "hang": hang,
+            "seconds": time.monotonic() - t0,
             "note": note, "rc": proc.returncode}
 
 
@@ -734,6 +749,7 @@ def run(args):
     cycle_secs = []
     refetch = []
     cut_details = []
+    hangs = 0
     sled_conf = 0
     sled_by_fs = {}
     boots_after_cut = {}
@@ -754,6 +770,7 @@ def run(args):
         phases = AB_PHASES if flash == "ab" else PHASES
         max_cuts = min(rng.randint(1, 4), args.cuts - cuts)
         boots = []
+        hang_retries = 0
         seen = set()  # phases this round has passed
         while True:
             b = len(boots)
@@ -764,6 +781,16 @@ def run(args):
                 trig = Trigger(rng.choice(choices), rng, size, rate)
             params = {"fs": fs, "round": rounds, "boot": b, "rate": rate, "flash": flash}
             r = boot_vm(accel, disk, initrd, rdir / f"boot-{b}", params, trig)
+            if r["hang"] and hang_retries < 3:
+                # The guest got stuck before /init (it never reached the disk): keep its
+                # console, power it on again as the same boot.
+                hang_retries += 1
+                hangs += 1
+                keep = rundir / f"hang-{hangs}-round-{rounds}-boot-{b}"
+                shutil.copytree(rdir / f"boot-{b}", keep)
+                log(f"powercut: round {rounds} boot {b}: stuck before /init ({r['seconds']:.0f}s); "
+                    f"console kept in {keep}; booting again")
+                continue
             r["phase"] = trig.kind if trig else "-"
             boots.append(r)
             seen.add("accepted")
@@ -827,6 +854,7 @@ def run(args):
         "partial_stdout_lines": partial,
         "failed_rounds": [r for r, _ in failures],
         "rounds_failed_only_on_the_sled_warning": sled_only, "boots": len(cycle_secs),
+        "boots_stuck_before_init": hangs,
         "refetch_per_download_cut": sorted(cut_details, key=lambda c: -c["refetch"]),
     }
     (rundir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
@@ -839,7 +867,8 @@ def run(args):
         f" MiB (bound {summary['refetch_mib_per_cut']['bound']} MiB); sled configuration warning "
         f"seen {sled_conf} times (by fs {sled_by_fs}, boots after a cut {boots_after_cut}); "
         f"{elapsed:.0f} s in all, {len(cycle_secs)} boots; rounds failed only on the sled "
-        f"warning: {len(sled_only)} of {len(failures)}")
+        f"warning: {len(sled_only)} of {len(failures)}; boots stuck before /init and repeated: "
+        f"{hangs}")
     log(f"powercut: {cuts} cuts, {completed} rounds completed, {len(failures)} failures, "
         f"{per_cycle:.1f} s per cycle ({accel})")
     return 1 if failures else 0
