@@ -35,6 +35,7 @@ MIB = 1 << 20
 VM_MIB = 1280
 CHECKPOINT = 1 * MIB  # --checkpoint-bytes in init.sh
 LOG_EVERY = 128 * 1024  # the file server's --log-every in init.sh
+KEEP_REFETCH = 3 * MIB  # a passing round whose cut re-fetched more keeps its logs
 FW_NAME = "gw-powercut.bin"
 # Modules the guest loads (the dependency closure is added from each module's depends=).
 MODULE_ROOTS = [
@@ -833,6 +834,12 @@ def run(args):
                 log(f"powercut: FAIL round {rounds}: {f}")
             log(f"powercut: logs kept in {rdir}")
             disk.unlink(missing_ok=True)  # the logs matter; 256 MiB of disk does not
+        elif any(c["refetch"] > KEEP_REFETCH for c in cut_details if c["round"] == rounds):
+            # Passed, but a cut cost more than a few checkpoints: keep the logs to look at.
+            disk.unlink(missing_ok=True)
+            (rdir / "KEPT").write_text(f"a cut re-fetched more than {KEEP_REFETCH} bytes\n")
+            log(f"powercut: round {rounds} passed; a cut re-fetched > {KEEP_REFETCH // MIB} MiB, "
+                f"logs kept in {rdir}")
         else:
             shutil.rmtree(rdir)
 
