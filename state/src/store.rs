@@ -187,11 +187,20 @@ fn key_name(tree: &str, key: &[u8]) -> String {
     }
 }
 
+/// sled's page cache limit. Its default, 1 GiB, is more than a small
+/// gateway has, and sled then logs an ERROR on every start ("cache capacity
+/// is limited to the cgroup memory limit"); the store holds a few upgrades.
+const SLED_CACHE: u64 = 32 << 20;
+
 /// Open sled at `path`, waiting up to `wait` for its lock.
 fn open_sled(path: &Path, wait: Duration) -> Result<sled::Db, StoreError> {
     let started = Instant::now();
     loop {
-        match sled::Config::new().path(path).open() {
+        match sled::Config::new()
+            .path(path)
+            .cache_capacity(SLED_CACHE)
+            .open()
+        {
             Ok(db) => return Ok(db),
             Err(e) if is_lock_error(&e) => {
                 if started.elapsed() >= wait {
