@@ -26,6 +26,14 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
 }
 
+/// The directory that holds `path` (`.` for a bare file name).
+pub fn parent_dir(path: &Path) -> &Path {
+    match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    }
+}
+
 /// Create `dir` (and parents) and make it readable by its owner alone.
 pub fn private_dir(dir: &Path) -> io::Result<()> {
     std::fs::create_dir_all(dir)?;

@@ -155,19 +155,11 @@ fn open_durably(path: &std::path::Path) -> Result<File, Failure> {
     let synced = |dir: &std::path::Path| {
         fsutil::sync_dir(dir).map_err(|e| io_failure("cannot fsync", dir, e))
     };
-    let parent = |p: &std::path::Path| {
-        p.parent()
-            .map(|d| match d.as_os_str().is_empty() {
-                true => std::path::PathBuf::from("."),
-                false => d.to_path_buf(),
-            })
-            .unwrap_or_else(|| "/".into())
-    };
     let existed = path.exists();
-    let dir = parent(path);
+    let dir = fsutil::parent_dir(path);
     if !dir.exists() {
-        std::fs::create_dir_all(&dir).map_err(|e| io_failure("cannot create", &dir, e))?;
-        synced(&parent(&dir))?;
+        std::fs::create_dir_all(dir).map_err(|e| io_failure("cannot create", dir, e))?;
+        synced(fsutil::parent_dir(dir))?;
     }
     let file = OpenOptions::new()
         .create(true)
@@ -177,7 +169,7 @@ fn open_durably(path: &std::path::Path) -> Result<File, Failure> {
         .open(path)
         .map_err(|e| io_failure("cannot open", path, e))?;
     if !existed {
-        synced(&dir)?;
+        synced(dir)?;
     }
     Ok(file)
 }

@@ -262,10 +262,7 @@ fn write_slot(image: &Path, path: &Path, firmware: &Firmware) -> Result<(), Fail
 
 /// fsync the directory that holds `path`, so its entry is durable.
 fn sync_parent(path: &Path) -> Result<(), Failure> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
+    let dir = crate::fsutil::parent_dir(path);
     crate::fsutil::sync_dir(dir).map_err(|e| flash_failure("cannot fsync the directory", dir, e))
 }
 
