@@ -70,6 +70,77 @@ pub fn evict(file: &File) -> io::Result<()> {
     }
 }
 
+/// Drop the cached pages that hold bytes `from..to` of `file` (the whole
+/// pages around the range), so reading them again comes from the medium.
+/// Only clean pages go: write the range out first ([`write_out`] or an
+/// fsync).
+pub fn evict_range(file: &File, from: u64, to: u64) -> io::Result<()> {
+    const PAGE: u64 = 4096;
+    let start = from / PAGE * PAGE;
+    let len = to.div_ceil(PAGE) * PAGE - start;
+    // SAFETY: plain system call on an open descriptor.
+    match unsafe {
+        libc::posix_fadvise(
+            file.as_raw_fd(),
+            start as libc::off_t,
+            len as libc::off_t,
+            libc::POSIX_FADV_DONTNEED,
+        )
+    } {
+        0 => Ok(()),
+        errno => Err(io::Error::from_raw_os_error(errno)),
+    }
+}
+
+/// Write bytes `from..to` of `file` out to the device and wait, so their
+/// pages are clean and [`evict_range`] can drop them. Not an fsync: neither
+/// the device's cache nor the metadata is flushed (the final fsync does
+/// that). Where `sync_file_range` is refused, an fdatasync does it.
+pub fn write_out(file: &File, from: u64, to: u64) -> io::Result<()> {
+    let flags = libc::SYNC_FILE_RANGE_WAIT_BEFORE
+        | libc::SYNC_FILE_RANGE_WRITE
+        | libc::SYNC_FILE_RANGE_WAIT_AFTER;
+    // SAFETY: plain system call on an open descriptor.
+    let rc = unsafe {
+        libc::sync_file_range(
+            file.as_raw_fd(),
+            from as libc::off64_t,
+            (to - from) as libc::off64_t,
+            flags,
+        )
+    };
+    if rc == 0 {
+        return Ok(());
+    }
+    tracing::debug!(error = %io::Error::last_os_error(), "sync_file_range refused; fdatasync instead");
+    file.sync_data()
+}
+
+/// Read bytes `from..to` of `file` (fewer at its end) into `buf`, a block
+/// at a time, each handed to `each` in order; returns the bytes read. The
+/// caller evicts the range first for a read from the medium.
+pub fn read_range(
+    file: &File,
+    from: u64,
+    to: u64,
+    buf: &mut [u8],
+    mut each: impl FnMut(&[u8]),
+) -> io::Result<u64> {
+    let mut at = from;
+    while at < to {
+        let want = (to - at).min(buf.len() as u64) as usize;
+        let n = match file.read_at(&mut buf[..want], at) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        each(&buf[..n]);
+        at += n as u64;
+    }
+    Ok(at - from)
+}
+
 /// Read the first `len` bytes of `file` (fewer at its end) from the medium:
 /// its cached pages are evicted first ([`evict`]; fsync it before), then it
 /// is read in [`MEDIUM_READ_BUF`] blocks, each handed to `each` in order,
@@ -77,23 +148,12 @@ pub fn evict(file: &File) -> io::Result<()> {
 /// Returns the bytes read. (The kernel's sequential read-ahead fetches the
 /// next blocks while `each` hashes this one: a reader thread of our own
 /// measured no faster.)
-pub fn read_from_medium(file: &File, len: u64, mut each: impl FnMut(&[u8])) -> io::Result<u64> {
+pub fn read_from_medium(file: &File, len: u64, each: impl FnMut(&[u8])) -> io::Result<u64> {
     evict(file)?;
     // SAFETY: plain system call on an open descriptor; advice only.
     unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_SEQUENTIAL) };
     let mut buf = vec![0u8; MEDIUM_READ_BUF];
-    let mut done = 0u64;
-    while done < len {
-        let want = (len - done).min(buf.len() as u64) as usize;
-        let n = match file.read_at(&mut buf[..want], done) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        each(&buf[..n]);
-        done += n as u64;
-    }
+    let done = read_range(file, 0, len, &mut buf, each)?;
     let _ = evict(file);
     Ok(done)
 }

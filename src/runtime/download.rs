@@ -3,8 +3,8 @@
 //! A [`Fetcher`] (HTTP, FTP) knows its protocol only; the [`Sink`] it writes
 //! into does the rest, the same for every protocol: it appends to the partial
 //! file or the slot that [`Staging`] names, never past the declared size,
-//! reads each batch back from a slot and compares it, hands each batch to
-//! the Verify actor,
+//! hands each batch to the Verify actor (for a slot: each fsynced range, to
+//! be read back from the medium and hashed there),
 //! fsyncs and reports a checkpoint every `checkpoint_bytes`, and reports
 //! progress. It also fails an attempt whose data trickles in below
 //! `Transfer::min_rate` (a server that drips a byte a second would otherwise
@@ -23,7 +23,6 @@ use std::collections::{HashMap, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::future::Future;
 use std::io::{self, Seek, Write};
-use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -70,8 +69,12 @@ pub struct Sink {
     file: File,
     /// A regular file (cut to what is durable); else a block device.
     regular: bool,
-    /// Compare every batch with what the file then reads back.
-    read_back: bool,
+    /// The image goes into a slot: the verifier hashes each fsynced range
+    /// as read back from the medium; this is the CRC-32 of what was
+    /// received since the last one, to compare it with.
+    received: Option<crc32fast::Hasher>,
+    /// Bytes the verifier has been told are durable (with `received`).
+    told_durable: u64,
     size: u64,
     /// Bytes in the file (written, maybe not yet durable).
     written: u64,
@@ -244,13 +247,15 @@ impl Sink {
             job: fetch.job,
             path: path.clone(),
             len: offset,
+            medium: read_back,
         });
         Ok(Sink {
             job: fetch.job,
             path,
             file,
             regular,
-            read_back,
+            received: read_back.then(crc32fast::Hasher::new),
+            told_durable: offset,
             size: fetch.firmware.size,
             written: offset,
             buf: BytesMut::with_capacity(WRITE_BATCH),
@@ -316,12 +321,17 @@ impl Sink {
             .map_err(|e| io_failure("cannot seek", &self.path, e))?;
         self.written = 0;
         self.last_checkpoint = 0;
+        self.told_durable = 0;
+        if let Some(crc) = &mut self.received {
+            crc.reset();
+        }
         self.validator = validator.clone();
         reset(&self.events, self.job, validator).await?;
         self.verifier.do_send(VerifyMsg::Prime {
             job: self.job,
             path: self.path.clone(),
             len: 0,
+            medium: self.received.is_some(),
         });
         Ok(())
     }
@@ -384,8 +394,8 @@ impl Sink {
         })
     }
 
-    /// Write the gathered bytes to the file (reading them back from a
-    /// slot) and hand them to the verifier.
+    /// Write the gathered bytes to the file and hand them to the verifier
+    /// (for a slot, only their CRC is kept, until they are durable).
     async fn flush_buf(&mut self) -> Result<(), Failure> {
         if self.buf.is_empty() {
             return Ok(());
@@ -394,20 +404,15 @@ impl Sink {
         self.file
             .write_all(&chunk)
             .map_err(|e| io_failure("cannot write", &self.path, e))?;
-        if self.read_back {
-            self.compare_read_back(&chunk)?;
-        }
         self.written += chunk.len() as u64;
-        if self.in_flight.len() >= VERIFY_WINDOW {
-            if let Some(oldest) = self.in_flight.pop_front() {
-                let _ = oldest.await;
+        match &mut self.received {
+            Some(crc) => crc.update(&chunk),
+            None => {
+                let job = self.job;
+                self.tell_verifier(VerifyMsg::Chunk { job, data: chunk })
+                    .await;
             }
         }
-        self.in_flight
-            .push_back(self.verifier.send(VerifyMsg::Chunk {
-                job: self.job,
-                data: chunk,
-            }));
         if !self.crossed_half && self.written * 2 >= self.size {
             self.crossed_half = true;
             crash::point("mid-download");
@@ -415,37 +420,32 @@ impl Sink {
         Ok(())
     }
 
-    /// Read `chunk` back from where it was just written and compare: the
-    /// slot holds what verification hashes, or the download fails (50).
-    fn compare_read_back(&mut self, chunk: &[u8]) -> Result<(), Failure> {
-        // Read into the (empty) batch buffer; the next batch is gathered in
-        // the same allocation.
-        self.buf.clear();
-        self.buf.resize(chunk.len(), 0);
-        let read = self.file.read_exact_at(&mut self.buf, self.written);
-        let same = read.is_ok() && self.buf[..] == chunk[..];
-        self.buf.clear();
-        if same {
-            return Ok(());
+    /// Hand `msg` to the verifier, first waiting for it to catch up if
+    /// [`VERIFY_WINDOW`] messages are still pending.
+    async fn tell_verifier(&mut self, msg: VerifyMsg) {
+        if self.in_flight.len() >= VERIFY_WINDOW {
+            if let Some(oldest) = self.in_flight.pop_front() {
+                let _ = oldest.await;
+            }
         }
-        let why = match read {
-            Err(e) => format!("cannot read back {}: {e}", self.path.display()),
-            Ok(()) => format!(
-                "read-back of {} differs from what was written at bytes {}..{}",
-                self.path.display(),
-                self.written,
-                self.written + chunk.len() as u64
-            ),
-        };
-        Err(Failure::new(result_no::FLASH_FAILED, why, false))
+        self.in_flight.push_back(self.verifier.send(msg));
     }
 
-    /// Make everything written durable, and return the durable offset.
+    /// Make everything written durable, and return the durable offset. A
+    /// slot's verifier is told which bytes it can now read back.
     async fn sync(&mut self) -> Result<u64, Failure> {
         self.flush_buf().await?;
         self.file
             .sync_data()
             .map_err(|e| io_failure("cannot fsync", &self.path, e))?;
+        let (from, to) = (self.told_durable, self.written);
+        if let Some(received) = self.received.as_mut().filter(|_| to > from) {
+            let crc = std::mem::take(received).finalize();
+            self.told_durable = to;
+            let job = self.job;
+            self.tell_verifier(VerifyMsg::Durable { job, from, to, crc })
+                .await;
+        }
         Ok(self.written)
     }
 

@@ -27,7 +27,7 @@
 pub mod ab;
 pub mod exec;
 
-use super::verify::{hex_digest, IO_BUF};
+use super::verify::{hex_digest, read_back_differs, IO_BUF};
 use super::JobEvent;
 use crate::crash;
 use ab::{BootControl, Slot, Slots, Trial, Verdict};
@@ -266,16 +266,61 @@ fn sync_parent(path: &Path) -> Result<(), Failure> {
     crate::fsutil::sync_dir(dir).map_err(|e| flash_failure("cannot fsync the directory", dir, e))
 }
 
+/// Bytes written before the range is written out and handed to the
+/// read-back: large enough for few waits, small enough that the read-back
+/// keeps pace with the writes.
+const READ_BACK_RANGE: u64 = 16 << 20;
+
+/// Copy `image` into `dst`, and read what was written back from the medium
+/// and hash it on a second thread while the rest is written: every
+/// [`READ_BACK_RANGE`] bytes the range is written out to the device
+/// (`sync_file_range`) and handed over; the reader drops its cached pages
+/// and reads it from the medium. The last range follows the final fsync.
+/// A card that acknowledged writes it dropped fails here (50).
 fn write_and_read_back(
     image: &Path,
-    mut dst: std::fs::File,
+    dst: std::fs::File,
     target: &Path,
     firmware: &Firmware,
 ) -> Result<(), Failure> {
-    let mut src =
+    let src =
         std::fs::File::open(image).map_err(|e| flash_failure("cannot open the image", image, e))?;
+    let (written, read_back) = std::thread::scope(|scope| {
+        let (ranges, handed) = std::sync::mpsc::sync_channel::<(u64, u64)>(2);
+        let dst = &dst;
+        let reader = scope.spawn(move || read_back_ranges(dst, handed));
+        let written = write_image(src, dst, image, target, firmware, &ranges);
+        drop(ranges);
+        let read_back = reader
+            .join()
+            .unwrap_or_else(|_| Err(std::io::Error::other("the read-back thread panicked")));
+        (written, read_back)
+    });
+    written?;
+    let (read, md5) = read_back.map_err(|e| flash_failure("cannot read back", target, e))?;
+    let digest = hex_digest(md5);
+    if read != firmware.size || digest != firmware.md5 {
+        return Err(read_back_differs(target, read, &digest, firmware, None));
+    }
+    Ok(())
+}
+
+/// The writer's half of [`write_and_read_back`]: returns the bytes written
+/// once all are fsynced and handed to the reader.
+fn write_image(
+    mut src: std::fs::File,
+    mut dst: &std::fs::File,
+    image: &Path,
+    target: &Path,
+    firmware: &Firmware,
+    ranges: &std::sync::mpsc::SyncSender<(u64, u64)>,
+) -> Result<u64, Failure> {
+    let hand_over = |from: u64, to: u64| {
+        // A reader that stopped has failed: its error is the one to report.
+        let _ = ranges.send((from, to));
+    };
     let mut buf = vec![0u8; IO_BUF];
-    let mut written = 0u64;
+    let (mut written, mut handed) = (0u64, 0u64);
     let mut crossed_half = false;
     loop {
         let n = src
@@ -287,12 +332,17 @@ fn write_and_read_back(
         dst.write_all(&buf[..n])
             .map_err(|e| flash_failure("cannot write", target, e))?;
         written += n as u64;
+        if written - handed >= READ_BACK_RANGE {
+            crate::fsutil::write_out(dst, handed, written)
+                .map_err(|e| flash_failure("cannot write out", target, e))?;
+            hand_over(handed, written);
+            handed = written;
+        }
         if !crossed_half && written * 2 >= firmware.size {
             crossed_half = true;
             crash::point("mid-flash");
         }
     }
-    drop(buf);
     if written != firmware.size {
         return Err(Failure::new(
             result_no::FLASH_FAILED,
@@ -301,37 +351,30 @@ fn write_and_read_back(
         ));
     }
     // A regular file is cut to the image; a block device keeps its size.
-    let is_file = dst.metadata().map(|m| m.is_file()).unwrap_or(false);
-    if is_file {
+    if dst.metadata().is_ok_and(|m| m.is_file()) {
         dst.set_len(written)
             .map_err(|e| flash_failure("cannot truncate", target, e))?;
     }
     dst.sync_all()
         .map_err(|e| flash_failure("cannot fsync", target, e))?;
-    read_back(&dst, target, firmware)
+    hand_over(handed, written);
+    Ok(written)
 }
 
-/// Read the image's range of `file` (fsynced) back from the medium, past
-/// the page cache, and compare its md5 with the verified image's: a card
-/// that acknowledged writes it dropped fails here (50).
-fn read_back(file: &std::fs::File, path: &Path, firmware: &Firmware) -> Result<(), Failure> {
+/// The reader's half of [`write_and_read_back`]: each range handed over,
+/// its pages dropped, read from the medium and hashed, in order.
+fn read_back_ranges(
+    file: &std::fs::File,
+    ranges: std::sync::mpsc::Receiver<(u64, u64)>,
+) -> std::io::Result<(u64, Md5)> {
     let mut md5 = Md5::new();
-    let read = crate::fsutil::read_from_medium(file, firmware.size, |b| md5.update(b))
-        .map_err(|e| flash_failure("cannot read back", path, e))?;
-    let digest = hex_digest(md5);
-    if read != firmware.size || digest != firmware.md5 {
-        return Err(Failure::new(
-            result_no::FLASH_FAILED,
-            format!(
-                "read-back of {} from the medium does not match the image: {read} bytes, md5 {digest} (expected {} bytes, md5 {})",
-                path.display(),
-                firmware.size,
-                firmware.md5
-            ),
-            false,
-        ));
+    let mut buf = vec![0u8; crate::fsutil::MEDIUM_READ_BUF];
+    let mut read = 0u64;
+    for (from, to) in ranges {
+        crate::fsutil::evict_range(file, from, to)?;
+        read += crate::fsutil::read_range(file, from, to, &mut buf, |b| md5.update(b))?;
     }
-    Ok(())
+    Ok((read, md5))
 }
 
 fn ab_failure(e: ab::AbError) -> Failure {
@@ -371,10 +414,10 @@ pub fn flash_ab(
                 false,
             ));
         }
-        // The download wrote, fsynced and compared every batch, but through
-        // the page cache: read the whole image back from the medium before
-        // anything points at it. A slot file the download created gets its
-        // directory entry made durable too.
+        // Verification hashed the slot as read back from the medium, range
+        // by range after each fsync (super::verify): what it verified is
+        // what the medium holds. A slot file the download created gets its
+        // directory entry made durable before anything points at it.
         let slot = OpenOptions::new()
             .read(true)
             .write(true)
@@ -385,8 +428,7 @@ pub fn flash_ab(
         if slot.metadata().is_ok_and(|m| m.is_file()) {
             sync_parent(path)?;
         }
-        read_back(&slot, path, firmware)?;
-        tracing::info!(slot = %target, path = %path.display(), "the slot holds the verified image (read back from the medium)");
+        tracing::info!(slot = %target, path = %path.display(), "the slot holds the verified image (verified as read back from the medium)");
     } else {
         if record.forget(target) {
             record.store(dir, "").map_err(ab_failure)?;
@@ -707,6 +749,35 @@ mod tests {
         assert_eq!(file_target(&target), Ok(FileTarget::Regular));
         write_file(&img, &target, &fw).expect("flashed");
         assert_eq!(std::fs::read(&target).expect("read"), b"new image");
+    }
+
+    #[test]
+    fn an_image_of_several_read_back_ranges_is_written_whole() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let len = (READ_BACK_RANGE * 5 / 2) as usize + 12345;
+        let bytes: Vec<u8> = (0..len).map(|i| (i * 13 % 251) as u8).collect();
+        let (img, fw) = image(dir.path(), &bytes);
+        let target = dir.path().join("mmcblk0p3");
+        std::fs::write(&target, vec![0xffu8; len + 4096]).expect("an older, longer image");
+        write_file(&img, &target, &fw).expect("flashed");
+        assert!(std::fs::read(&target).expect("read") == bytes);
+        // The image file is not what was verified: the read-back says so.
+        let wrong = Firmware {
+            md5: "0".repeat(32),
+            ..fw
+        };
+        let failure = write_file(&img, &target, &wrong).expect_err("md5 differs");
+        assert_eq!(failure.error_no, result_no::FLASH_FAILED);
+        assert!(
+            failure.description.contains("read-back")
+                && failure.description.contains(&fw_md5(&bytes)),
+            "{}",
+            failure.description
+        );
+    }
+
+    fn fw_md5(bytes: &[u8]) -> String {
+        hex_digest(Md5::new_with_prefix(bytes))
     }
 
     #[test]

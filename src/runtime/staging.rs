@@ -6,9 +6,9 @@
 //! room for it in `downloads/`. Before the first byte the slot is staged
 //! ([`ab::stage`]: every reference to it is cleared and the upgrade noted as
 //! `writing`, atomically); a restart resumes the slot at the durable offset
-//! only if that note is still this upgrade's. The sink reads every batch
-//! back from the slot and compares it with what it wrote, so the md5 that
-//! verification computes is the slot's content (docs/AB-SLOTS.md).
+//! only if that note is still this upgrade's. Verification hashes each
+//! fsynced range as read back from the slot's medium, so the md5 it checks
+//! is the slot's content (docs/AB-SLOTS.md).
 //!
 //! The Download actor stages; the Upgrade actor asks where the image is and
 //! how much room there is, and discards what an ended upgrade staged (both
@@ -37,7 +37,7 @@ pub struct Staged {
     pub path: PathBuf,
     /// The bytes there are this upgrade's: its durable prefix may be resumed.
     pub resumable: bool,
-    /// Read every write back and compare it (the image goes into a slot).
+    /// The image goes into a slot: verify it as read back from the medium.
     pub read_back: bool,
     /// Bytes of the same upgrade elsewhere (a partial file left by another
     /// `--flash`), removed once the restart from zero is committed.

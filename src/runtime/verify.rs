@@ -4,16 +4,27 @@
 //! hashed while it arrives, on this actor's own thread. After a restart the
 //! downloader first asks for the durable prefix to be re-hashed ([`VerifyMsg::Prime`]).
 //! When the upgrade enters `verifying`, [`VerifyMsg::Finish`] compares size
-//! and digest (re-hashing the whole file if the streamed state does not cover
-//! it) and reports `Verified` or `VerifyFailed`.
+//! and digest (re-hashing the whole file from the medium if the streamed
+//! state does not cover it) and reports `Verified` or `VerifyFailed`.
+//!
+//! An image that streams into an A/B slot is hashed from the medium
+//! instead: after each checkpoint's fsync the downloader names the range it
+//! made durable ([`VerifyMsg::Durable`], with the CRC-32 of the bytes it
+//! received there), and this actor drops the range's cached pages, reads it
+//! back from the medium and hashes that. So `Verified` for a slot means the
+//! medium holds the image, and flashing it needs no second read; a range
+//! whose read-back CRC differs from what was received is a card that lost
+//! writes (50), not a bad download (1). The read-back runs here, beside the
+//! transfer, one checkpoint behind it.
 
 use super::JobEvent;
-use crate::crash;
+use crate::{crash, fsutil};
 use actix::prelude::*;
 use bytes::Bytes;
 use fwagent_state::{result_no, Event, Failure, Firmware, JobId};
 use md5::{Digest, Md5};
 use std::collections::HashMap;
+use std::fs::File;
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
@@ -21,15 +32,39 @@ use std::path::{Path, PathBuf};
 struct Hashing {
     md5: Md5,
     len: u64,
+    /// Hashed from the medium ([`VerifyMsg::Durable`]), not from the chunks.
+    medium: Option<Medium>,
+}
+
+/// The image's file, read back range by range.
+struct Medium {
+    file: File,
+    /// The first range whose read-back differed from what was received.
+    differs: Option<(u64, u64)>,
 }
 
 #[derive(Message)]
 #[rtype(result = "()")]
 pub enum VerifyMsg {
-    /// Start a job's hash over the first `len` bytes of `path`.
-    Prime { job: JobId, path: PathBuf, len: u64 },
+    /// Start a job's hash over the first `len` bytes of `path`; with
+    /// `medium`, read from the medium, and hash what [`VerifyMsg::Durable`]
+    /// names from then on rather than chunks.
+    Prime {
+        job: JobId,
+        path: PathBuf,
+        len: u64,
+        medium: bool,
+    },
     /// The next bytes of the image, in order.
     Chunk { job: JobId, data: Bytes },
+    /// Bytes `from..to` of the image are durable (fsynced); `crc` is the
+    /// CRC-32 of what was received there. Read them back from the medium.
+    Durable {
+        job: JobId,
+        from: u64,
+        to: u64,
+        crc: u32,
+    },
     /// The image is complete at `path`: check it against `firmware`.
     Finish {
         job: JobId,
@@ -43,6 +78,8 @@ pub enum VerifyMsg {
 pub struct Verify {
     jobs: HashMap<JobId, Hashing>,
     events: Recipient<JobEvent>,
+    /// The read-back buffer, allocated on the first slot download.
+    buf: Vec<u8>,
 }
 
 impl Verify {
@@ -50,8 +87,62 @@ impl Verify {
         Verify {
             jobs: HashMap::new(),
             events,
+            buf: Vec::new(),
         }
     }
+
+    /// Hash the first `len` bytes of `path`, from the medium with `medium`.
+    fn prime(&mut self, path: &Path, len: u64, medium: bool) -> io::Result<Hashing> {
+        if !medium {
+            let (md5, len) = hash_prefix(path, len)?;
+            return Ok(Hashing {
+                md5,
+                len,
+                medium: None,
+            });
+        }
+        let file = File::open(path)?;
+        let mut md5 = Md5::new();
+        fsutil::evict_range(&file, 0, len)?;
+        let len = fsutil::read_range(&file, 0, len, read_buf(&mut self.buf), |b| md5.update(b))?;
+        let medium = Some(Medium {
+            file,
+            differs: None,
+        });
+        Ok(Hashing { md5, len, medium })
+    }
+
+    /// Read `from..to` of a slot download back from the medium and hash it.
+    fn durable(&mut self, job: JobId, from: u64, to: u64, crc: u32) -> io::Result<()> {
+        let Verify { jobs, buf, .. } = self;
+        let Some(h) = jobs.get_mut(&job) else {
+            return Ok(());
+        };
+        let Some(medium) = h.medium.as_mut().filter(|_| h.len == from) else {
+            // Out of step: Finish re-hashes the whole image instead.
+            jobs.remove(&job);
+            return Ok(());
+        };
+        fsutil::evict_range(&medium.file, from, to)?;
+        let mut read = crc32fast::Hasher::new();
+        let n = fsutil::read_range(&medium.file, from, to, read_buf(buf), |b| {
+            h.md5.update(b);
+            read.update(b);
+        })?;
+        h.len += n;
+        if (n != to - from || read.finalize() != crc) && medium.differs.is_none() {
+            medium.differs = Some((from, to));
+        }
+        Ok(())
+    }
+}
+
+/// The read-back buffer, allocated on first use.
+fn read_buf(buf: &mut Vec<u8>) -> &mut [u8] {
+    if buf.is_empty() {
+        buf.resize(fsutil::MEDIUM_READ_BUF, 0);
+    }
+    buf
 }
 
 impl Actor for Verify {
@@ -77,6 +168,42 @@ pub fn hash_prefix(path: &Path, len: u64) -> io::Result<(Md5, u64)> {
         done += n as u64;
     }
     Ok((md5, done))
+}
+
+/// md5 of the first `len` bytes of `path` as its medium holds them (the
+/// file is fsynced first, so its pages are clean and can be dropped).
+fn hash_from_medium(path: &Path, len: u64) -> io::Result<(Md5, u64)> {
+    let file = File::open(path)?;
+    file.sync_data()?;
+    let mut md5 = Md5::new();
+    let len = fsutil::read_from_medium(&file, len, |b| md5.update(b))?;
+    Ok((md5, len))
+}
+
+/// What was read back from the medium at `path` (`read` bytes, md5
+/// `digest`) is not the image: a card that acknowledged writes it dropped
+/// (50). `range`: the first bytes known to differ, if known.
+pub fn read_back_differs(
+    path: &Path,
+    read: u64,
+    digest: &str,
+    firmware: &Firmware,
+    range: Option<(u64, u64)>,
+) -> Failure {
+    let at = match range {
+        Some((from, to)) => format!(" in bytes {from}..{to}"),
+        None => String::new(),
+    };
+    Failure::new(
+        result_no::FLASH_FAILED,
+        format!(
+            "read-back of {} from the medium does not match the image{at}: {read} bytes, md5 {digest} (expected {} bytes, md5 {})",
+            path.display(),
+            firmware.size,
+            firmware.md5
+        ),
+        false,
+    )
 }
 
 /// Lowercase hex of a finished digest.
@@ -116,15 +243,20 @@ fn check(path: &Path, firmware: &Firmware, streamed: Option<Hashing>) -> Event {
         Ok(_) => {}
         Err(e) => return unreadable(e),
     }
-    let md5 = match streamed.filter(|h| h.len == firmware.size) {
-        Some(h) => h.md5,
-        None => match hash_prefix(path, firmware.size) {
-            Ok((md5, len)) if len == firmware.size => md5,
+    let (md5, differs) = match streamed.filter(|h| h.len == firmware.size) {
+        Some(h) => (h.md5, h.medium.and_then(|m| m.differs)),
+        None => match hash_from_medium(path, firmware.size) {
+            Ok((md5, len)) if len == firmware.size => (md5, None),
             Ok((_, len)) => return mismatch(len),
             Err(e) => return unreadable(e),
         },
     };
     let digest = hex_digest(md5);
+    if let Some(range) = differs {
+        return Event::VerifyFailed {
+            failure: read_back_differs(path, firmware.size, &digest, firmware, Some(range)),
+        };
+    }
     if digest != firmware.md5 {
         return failed(
             result_no::MD5_MISMATCH,
@@ -140,13 +272,21 @@ impl Handler<VerifyMsg> for Verify {
 
     fn handle(&mut self, msg: VerifyMsg, _ctx: &mut Context<Self>) {
         match msg {
-            VerifyMsg::Prime { job, path, len } => {
-                let hashing = match hash_prefix(&path, len) {
-                    Ok((md5, len)) => Hashing { md5, len },
-                    Err(e) if e.kind() == io::ErrorKind::NotFound && len == 0 => Hashing {
-                        md5: Md5::new(),
-                        len: 0,
-                    },
+            VerifyMsg::Prime {
+                job,
+                path,
+                len,
+                medium,
+            } => {
+                let hashing = match self.prime(&path, len, medium) {
+                    Ok(h) => h,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound && len == 0 && !medium => {
+                        Hashing {
+                            md5: Md5::new(),
+                            len: 0,
+                            medium: None,
+                        }
+                    }
                     Err(e) => {
                         // Finish will re-hash the whole file; nothing is lost.
                         tracing::warn!(upgrade = job, error = %e, path = %path.display(), "cannot re-hash the durable prefix");
@@ -160,6 +300,13 @@ impl Handler<VerifyMsg> for Verify {
                 if let Some(h) = self.jobs.get_mut(&job) {
                     h.md5.update(&data);
                     h.len += data.len() as u64;
+                }
+            }
+            VerifyMsg::Durable { job, from, to, crc } => {
+                if let Err(e) = self.durable(job, from, to, crc) {
+                    // Finish reads the whole image back instead.
+                    tracing::warn!(upgrade = job, error = %e, "cannot read the slot back");
+                    self.jobs.remove(&job);
                 }
             }
             VerifyMsg::Finish {
@@ -180,5 +327,106 @@ impl Handler<VerifyMsg> for Verify {
                 self.jobs.remove(&job);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+    use tokio::sync::mpsc;
+
+    /// A stand-in for the Upgrade actor: every event it gets, in order.
+    struct Events(mpsc::UnboundedSender<JobEvent>);
+
+    impl Actor for Events {
+        type Context = Context<Self>;
+    }
+
+    impl Handler<JobEvent> for Events {
+        type Result = ();
+
+        fn handle(&mut self, msg: JobEvent, _ctx: &mut Context<Self>) {
+            let _ = self.0.send(msg);
+        }
+    }
+
+    fn firmware_of(bytes: &[u8]) -> Firmware {
+        Firmware {
+            name: "image".into(),
+            md5: hex_digest(Md5::new_with_prefix(bytes)),
+            size: bytes.len() as u64,
+        }
+    }
+
+    /// A slot download of `received` (in two durable ranges) whose medium
+    /// then holds `on_medium`, verified against `firmware`.
+    async fn verify_slot(on_medium: &[u8], received: &[u8], firmware: Firmware) -> Event {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("slot-b");
+        std::fs::write(&path, on_medium).expect("write the slot");
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let verify = Verify::new(Events(tx).start().recipient()).start();
+        let job = 7;
+        let prime = VerifyMsg::Prime {
+            job,
+            path: path.clone(),
+            len: 0,
+            medium: true,
+        };
+        verify.send(prime).await.expect("primed");
+        let half = received.len() as u64 / 2;
+        for (from, to) in [(0, half), (half, received.len() as u64)] {
+            let crc = crc32fast::hash(&received[from as usize..to as usize]);
+            let durable = VerifyMsg::Durable { job, from, to, crc };
+            verify.send(durable).await.expect("read back");
+        }
+        let finish = VerifyMsg::Finish {
+            job,
+            path,
+            firmware,
+        };
+        verify.send(finish).await.expect("finished");
+        let event = tokio::time::timeout(Duration::from_secs(10), rx.recv());
+        let event = event.await.expect("in time").expect("an event");
+        assert_eq!(event.job, job);
+        event.event
+    }
+
+    fn failure(event: Event) -> Failure {
+        match event {
+            Event::VerifyFailed { failure } => failure,
+            other => panic!("not a failed verification: {other:?}"),
+        }
+    }
+
+    #[actix::test]
+    async fn a_slot_is_verified_as_its_medium_holds_it() {
+        let image: Vec<u8> = (0..10_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let fw = firmware_of(&image);
+        assert_eq!(
+            verify_slot(&image, &image, fw.clone()).await,
+            Event::Verified
+        );
+
+        // A card that lost writes in the second range: 50, naming it and
+        // the md5 of what the medium holds.
+        let mut lost = image.clone();
+        lost[6000..7000].fill(0);
+        let f = failure(verify_slot(&lost, &image, fw.clone()).await);
+        assert_eq!(f.error_no, result_no::FLASH_FAILED, "{}", f.description);
+        let medium_md5 = hex_digest(Md5::new_with_prefix(&lost));
+        assert!(
+            f.description.contains("bytes 5000..10000") && f.description.contains(&medium_md5),
+            "{}",
+            f.description
+        );
+
+        // The medium holds what was received, and that is not the image:
+        // a bad download (31), not a bad card.
+        let mut bad = image.clone();
+        bad[0] ^= 1;
+        let f = failure(verify_slot(&bad, &bad, fw).await);
+        assert_eq!(f.error_no, result_no::MD5_MISMATCH, "{}", f.description);
     }
 }
