@@ -784,6 +784,153 @@ async fn ended(msg: &StartDownload, sink: &mut Sink, fetched: Result<(), Failure
 #[cfg(test)]
 mod tests {
     use super::*;
+    use fwagent_state::Secret;
+    use std::sync::Mutex;
+
+    /// What the sink told its peers, in order (one mailbox for both).
+    #[derive(Debug, PartialEq, Eq)]
+    enum Told {
+        Prime { len: u64, medium: bool },
+        Chunk(usize),
+        Durable { from: u64, to: u64, crc: u32 },
+        Checkpoint(u64),
+    }
+
+    /// A stand-in for the Upgrade and the Verify actor.
+    #[derive(Clone, Default)]
+    struct Peers(Arc<Mutex<Vec<Told>>>);
+
+    impl Actor for Peers {
+        type Context = Context<Self>;
+    }
+
+    impl Handler<JobEvent> for Peers {
+        type Result = ();
+
+        fn handle(&mut self, msg: JobEvent, _ctx: &mut Context<Self>) {
+            if let Event::Checkpoint { offset, .. } = msg.event {
+                self.0.lock().expect("lock").push(Told::Checkpoint(offset));
+            }
+        }
+    }
+
+    impl Handler<VerifyMsg> for Peers {
+        type Result = ();
+
+        fn handle(&mut self, msg: VerifyMsg, _ctx: &mut Context<Self>) {
+            let told = match msg {
+                VerifyMsg::Prime { len, medium, .. } => Told::Prime { len, medium },
+                VerifyMsg::Chunk { data, .. } => Told::Chunk(data.len()),
+                VerifyMsg::Durable { from, to, crc, .. } => Told::Durable { from, to, crc },
+                VerifyMsg::Finish { .. } | VerifyMsg::Forget { .. } => return,
+            };
+            self.0.lock().expect("lock").push(told);
+        }
+    }
+
+    fn fetch_job(size: u64) -> FetchJob {
+        FetchJob {
+            job: 1,
+            source: Source {
+                protocol: Protocol::Http,
+                host: "127.0.0.1".into(),
+                port: 80,
+                path: "/".into(),
+                url: "http://127.0.0.1/image".into(),
+                user: Secret::default(),
+                password: Secret::default(),
+            },
+            firmware: Firmware {
+                name: "image".into(),
+                md5: String::new(),
+                size,
+            },
+            transfer: Transfer::default(),
+        }
+    }
+
+    /// 10 MiB through a sink in 1 MiB writes; what its peers were told.
+    async fn stream(slot: bool) -> (Vec<Told>, Vec<u8>, Vec<u8>) {
+        const MIB: u64 = 1 << 20;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("image");
+        let image: Vec<u8> = (0..10 * MIB).map(|i| (i * 31 % 251) as u8).collect();
+        let peers = Peers::default();
+        let told = peers.0.clone();
+        let addr = peers.start();
+        let staged = Staged {
+            path: path.clone(),
+            resumable: true,
+            read_back: slot,
+            stale: None,
+        };
+        let job = fetch_job(image.len() as u64);
+        let events = addr.clone().recipient();
+        let mut sink = Sink::open(&job, staged, 0, None, events, addr.recipient())
+            .await
+            .expect("opened");
+        for piece in image.chunks(MIB as usize) {
+            let piece = Bytes::copy_from_slice(piece);
+            sink.write(piece).await.expect("written");
+        }
+        sink.complete().await.expect("complete");
+        // Let the mailbox drain (the last checkpoint is sent, not awaited).
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let told = std::mem::take(&mut *told.lock().expect("lock"));
+        (told, image, std::fs::read(&path).expect("read"))
+    }
+
+    #[actix::test]
+    async fn a_slot_download_names_each_fsynced_range_with_the_crc_of_what_was_received() {
+        let run = tokio::time::timeout(Duration::from_secs(30), stream(true));
+        let (told, image, file) = run.await.expect("in time");
+        assert!(file == image, "the slot holds the image");
+        let mib = 1u64 << 20;
+        let durable = |from: u64, to: u64| Told::Durable {
+            from,
+            to,
+            crc: crc32fast::hash(&image[from as usize..to as usize]),
+        };
+        assert_eq!(
+            told,
+            vec![
+                Told::Prime {
+                    len: 0,
+                    medium: true
+                },
+                durable(0, 4 * mib),
+                Told::Checkpoint(4 * mib),
+                durable(4 * mib, 8 * mib),
+                Told::Checkpoint(8 * mib),
+                durable(8 * mib, 10 * mib),
+            ],
+            "the verifier hears of a range only once it is fsynced, before its checkpoint"
+        );
+    }
+
+    #[actix::test]
+    async fn a_partial_file_download_hands_every_batch_to_the_verifier() {
+        let run = tokio::time::timeout(Duration::from_secs(30), stream(false));
+        let (told, image, file) = run.await.expect("in time");
+        assert!(file == image);
+        let chunks: usize = told
+            .iter()
+            .map(|t| match t {
+                Told::Chunk(n) => *n,
+                _ => 0,
+            })
+            .sum();
+        assert_eq!(chunks, image.len(), "every byte, in batches");
+        assert!(!told.iter().any(|t| matches!(t, Told::Durable { .. })));
+        let checkpoints: Vec<&Told> = told
+            .iter()
+            .filter(|t| matches!(t, Told::Checkpoint(_)))
+            .collect();
+        assert_eq!(
+            checkpoints,
+            [&Told::Checkpoint(4 << 20), &Told::Checkpoint(8 << 20)]
+        );
+    }
 
     #[test]
     fn a_drip_fails_once_its_window_ends_and_a_steady_flow_never_does() {
