@@ -1,84 +1,50 @@
-//! The Download actor and what every protocol's fetcher writes through.
-//!
-//! A [`Fetcher`] (HTTP, FTP) knows its protocol only; the [`Sink`] it writes
-//! into does the rest, the same for every protocol: it appends to the partial
-//! file or the slot that [`Staging`] names, never past the declared size,
-//! hands each batch to the Verify actor (for a slot: each fsynced range, to
-//! be read back from the medium and hashed there),
-//! fsyncs and reports a checkpoint every `checkpoint_bytes`, and reports
-//! progress. It also fails an attempt whose data trickles in below
-//! `Transfer::min_rate` (a server that drips a byte a second would otherwise
-//! never trip the idle timeout). The actor runs each transfer as a spawned
-//! task and reports how it ended as a [`JobEvent`]; a new `StartDownload` for
-//! the same job replaces the old task, so the command is idempotent.
+//! The [`Sink`] every protocol's fetcher writes through: it appends to the
+//! partial file or the slot that [`Staging`](super::super::staging::Staging)
+//! names, never past the declared size, hands each batch to the Verify
+//! actor (for a slot: each fsynced range, to be read back from the medium
+//! and hashed there), has a checkpoint fsynced and reported every
+//! `checkpoint_bytes`, and reports progress. The file I/O itself runs on
+//! the disk writer's thread ([`super::disk`]), so the transfer reads on
+//! while the disk writes and fsyncs. It also fails an attempt whose data
+//! trickles in below `Transfer::min_rate` (a server that drips a byte a
+//! second would otherwise never trip the idle timeout).
 
-use super::staging::{Staged, Staging};
-use super::verify::VerifyMsg;
-use super::{JobEvent, Transfer};
-use crate::{crash, fsutil};
+use super::super::staging::Staged;
+use super::super::verify::VerifyMsg;
+use super::super::JobEvent;
+use super::disk::{Disk, Gate, Target};
+use super::{remove_partial, FetchJob};
+use crate::fsutil;
 use actix::prelude::*;
 use bytes::{Bytes, BytesMut};
-use fwagent_state::{result_no, Event, Failure, Firmware, JobId, Protocol, Redactor, Source};
-use std::collections::{HashMap, VecDeque};
+use fwagent_state::{result_no, Event, Failure, JobId};
+use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
-use std::future::Future;
-use std::io::{self, Seek, Write};
-use std::path::PathBuf;
-use std::pin::Pin;
-use std::sync::Arc;
+use std::io::{self, Seek};
 use std::time::Duration;
 use tokio::time::Instant;
-
-/// A boxed future, for the object-safe fetcher trait.
-pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
-
-/// What a fetcher needs to know.
-#[derive(Clone, Debug)]
-pub struct FetchJob {
-    pub job: JobId,
-    pub source: Source,
-    pub firmware: Firmware,
-    pub transfer: Transfer,
-}
-
-/// One protocol's way of fetching a file.
-pub trait Fetcher: Send + Sync + 'static {
-    /// Fetch `job.source` from `sink.offset()` to the end, writing every byte
-    /// through `sink`. Resume from a non-zero offset only if the server's file
-    /// still matches `sink.validator()`; otherwise call [`Sink::restart`].
-    /// Return once `sink.offset()` equals the firmware's size, or with the
-    /// failure in PROTOCOL.md's result numbers.
-    fn fetch<'a>(
-        &'a self,
-        job: &'a FetchJob,
-        sink: &'a mut Sink,
-    ) -> BoxFuture<'a, Result<(), Failure>>;
-}
 
 /// Chunks handed to the verifier before we wait for it to catch up (4 keep
 /// the pipeline full; each is a 256 KiB batch held in memory).
 const VERIFY_WINDOW: usize = 4;
 /// Bytes gathered before a write to the partial file.
-const WRITE_BATCH: usize = 256 << 10;
+pub(super) const WRITE_BATCH: usize = 256 << 10;
 
 /// The partial file (or slot), the verifier and the progress reports, as
 /// one writer.
 pub struct Sink {
     job: JobId,
-    path: PathBuf,
-    file: File,
-    /// A regular file (cut to what is durable); else a block device.
-    regular: bool,
-    /// The image goes into a slot: the verifier hashes each fsynced range
-    /// as read back from the medium; this is the CRC-32 of what was
-    /// received since the last one, to compare it with.
-    received: Option<crc32fast::Hasher>,
-    /// Bytes the verifier has been told are durable (with `received`).
-    told_durable: u64,
-    size: u64,
-    /// Bytes in the file (written, maybe not yet durable).
+    path: std::path::PathBuf,
+    /// The writer thread that owns the file.
+    disk: Disk,
+    /// The image goes into a slot: the verifier reads it back from the
+    /// medium (told by the writer), so no chunk goes to it from here.
+    slot: bool,
+    pub(super) size: u64,
+    /// Bytes handed to the writer (written, or queued to be).
     written: u64,
     buf: BytesMut,
+    /// Where the last checkpoint was asked for.
     last_checkpoint: u64,
     checkpoint_bytes: u64,
     validator: Option<String>,
@@ -87,7 +53,6 @@ pub struct Sink {
     in_flight: VecDeque<actix::dev::RecipientRequest<VerifyMsg>>,
     progress_every: Duration,
     last_progress: Instant,
-    crossed_half: bool,
     rate: RateFloor,
 }
 
@@ -134,7 +99,7 @@ impl RateFloor {
     }
 }
 
-fn io_failure(what: &str, path: &std::path::Path, e: io::Error) -> Failure {
+pub(super) fn io_failure(what: &str, path: &std::path::Path, e: io::Error) -> Failure {
     let no_space = e.raw_os_error() == Some(libc::ENOSPC) || e.raw_os_error() == Some(libc::EDQUOT);
     if no_space {
         return Failure::new(
@@ -199,14 +164,17 @@ impl Sink {
     /// Open the staged file at `offset` (a regular file is cut back to it),
     /// and prime the verifier with that prefix. A file shorter than
     /// `offset`, or bytes that are not this upgrade's, start from zero.
+    /// Closing `gate` stops the writer (the Download actor does before it
+    /// removes what the job staged).
     pub async fn open(
         fetch: &FetchJob,
         staged: Staged,
         offset: u64,
         validator: Option<String>,
-        events: Recipient<JobEvent>,
-        verifier: Recipient<VerifyMsg>,
+        peers: (Recipient<JobEvent>, Recipient<VerifyMsg>),
+        gate: Gate,
     ) -> Result<Sink, Failure> {
+        let (events, verifier) = peers;
         let Staged {
             path,
             resumable,
@@ -249,13 +217,22 @@ impl Sink {
             len: offset,
             medium: read_back,
         });
+        let target = Target {
+            job: fetch.job,
+            path: path.clone(),
+            file,
+            regular,
+            written: offset,
+            size: fetch.firmware.size,
+            slot: read_back,
+            events: events.clone(),
+            verifier: verifier.clone(),
+        };
         Ok(Sink {
             job: fetch.job,
             path,
-            file,
-            regular,
-            received: read_back.then(crc32fast::Hasher::new),
-            told_durable: offset,
+            disk: Disk::start(target, gate)?,
+            slot: read_back,
             size: fetch.firmware.size,
             written: offset,
             buf: BytesMut::with_capacity(WRITE_BATCH),
@@ -267,7 +244,6 @@ impl Sink {
             in_flight: VecDeque::new(),
             progress_every: fetch.transfer.progress_every,
             last_progress: Instant::now(),
-            crossed_half: offset * 2 >= fetch.firmware.size,
             rate: RateFloor::new(fetch.transfer.min_rate, fetch.transfer.idle_timeout),
         })
     }
@@ -282,25 +258,28 @@ impl Sink {
         self.size - self.offset()
     }
 
+    /// The offset the last fsync made durable.
+    pub fn durable(&self) -> u64 {
+        self.disk.durable()
+    }
+
     /// What identified the server's file when the partial file was begun.
     pub fn validator(&self) -> Option<&str> {
         self.validator.as_deref()
     }
 
     /// Remember what identifies the server's file. It is committed at once
-    /// (with the last durable offset), so no resume can go without it.
+    /// (with the last durable offset, after what the writer has queued), so
+    /// no resume can go without it.
     pub fn set_validator(&mut self, validator: Option<String>) {
         if validator == self.validator {
             return;
         }
         self.validator = validator;
-        self.events.do_send(JobEvent {
-            job: self.job,
-            event: Event::Checkpoint {
-                offset: self.last_checkpoint,
-                validator: self.validator.clone(),
-            },
-        });
+        if let Err(failure) = self.disk.validator(self.validator.clone()) {
+            // The next write fails the attempt with the writer's reason.
+            tracing::warn!(upgrade = self.job, error = %failure.description, "cannot record the validator");
+        }
     }
 
     /// The server's file is not the one we began: drop what we have and
@@ -311,27 +290,16 @@ impl Sink {
             "the server's file changed; starting from zero"
         );
         self.buf.clear();
-        if self.regular {
-            self.file
-                .set_len(0)
-                .map_err(|e| io_failure("cannot truncate", &self.path, e))?;
-        }
-        self.file
-            .seek(io::SeekFrom::Start(0))
-            .map_err(|e| io_failure("cannot seek", &self.path, e))?;
+        self.disk.restart().await?;
         self.written = 0;
         self.last_checkpoint = 0;
-        self.told_durable = 0;
-        if let Some(crc) = &mut self.received {
-            crc.reset();
-        }
         self.validator = validator.clone();
         reset(&self.events, self.job, validator).await?;
         self.verifier.do_send(VerifyMsg::Prime {
             job: self.job,
             path: self.path.clone(),
             len: 0,
-            medium: self.received.is_some(),
+            medium: self.slot,
         });
         Ok(())
     }
@@ -359,7 +327,7 @@ impl Sink {
         }
         self.check_rate(len)?;
         if self.written - self.last_checkpoint >= self.checkpoint_bytes {
-            self.checkpoint().await?;
+            self.checkpoint()?;
         }
         if self.last_progress.elapsed() >= self.progress_every {
             self.last_progress = Instant::now();
@@ -394,28 +362,21 @@ impl Sink {
         })
     }
 
-    /// Write the gathered bytes to the file and hand them to the verifier
-    /// (for a slot, only their CRC is kept, until they are durable).
+    /// Hand the gathered bytes to the writer and, unless they go into a
+    /// slot, to the verifier.
     async fn flush_buf(&mut self) -> Result<(), Failure> {
         if self.buf.is_empty() {
             return Ok(());
         }
         let chunk = self.buf.split().freeze();
-        self.file
-            .write_all(&chunk)
-            .map_err(|e| io_failure("cannot write", &self.path, e))?;
         self.written += chunk.len() as u64;
-        match &mut self.received {
-            Some(crc) => crc.update(&chunk),
-            None => {
-                let job = self.job;
-                self.tell_verifier(VerifyMsg::Chunk { job, data: chunk })
-                    .await;
-            }
-        }
-        if !self.crossed_half && self.written * 2 >= self.size {
-            self.crossed_half = true;
-            crash::point("mid-download");
+        if self.slot {
+            self.disk.write(chunk).await?;
+        } else {
+            self.disk.write(chunk.clone()).await?;
+            let job = self.job;
+            self.tell_verifier(VerifyMsg::Chunk { job, data: chunk })
+                .await;
         }
         Ok(())
     }
@@ -431,28 +392,16 @@ impl Sink {
         self.in_flight.push_back(self.verifier.send(msg));
     }
 
-    /// Make everything written durable, and return the durable offset. A
-    /// slot's verifier is told which bytes it can now read back.
-    async fn sync(&mut self) -> Result<u64, Failure> {
+    /// Make everything received durable, and return the durable offset.
+    pub(super) async fn sync(&mut self) -> Result<u64, Failure> {
         self.flush_buf().await?;
-        self.file
-            .sync_data()
-            .map_err(|e| io_failure("cannot fsync", &self.path, e))?;
-        let (from, to) = (self.told_durable, self.written);
-        if let Some(received) = self.received.as_mut().filter(|_| to > from) {
-            let crc = std::mem::take(received).finalize();
-            self.told_durable = to;
-            let job = self.job;
-            self.tell_verifier(VerifyMsg::Durable { job, from, to, crc })
-                .await;
-        }
-        Ok(self.written)
+        self.disk.sync().await
     }
 
     /// The agent stops: make every byte received so far durable and wait
     /// until its offset is committed, so the next start re-fetches none of
     /// them. Returns the durable offset.
-    async fn pause(&mut self) -> Result<u64, Failure> {
+    pub(super) async fn pause(&mut self) -> Result<u64, Failure> {
         let offset = self.sync().await?;
         if offset > self.last_checkpoint {
             self.last_checkpoint = offset;
@@ -475,23 +424,17 @@ impl Sink {
         Ok(offset)
     }
 
-    /// fsync, then report the offset for commit.
-    async fn checkpoint(&mut self) -> Result<(), Failure> {
-        let offset = self.sync().await?;
-        crash::point("after-checkpoint-fsync");
-        self.last_checkpoint = offset;
-        self.events.do_send(JobEvent {
-            job: self.job,
-            event: Event::Checkpoint {
-                offset,
-                validator: self.validator.clone(),
-            },
-        });
-        Ok(())
+    /// Have the writer fsync what it has and then report the offset for
+    /// commit; the transfer goes on meanwhile.
+    fn checkpoint(&mut self) -> Result<(), Failure> {
+        // At what is handed over; a batch still being gathered counts in
+        // the next one.
+        self.last_checkpoint = self.written;
+        self.disk.checkpoint(self.validator.clone())
     }
 
     /// The transfer is over: make it durable and let the verifier catch up.
-    async fn complete(&mut self) -> Result<(), Failure> {
+    pub(super) async fn complete(&mut self) -> Result<(), Failure> {
         self.sync().await?;
         while let Some(pending) = self.in_flight.pop_front() {
             let _ = pending.await;
@@ -500,292 +443,12 @@ impl Sink {
     }
 }
 
-/// Start (or restart) a job's transfer.
-#[derive(Message, Clone, Debug)]
-#[rtype(result = "()")]
-pub struct StartDownload {
-    pub fetch: FetchJob,
-    pub offset: u64,
-    pub validator: Option<String>,
-    pub delay: Duration,
-}
-
-/// Stop a job's transfer, if one runs, and with `discard` remove what it
-/// staged (the partial file, a slot's note). Doing it here, on the arbiter
-/// that runs the transfers, means no task of the job can recreate it
-/// afterwards.
-#[derive(Message, Debug)]
-#[rtype(result = "()")]
-pub struct AbortDownload {
-    pub job: JobId,
-    pub discard: bool,
-}
-
-/// The agent stops: every transfer checkpoints what it has received
-/// (fsync, then the offset committed) and ends; answered once all have, or
-/// after [`DRAIN_WAIT`].
-#[derive(Message, Debug)]
-#[rtype(result = "()")]
-pub struct Drain;
-
-/// How long [`Drain`] waits for the transfers' last checkpoints (an fsync
-/// and a commit each).
-pub const DRAIN_WAIT: Duration = Duration::from_secs(10);
-
-/// Fetchers by protocol.
-#[derive(Clone, Default)]
-pub struct Fetchers(HashMap<Protocol, Arc<dyn Fetcher>>);
-
-impl Fetchers {
-    pub fn with(mut self, protocol: Protocol, fetcher: Arc<dyn Fetcher>) -> Self {
-        self.0.insert(protocol, fetcher);
-        self
-    }
-
-    pub fn supports(&self, protocol: Protocol) -> bool {
-        self.0.contains_key(&protocol)
-    }
-}
-
-pub struct Download {
-    fetchers: Fetchers,
-    staging: Staging,
-    events: Recipient<JobEvent>,
-    verifier: Recipient<VerifyMsg>,
-    running: HashMap<JobId, Running>,
-}
-
-/// A transfer task and the switch that asks it to pause for a stop.
-struct Running {
-    task: tokio::task::JoinHandle<()>,
-    stop: tokio::sync::watch::Sender<bool>,
-}
-
-impl Download {
-    pub fn new(
-        fetchers: Fetchers,
-        staging: Staging,
-        events: Recipient<JobEvent>,
-        verifier: Recipient<VerifyMsg>,
-    ) -> Self {
-        Download {
-            fetchers,
-            staging,
-            events,
-            verifier,
-            running: HashMap::new(),
-        }
-    }
-}
-
-impl Actor for Download {
-    type Context = Context<Self>;
-}
-
-impl Handler<StartDownload> for Download {
-    type Result = ();
-
-    fn handle(&mut self, msg: StartDownload, _ctx: &mut Context<Self>) {
-        let job = msg.fetch.job;
-        if let Some(old) = self.running.remove(&job) {
-            old.task.abort();
-        }
-        let events = self.events.clone();
-        let verifier = self.verifier.clone();
-        let fetcher = self.fetchers.0.get(&msg.fetch.source.protocol).cloned();
-        let staging = self.staging.clone();
-        let (stop, mut stopped) = tokio::sync::watch::channel(false);
-        let task = actix_rt::spawn(async move {
-            if !msg.delay.is_zero() {
-                tokio::select! {
-                    _ = tokio::time::sleep(msg.delay) => {}
-                    _ = stopped.wait_for(|s| *s) => return,
-                }
-            }
-            let ended = run(msg, fetcher, &staging, events.clone(), verifier, stopped).await;
-            if let Some(event) = ended {
-                events.do_send(JobEvent { job, event });
-            }
-        });
-        self.running.retain(|_, r| !r.task.is_finished());
-        self.running.insert(job, Running { task, stop });
-    }
-}
-
-impl Handler<Drain> for Download {
-    type Result = ResponseFuture<()>;
-
-    fn handle(&mut self, _msg: Drain, _ctx: &mut Context<Self>) -> Self::Result {
-        let tasks: Vec<_> = self
-            .running
-            .drain()
-            .map(|(_, r)| {
-                r.stop.send_replace(true);
-                r.task
-            })
-            .collect();
-        Box::pin(async move {
-            let all = futures_join(tasks);
-            if tokio::time::timeout(DRAIN_WAIT, all).await.is_err() {
-                tracing::warn!("a transfer did not reach its checkpoint in time; stopping anyway (it resumes from the last one)");
-            }
-        })
-    }
-}
-
-/// Wait for every task (their results do not matter).
-async fn futures_join(tasks: Vec<tokio::task::JoinHandle<()>>) {
-    for task in tasks {
-        let _ = task.await;
-    }
-}
-
-impl Handler<AbortDownload> for Download {
-    type Result = ();
-
-    fn handle(&mut self, msg: AbortDownload, _ctx: &mut Context<Self>) {
-        if let Some(running) = self.running.remove(&msg.job) {
-            running.task.abort();
-            tracing::info!(upgrade = msg.job, "download aborted");
-        }
-        self.verifier.do_send(VerifyMsg::Forget { job: msg.job });
-        if msg.discard {
-            self.staging.discard(msg.job);
-        }
-    }
-}
-
-/// Remove a job's partial file; a missing one is fine, a failure is logged.
-pub fn remove_partial(job: JobId, part: &std::path::Path) {
-    match std::fs::remove_file(part) {
-        Ok(()) => tracing::debug!(upgrade = job, "partial file removed"),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => {
-            tracing::warn!(upgrade = job, path = %part.display(), error = %e, "cannot remove the partial file")
-        }
-    }
-}
-
-/// One transfer attempt, start to end, as the event that reports it; `None`
-/// when `stop` paused it (what it received is durable and committed).
-async fn run(
-    msg: StartDownload,
-    fetcher: Option<Arc<dyn Fetcher>>,
-    staging: &Staging,
-    events: Recipient<JobEvent>,
-    verifier: Recipient<VerifyMsg>,
-    mut stop: tokio::sync::watch::Receiver<bool>,
-) -> Option<Event> {
-    let Some(fetcher) = fetcher else {
-        return Some(Event::DownloadFailed {
-            failure: Failure::new(
-                result_no::TRANSFER,
-                format!("no downloader for {}", msg.fetch.source.protocol),
-                false,
-            ),
-            durable_offset: msg.offset,
-        });
-    };
-    let opened = match staging.open(msg.fetch.job, &msg.fetch.firmware) {
-        Ok(staged) => {
-            let open = Sink::open(
-                &msg.fetch,
-                staged,
-                msg.offset,
-                msg.validator.clone(),
-                events,
-                verifier,
-            );
-            tokio::select! {
-                opened = open => opened,
-                _ = stop.wait_for(|s| *s) => return None,
-            }
-        }
-        Err(failure) => Err(failure),
-    };
-    let mut sink = match opened {
-        Ok(sink) => sink,
-        Err(failure) => {
-            return Some(Event::DownloadFailed {
-                failure,
-                durable_offset: 0,
-            })
-        }
-    };
-    tracing::info!(upgrade = msg.fetch.job, offset = sink.offset(), url = %msg.fetch.source.url, "download starting");
-    let fetched = if sink.remaining() == 0 {
-        Ok(())
-    } else {
-        // A stop drops the fetch between two writes: what the sink holds
-        // is whole, and is made durable and committed before the exit.
-        let fetch = fetcher.fetch(&msg.fetch, &mut sink);
-        let stopped = tokio::select! {
-            fetched = fetch => Ok(fetched),
-            _ = stop.wait_for(|s| *s) => Err(()),
-        };
-        match stopped {
-            Ok(fetched) => fetched,
-            Err(()) => {
-                match sink.pause().await {
-                    Ok(offset) => tracing::info!(
-                        upgrade = msg.fetch.job,
-                        offset,
-                        "download paused for the stop; every byte received is durable"
-                    ),
-                    Err(failure) => {
-                        tracing::warn!(upgrade = msg.fetch.job, error = %failure.description, "download stopped; it resumes from the last checkpoint")
-                    }
-                }
-                return None;
-            }
-        }
-    };
-    Some(ended(&msg, &mut sink, fetched).await)
-}
-
-/// How a transfer that ran to its end (or failed) is reported.
-async fn ended(msg: &StartDownload, sink: &mut Sink, fetched: Result<(), Failure>) -> Event {
-    let fetched = fetched.and_then(|()| {
-        if sink.remaining() == 0 {
-            Ok(())
-        } else {
-            Err(Failure::new(
-                result_no::TRANSFER,
-                format!("transfer ended at byte {} of {}", sink.offset(), sink.size),
-                true,
-            ))
-        }
-    });
-    match fetched {
-        Ok(()) => match sink.complete().await {
-            Ok(()) => {
-                crash::point("after-download");
-                Event::Downloaded
-            }
-            Err(failure) => Event::DownloadFailed {
-                failure,
-                durable_offset: sink.last_checkpoint,
-            },
-        },
-        Err(failure) => {
-            // The server's words, before the state machine redacts them.
-            let source = &msg.fetch.source;
-            let said = Redactor::new([&source.user, &source.password]).text(&failure.description);
-            tracing::warn!(upgrade = msg.fetch.job, error = %said, "download attempt failed");
-            let durable_offset = sink.sync().await.unwrap_or(sink.last_checkpoint);
-            Event::DownloadFailed {
-                failure,
-                durable_offset,
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use fwagent_state::Secret;
-    use std::sync::Mutex;
+    use crate::runtime::Transfer;
+    use fwagent_state::{Firmware, Protocol, Secret, Source};
+    use std::sync::{Arc, Mutex};
 
     /// What the sink told its peers, in order (one mailbox for both).
     #[derive(Debug, PartialEq, Eq)]
@@ -865,8 +528,8 @@ mod tests {
             stale: None,
         };
         let job = fetch_job(image.len() as u64);
-        let events = addr.clone().recipient();
-        let mut sink = Sink::open(&job, staged, 0, None, events, addr.recipient())
+        let peers = (addr.clone().recipient(), addr.recipient());
+        let mut sink = Sink::open(&job, staged, 0, None, peers, Gate::default())
             .await
             .expect("opened");
         for piece in image.chunks(MIB as usize) {

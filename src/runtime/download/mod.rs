@@ -1,0 +1,344 @@
+//! The Download actor and what every protocol's fetcher writes through.
+//!
+//! A [`Fetcher`] (HTTP, FTP) knows its protocol only; the [`Sink`] it writes
+//! into does the rest, the same for every protocol ([`sink`]), with the file
+//! I/O on a thread of its own ([`disk`]). The actor runs each transfer as a
+//! spawned task and reports how it ended as a [`JobEvent`]; a new
+//! `StartDownload` for the same job replaces the old task, so the command
+//! is idempotent.
+
+mod disk;
+mod sink;
+
+pub use sink::Sink;
+
+use super::staging::Staging;
+use super::verify::VerifyMsg;
+use super::{JobEvent, Transfer};
+use crate::crash;
+use actix::prelude::*;
+use disk::Gate;
+use fwagent_state::{result_no, Event, Failure, Firmware, JobId, Protocol, Redactor, Source};
+use std::collections::HashMap;
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A boxed future, for the object-safe fetcher trait.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// What a fetcher needs to know.
+#[derive(Clone, Debug)]
+pub struct FetchJob {
+    pub job: JobId,
+    pub source: Source,
+    pub firmware: Firmware,
+    pub transfer: Transfer,
+}
+
+/// One protocol's way of fetching a file.
+pub trait Fetcher: Send + Sync + 'static {
+    /// Fetch `job.source` from `sink.offset()` to the end, writing every byte
+    /// through `sink`. Resume from a non-zero offset only if the server's file
+    /// still matches `sink.validator()`; otherwise call [`Sink::restart`].
+    /// Return once `sink.offset()` equals the firmware's size, or with the
+    /// failure in PROTOCOL.md's result numbers.
+    fn fetch<'a>(
+        &'a self,
+        job: &'a FetchJob,
+        sink: &'a mut Sink,
+    ) -> BoxFuture<'a, Result<(), Failure>>;
+}
+
+/// Start (or restart) a job's transfer.
+#[derive(Message, Clone, Debug)]
+#[rtype(result = "()")]
+pub struct StartDownload {
+    pub fetch: FetchJob,
+    pub offset: u64,
+    pub validator: Option<String>,
+    pub delay: Duration,
+}
+
+/// Stop a job's transfer, if one runs, and with `discard` remove what it
+/// staged (the partial file, a slot's note). Doing it here, on the arbiter
+/// that runs the transfers, means no task of the job can recreate it
+/// afterwards.
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct AbortDownload {
+    pub job: JobId,
+    pub discard: bool,
+}
+
+/// The agent stops: every transfer checkpoints what it has received
+/// (fsync, then the offset committed) and ends; answered once all have, or
+/// after [`DRAIN_WAIT`].
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct Drain;
+
+/// How long [`Drain`] waits for the transfers' last checkpoints (an fsync
+/// and a commit each).
+pub const DRAIN_WAIT: Duration = Duration::from_secs(10);
+
+/// Fetchers by protocol.
+#[derive(Clone, Default)]
+pub struct Fetchers(HashMap<Protocol, Arc<dyn Fetcher>>);
+
+impl Fetchers {
+    pub fn with(mut self, protocol: Protocol, fetcher: Arc<dyn Fetcher>) -> Self {
+        self.0.insert(protocol, fetcher);
+        self
+    }
+
+    pub fn supports(&self, protocol: Protocol) -> bool {
+        self.0.contains_key(&protocol)
+    }
+}
+
+pub struct Download {
+    fetchers: Fetchers,
+    staging: Staging,
+    events: Recipient<JobEvent>,
+    verifier: Recipient<VerifyMsg>,
+    running: HashMap<JobId, Running>,
+}
+
+/// A transfer task, the switch that asks it to pause for a stop, and the
+/// gate that stops its disk writer.
+struct Running {
+    task: tokio::task::JoinHandle<()>,
+    stop: tokio::sync::watch::Sender<bool>,
+    gate: Gate,
+}
+
+impl Running {
+    /// Abort the task; once this returns, its writer writes nothing more.
+    fn abort(self) {
+        self.task.abort();
+        self.gate.close();
+    }
+}
+
+impl Download {
+    pub fn new(
+        fetchers: Fetchers,
+        staging: Staging,
+        events: Recipient<JobEvent>,
+        verifier: Recipient<VerifyMsg>,
+    ) -> Self {
+        Download {
+            fetchers,
+            staging,
+            events,
+            verifier,
+            running: HashMap::new(),
+        }
+    }
+}
+
+impl Actor for Download {
+    type Context = Context<Self>;
+}
+
+impl Handler<StartDownload> for Download {
+    type Result = ();
+
+    fn handle(&mut self, msg: StartDownload, _ctx: &mut Context<Self>) {
+        let job = msg.fetch.job;
+        if let Some(old) = self.running.remove(&job) {
+            old.abort();
+        }
+        let events = self.events.clone();
+        let verifier = self.verifier.clone();
+        let fetcher = self.fetchers.0.get(&msg.fetch.source.protocol).cloned();
+        let staging = self.staging.clone();
+        let (stop, mut stopped) = tokio::sync::watch::channel(false);
+        let gate = Gate::default();
+        let writer_gate = gate.clone();
+        let task = actix_rt::spawn(async move {
+            if !msg.delay.is_zero() {
+                tokio::select! {
+                    _ = tokio::time::sleep(msg.delay) => {}
+                    _ = stopped.wait_for(|s| *s) => return,
+                }
+            }
+            let peers = (events.clone(), verifier);
+            let ended = run(msg, fetcher, &staging, peers, writer_gate, stopped).await;
+            if let Some(event) = ended {
+                events.do_send(JobEvent { job, event });
+            }
+        });
+        self.running.retain(|_, r| !r.task.is_finished());
+        self.running.insert(job, Running { task, stop, gate });
+    }
+}
+
+impl Handler<Drain> for Download {
+    type Result = ResponseFuture<()>;
+
+    fn handle(&mut self, _msg: Drain, _ctx: &mut Context<Self>) -> Self::Result {
+        let tasks: Vec<_> = self
+            .running
+            .drain()
+            .map(|(_, r)| {
+                r.stop.send_replace(true);
+                r.task
+            })
+            .collect();
+        Box::pin(async move {
+            let all = futures_join(tasks);
+            if tokio::time::timeout(DRAIN_WAIT, all).await.is_err() {
+                tracing::warn!("a transfer did not reach its checkpoint in time; stopping anyway (it resumes from the last one)");
+            }
+        })
+    }
+}
+
+/// Wait for every task (their results do not matter).
+async fn futures_join(tasks: Vec<tokio::task::JoinHandle<()>>) {
+    for task in tasks {
+        let _ = task.await;
+    }
+}
+
+impl Handler<AbortDownload> for Download {
+    type Result = ();
+
+    fn handle(&mut self, msg: AbortDownload, _ctx: &mut Context<Self>) {
+        if let Some(running) = self.running.remove(&msg.job) {
+            running.abort();
+            tracing::info!(upgrade = msg.job, "download aborted");
+        }
+        self.verifier.do_send(VerifyMsg::Forget { job: msg.job });
+        if msg.discard {
+            self.staging.discard(msg.job);
+        }
+    }
+}
+
+/// Remove a job's partial file; a missing one is fine, a failure is logged.
+pub fn remove_partial(job: JobId, part: &std::path::Path) {
+    match std::fs::remove_file(part) {
+        Ok(()) => tracing::debug!(upgrade = job, "partial file removed"),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => {
+            tracing::warn!(upgrade = job, path = %part.display(), error = %e, "cannot remove the partial file")
+        }
+    }
+}
+
+/// One transfer attempt, start to end, as the event that reports it; `None`
+/// when `stop` paused it (what it received is durable and committed).
+async fn run(
+    msg: StartDownload,
+    fetcher: Option<Arc<dyn Fetcher>>,
+    staging: &Staging,
+    peers: (Recipient<JobEvent>, Recipient<VerifyMsg>),
+    gate: Gate,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> Option<Event> {
+    let Some(fetcher) = fetcher else {
+        return Some(Event::DownloadFailed {
+            failure: Failure::new(
+                result_no::TRANSFER,
+                format!("no downloader for {}", msg.fetch.source.protocol),
+                false,
+            ),
+            durable_offset: msg.offset,
+        });
+    };
+    let opened = match staging.open(msg.fetch.job, &msg.fetch.firmware) {
+        Ok(staged) => {
+            let validator = msg.validator.clone();
+            let open = Sink::open(&msg.fetch, staged, msg.offset, validator, peers, gate);
+            tokio::select! {
+                opened = open => opened,
+                _ = stop.wait_for(|s| *s) => return None,
+            }
+        }
+        Err(failure) => Err(failure),
+    };
+    let mut sink = match opened {
+        Ok(sink) => sink,
+        Err(failure) => {
+            return Some(Event::DownloadFailed {
+                failure,
+                durable_offset: 0,
+            })
+        }
+    };
+    tracing::info!(upgrade = msg.fetch.job, offset = sink.offset(), url = %msg.fetch.source.url, "download starting");
+    let fetched = if sink.remaining() == 0 {
+        Ok(())
+    } else {
+        // A stop drops the fetch between two writes: what the sink holds
+        // is whole, and is made durable and committed before the exit.
+        let fetch = fetcher.fetch(&msg.fetch, &mut sink);
+        let stopped = tokio::select! {
+            fetched = fetch => Ok(fetched),
+            _ = stop.wait_for(|s| *s) => Err(()),
+        };
+        match stopped {
+            Ok(fetched) => fetched,
+            Err(()) => {
+                match sink.pause().await {
+                    Ok(offset) => tracing::info!(
+                        upgrade = msg.fetch.job,
+                        offset,
+                        "download paused for the stop; every byte received is durable"
+                    ),
+                    Err(failure) => {
+                        tracing::warn!(upgrade = msg.fetch.job, error = %failure.description, "download stopped; it resumes from the last checkpoint")
+                    }
+                }
+                return None;
+            }
+        }
+    };
+    Some(ended(&msg, &mut sink, fetched).await)
+}
+
+/// How a transfer that ran to its end (or failed) is reported.
+async fn ended(msg: &StartDownload, sink: &mut Sink, fetched: Result<(), Failure>) -> Event {
+    let fetched = fetched.and_then(|()| {
+        if sink.remaining() == 0 {
+            Ok(())
+        } else {
+            Err(Failure::new(
+                result_no::TRANSFER,
+                format!("transfer ended at byte {} of {}", sink.offset(), sink.size),
+                true,
+            ))
+        }
+    });
+    match fetched {
+        Ok(()) => match sink.complete().await {
+            Ok(()) => {
+                crash::point("after-download");
+                Event::Downloaded
+            }
+            Err(failure) => Event::DownloadFailed {
+                failure,
+                durable_offset: sink.durable(),
+            },
+        },
+        Err(failure) => {
+            // The server's words, before the state machine redacts them.
+            let source = &msg.fetch.source;
+            let said = Redactor::new([&source.user, &source.password]).text(&failure.description);
+            tracing::warn!(upgrade = msg.fetch.job, error = %said, "download attempt failed");
+            let durable_offset = match sink.sync().await {
+                Ok(offset) => offset,
+                Err(_) => sink.durable(),
+            };
+            Event::DownloadFailed {
+                failure,
+                durable_offset,
+            }
+        }
+    }
+}
