@@ -42,7 +42,7 @@ pub fn private_dir(dir: &Path) -> io::Result<()> {
 
 /// The block size of [`read_from_medium`]: large reads, so the second pass
 /// over the image costs what the medium's bandwidth does.
-pub const MEDIUM_READ_BUF: usize = 1 << 20;
+pub const MEDIUM_READ_BUF: usize = 256 << 10;
 
 /// `ioctl(BLKFLSBUF)`: write out and drop a block device's buffer cache
 /// (`_IO(0x12, 97)`; not in the libc crate).
@@ -114,6 +114,21 @@ pub fn write_out(file: &File, from: u64, to: u64) -> io::Result<()> {
     }
     tracing::debug!(error = %io::Error::last_os_error(), "sync_file_range refused; fdatasync instead");
     file.sync_data()
+}
+
+/// Start writing bytes `from..to` of `file` out to the device without
+/// waiting (`sync_file_range(SYNC_FILE_RANGE_WRITE)`): early writeback, so
+/// a later fsync has little left to do. Advice only; a refusal is ignored.
+pub fn start_write_out(file: &File, from: u64, to: u64) {
+    // SAFETY: plain system call on an open descriptor.
+    unsafe {
+        libc::sync_file_range(
+            file.as_raw_fd(),
+            from as libc::off64_t,
+            (to - from) as libc::off64_t,
+            libc::SYNC_FILE_RANGE_WRITE,
+        )
+    };
 }
 
 /// Read bytes `from..to` of `file` (fewer at its end) into `buf`, a block

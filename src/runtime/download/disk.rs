@@ -11,7 +11,7 @@
 use super::super::verify::VerifyMsg;
 use super::super::JobEvent;
 use super::sink::io_failure;
-use crate::crash;
+use crate::{crash, fsutil};
 use actix::prelude::*;
 use bytes::Bytes;
 use fwagent_state::{result_no, Event, Failure, JobId};
@@ -23,8 +23,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
 /// Batches handed to the writer and not yet written before the transfer
-/// waits (each one write batch, 256 KiB: 2 MiB in all).
-pub const QUEUE: usize = 8;
+/// waits (each one write batch, 256 KiB: 1 MiB in all).
+pub const QUEUE: usize = 4;
 
 /// Closed, a writer starts no more operations; closing waits for the one
 /// under way. The Download actor closes a job's gate before it removes what
@@ -230,6 +230,9 @@ impl Writer {
                 }
                 let before = t.written;
                 t.written += data.len() as u64;
+                // Start writing the batch out now, so the checkpoint's
+                // fsync finds little left to do and the queue drains fast.
+                fsutil::start_write_out(&t.file, before, t.written);
                 if before * 2 < t.size && t.written * 2 >= t.size {
                     crash::point("mid-download");
                 }
