@@ -856,6 +856,89 @@ mod tests {
         assert!(!dir.path().join("slot-a").exists() && !dir.path().join("slot-b").exists());
     }
 
+    /// A stand-in for the Upgrade actor: every event it gets, in order.
+    struct Events(tokio::sync::mpsc::UnboundedSender<JobEvent>);
+
+    impl Actor for Events {
+        type Context = Context<Self>;
+    }
+
+    impl Handler<JobEvent> for Events {
+        type Result = ();
+
+        fn handle(&mut self, msg: JobEvent, _ctx: &mut Context<Self>) {
+            let _ = self.0.send(msg);
+        }
+    }
+
+    /// Start a Flash actor for `spec` on its own arbiter (as the agent
+    /// does), send it `msg` and return the event it reports.
+    async fn flash_once(spec: FlashSpec, msg: FlashImage) -> Event {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let events = Events(tx).start().recipient();
+        let options = FlashOptions {
+            reboot_command: None,
+            ..FlashOptions::default()
+        };
+        let flash = Flash::start_in_arbiter(&Arbiter::new().handle(), move |_| {
+            Flash::new(spec, options, events)
+        });
+        flash.send(msg).await.expect("handled");
+        let event = tokio::time::timeout(Duration::from_secs(10), rx.recv());
+        let event = event.await.expect("in time").expect("an event");
+        assert_eq!(event.job, 9);
+        event.event
+    }
+
+    #[actix::test]
+    async fn the_flash_actor_reports_flashed_failed_or_missing() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (img, fw) = image(dir.path(), b"new image");
+        let target = dir.path().join("mmcblk0p3");
+        std::fs::write(&target, b"old").expect("target");
+        let msg = |image: &Path, firmware: &Firmware| FlashImage {
+            job: 9,
+            image: image.to_path_buf(),
+            firmware: firmware.clone(),
+        };
+        let file = FlashSpec::File(target.clone());
+        assert_eq!(
+            flash_once(file.clone(), msg(&img, &fw)).await,
+            Event::Flashed { reboot: false }
+        );
+        assert_eq!(std::fs::read(&target).expect("read"), b"new image");
+
+        // An image gone since it was verified: fetch it again, not 50.
+        let gone = dir.path().join("gone");
+        let event = flash_once(file.clone(), msg(&gone, &fw)).await;
+        assert!(matches!(event, Event::ImageMissing { .. }), "{event:?}");
+
+        // A target that does not match after the write: 50.
+        let wrong = Firmware {
+            md5: "0".repeat(32),
+            ..fw.clone()
+        };
+        match flash_once(file, msg(&img, &wrong)).await {
+            Event::FlashFailed { failure } => {
+                assert_eq!(failure.error_no, result_no::FLASH_FAILED)
+            }
+            other => panic!("not a failed flash: {other:?}"),
+        }
+
+        // A/B: the slot written, next-boot switched, a reboot wanted.
+        let slots = dir.path().join("slots");
+        std::fs::create_dir(&slots).expect("mkdir");
+        let ab = FlashSpec::Ab(slots.clone());
+        assert_eq!(
+            flash_once(ab, msg(&img, &fw)).await,
+            Event::Flashed { reboot: true }
+        );
+        assert_eq!(
+            std::fs::read(slots.join("slot-b")).expect("slot b"),
+            b"new image"
+        );
+    }
+
     #[test]
     fn the_installer_gets_the_image_and_its_failure_is_50() {
         let dir = tempfile::tempdir().expect("temp dir");
