@@ -856,26 +856,10 @@ mod tests {
         assert!(!dir.path().join("slot-a").exists() && !dir.path().join("slot-b").exists());
     }
 
-    /// A stand-in for the Upgrade actor: every event it gets, in order.
-    struct Events(tokio::sync::mpsc::UnboundedSender<JobEvent>);
-
-    impl Actor for Events {
-        type Context = Context<Self>;
-    }
-
-    impl Handler<JobEvent> for Events {
-        type Result = ();
-
-        fn handle(&mut self, msg: JobEvent, _ctx: &mut Context<Self>) {
-            let _ = self.0.send(msg);
-        }
-    }
-
     /// Start a Flash actor for `spec` on its own arbiter (as the agent
     /// does), send it `msg` and return the event it reports.
     async fn flash_once(spec: FlashSpec, msg: FlashImage) -> Event {
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let events = Events(tx).start().recipient();
+        let (events, mut rx) = super::super::stand_in::events();
         let options = FlashOptions {
             reboot_command: None,
             ..FlashOptions::default()
@@ -884,8 +868,7 @@ mod tests {
             Flash::new(spec, options, events)
         });
         flash.send(msg).await.expect("handled");
-        let event = tokio::time::timeout(Duration::from_secs(10), rx.recv());
-        let event = event.await.expect("in time").expect("an event");
+        let event = super::super::stand_in::next_event(&mut rx).await;
         assert_eq!(event.job, 9);
         event.event
     }

@@ -19,6 +19,8 @@ pub mod http;
 pub mod messaging;
 pub mod mqtt;
 pub mod staging;
+#[cfg(test)]
+mod stand_in;
 pub mod upgrade;
 pub mod verify;
 

@@ -333,23 +333,6 @@ impl Handler<VerifyMsg> for Verify {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
-    use tokio::sync::mpsc;
-
-    /// A stand-in for the Upgrade actor: every event it gets, in order.
-    struct Events(mpsc::UnboundedSender<JobEvent>);
-
-    impl Actor for Events {
-        type Context = Context<Self>;
-    }
-
-    impl Handler<JobEvent> for Events {
-        type Result = ();
-
-        fn handle(&mut self, msg: JobEvent, _ctx: &mut Context<Self>) {
-            let _ = self.0.send(msg);
-        }
-    }
 
     fn firmware_of(bytes: &[u8]) -> Firmware {
         Firmware {
@@ -365,8 +348,8 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("slot-b");
         std::fs::write(&path, on_medium).expect("write the slot");
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        let verify = Verify::new(Events(tx).start().recipient()).start();
+        let (events, mut rx) = super::super::stand_in::events();
+        let verify = Verify::new(events).start();
         let job = 7;
         let prime = VerifyMsg::Prime {
             job,
@@ -387,8 +370,7 @@ mod tests {
             firmware,
         };
         verify.send(finish).await.expect("finished");
-        let event = tokio::time::timeout(Duration::from_secs(10), rx.recv());
-        let event = event.await.expect("in time").expect("an event");
+        let event = super::super::stand_in::next_event(&mut rx).await;
         assert_eq!(event.job, job);
         event.event
     }
