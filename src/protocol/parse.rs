@@ -648,6 +648,21 @@ mod tests {
     }
 
     #[test]
+    fn id_errors_say_what_they_said() {
+        for (bad, why) in [
+            (json!(""), "must not be empty"),
+            (json!("x".repeat(MAX_ID_BYTES + 1)), "longer than 256 bytes"),
+            (json!("MID:\u{1}"), "contains control characters"),
+        ] {
+            let ack = rejected(parse(&set(seed1(), "/messageId", bad)));
+            assert_eq!(
+                ack.result.description,
+                format!("invalid field messageId: {why}")
+            );
+        }
+    }
+
+    #[test]
     fn ids_are_echoed_even_when_another_field_is_wrong() {
         let ack = rejected(parse(&remove(seed1(), "/info/fileInfo/md5sum")));
         assert_eq!(ack.session_id, "SID:1234567890-000001");

@@ -307,6 +307,65 @@ mod tests {
     }
 
     #[test]
+    fn the_typed_errors_say_what_the_strings_said() {
+        let said = |r: Result<String, HostError>| r.map_err(|e| e.to_string());
+        assert_eq!(said(normalize_host(" ")), Err("empty".into()));
+        assert_eq!(
+            said(normalize_host(&"a".repeat(256))),
+            Err("longer than 255 bytes".into())
+        );
+        assert_eq!(
+            said(normalize_host("[::1")),
+            Err("\"[::1\": not a valid IPv6 address".into())
+        );
+        assert_eq!(
+            said(normalize_host("1.2.3")),
+            Err("\"1.2.3\": not a valid domain name or IP address".into())
+        );
+        let path = |p: &str| path_segments(p).map_err(|e| e.to_string()).err();
+        assert_eq!(
+            path("/a/../b").as_deref(),
+            Some("contains a `.` or `..` segment")
+        );
+        assert_eq!(
+            path("/a\nb").as_deref(),
+            Some("contains control characters")
+        );
+        assert_eq!(
+            path(&"/".repeat(MAX_PATH_BYTES + 1)).as_deref(),
+            Some("longer than 4096 bytes")
+        );
+        let name = |n: &str| check_file_name(n).map_err(|e| e.to_string()).err();
+        assert_eq!(name("").as_deref(), Some("empty"));
+        assert_eq!(name("..").as_deref(), Some("\"..\" is not a file name"));
+        assert_eq!(
+            name("a/b").as_deref(),
+            Some("\"a/b\": a plain file name has no `/` or `\\`")
+        );
+        assert_eq!(
+            name(&"n".repeat(256)).as_deref(),
+            Some("longer than 255 bytes")
+        );
+        assert_eq!(
+            name("a\u{1}").as_deref(),
+            Some("contains control characters")
+        );
+        let ack = rejected(parse(&set(
+            seed1(),
+            "/info/serverConfig/path",
+            json!("/a/../b"),
+        )));
+        assert_eq!(
+            ack.result.description,
+            "invalid field info.serverConfig.path: contains a `.` or `..` segment"
+        );
+        assert_eq!(
+            UrlError::from(PathError::DotSegment).to_string(),
+            "path: contains a `.` or `..` segment"
+        );
+    }
+
+    #[test]
     fn host_of_writes_a_url_host_as_normalize_host_does() {
         let h = |s: &str| host_of(&Url::parse(s).expect("a URL"));
         assert_eq!(h("http://[::1]:8/x").as_deref(), Some("::1"));
