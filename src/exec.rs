@@ -38,6 +38,10 @@ const LAST_LINE_CHARS: usize = 200;
 /// How often the runner looks at the command while nothing else happens.
 const POLL: Duration = Duration::from_millis(20);
 
+/// How often the runner looks for the exit once every output stream closed
+/// (the exit follows at once, as a rule).
+const REAP_POLL: Duration = Duration::from_millis(5);
+
 /// How long a logged command's leftover output is waited for after it exited.
 const GRACE: Duration = Duration::from_millis(500);
 
@@ -319,7 +323,7 @@ fn wait(
         let left = how.deadline.saturating_duration_since(Instant::now());
         let nap = POLL.min(left.max(Duration::from_millis(1)));
         if closed >= how.streams {
-            std::thread::sleep(nap);
+            std::thread::sleep(nap.min(REAP_POLL));
         } else {
             match rx.recv_timeout(nap) {
                 Ok(Msg::Line(stream, text)) => on_line(stream, text),
