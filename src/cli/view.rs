@@ -4,9 +4,11 @@
 //! A [`Job`] carries the upgrade's decoded credentials and its `passPort`, so
 //! it is never serialised for output. [`JobView`] (what `status --json` and
 //! `history --json` print) and [`DetailView`] (`show --json`) are built field
-//! by field, and every free-text field that could quote a request (log events,
-//! errors, result descriptions, the URL) goes through [`Scrub`], which puts
-//! `<redacted>` where one of the job's own credentials would appear. The
+//! by field. Every free-text field (log events, errors, result descriptions)
+//! is shown as stored: the state machine redacts each text it stores, once
+//! (`fwagent_state::Redactor`), and the URL never carries user info
+//! (`protocol::build_url`), so a second pass here would only garble text that
+//! holds the marker already. The
 //! control socket sends these same views and the CLI builds them itself when
 //! it reads the store, so both paths print alike: one copy of the queries
 //! ([`latest`], [`history`], [`by_message_id`], [`detail`]) serves both.
@@ -15,9 +17,10 @@
 //! [`Paint`] that adds colour only on a terminal without `NO_COLOR`. Times are
 //! shown in UTC, absolute and relative; sizes and rates in binary units.
 
+use crate::protocol::ack_operator;
 use fwagent_state::{
-    Job, LogEntry, OutboxEntry, Outcome, Outgoing, PhaseName, Redactor, Store, StoreError,
-    OP_PROGRESS, OP_RESULT,
+    Job, LogEntry, OutboxEntry, Outcome, Outgoing, PhaseName, Store, StoreError, OP_PROGRESS,
+    OP_RESULT,
 };
 use indicatif::HumanBytes;
 use serde::{Deserialize, Serialize};
@@ -94,31 +97,8 @@ pub struct OutboxView {
     pub delivered_at: Option<OffsetDateTime>,
 }
 
-/// Replaces a job's credentials and `passPort` with `<redacted>` in free
-/// text ([`Redactor`]). Text the agent stored since it redacts at the
-/// source is clean already, and an ended upgrade keeps no credentials; this
-/// covers records written before that, and every text shown.
-pub struct Scrub(Redactor);
-
-impl Scrub {
-    pub const REDACTED: &'static str = Redactor::REDACTED;
-
-    pub fn of(job: &Job) -> Scrub {
-        Scrub(job.request.redactor())
-    }
-
-    pub fn text(&self, text: &str) -> String {
-        self.0.text(text)
-    }
-
-    fn outcome(&self, o: &Outcome) -> Outcome {
-        Outcome::new(o.error_no, self.text(&o.description))
-    }
-}
-
 impl JobView {
     pub fn of(job: &Job) -> JobView {
-        let scrub = Scrub::of(job);
         JobView {
             message_id: job.request.message_id.clone(),
             session_id: job.request.session_id.clone(),
@@ -128,7 +108,7 @@ impl JobView {
             bytes_done: job.bytes_done,
             phase: job.phase.name(),
             attempts: job.attempts,
-            result: job.result.as_ref().map(|o| scrub.outcome(o)),
+            result: job.result.clone(),
             created_at: job.created_at,
             updated_at: job.updated_at,
         }
@@ -144,19 +124,19 @@ impl JobView {
 }
 
 impl LogView {
-    fn of(entry: &LogEntry, scrub: &Scrub) -> LogView {
+    fn of(entry: &LogEntry) -> LogView {
         LogView {
             at: entry.at,
             from: entry.from,
             to: entry.to,
-            event: scrub.text(&entry.event),
-            error: entry.error.as_deref().map(|e| scrub.text(e)),
+            event: entry.event.clone(),
+            error: entry.error.clone(),
         }
     }
 }
 
 impl OutboxView {
-    fn of(entry: &OutboxEntry, delivered_at: Option<OffsetDateTime>, scrub: &Scrub) -> OutboxView {
+    fn of(entry: &OutboxEntry, delivered_at: Option<OffsetDateTime>) -> OutboxView {
         let base = OutboxView {
             seq: entry.seq,
             message_id: entry.message_id.clone(),
@@ -169,8 +149,8 @@ impl OutboxView {
         };
         match &entry.message {
             Outgoing::Ack(ack) => OutboxView {
-                operator: format!("{}-Ack", ack.operator),
-                result: Some(scrub.outcome(&ack.result)),
+                operator: ack_operator(ack),
+                result: Some(ack.result.clone()),
                 ..base
             },
             Outgoing::Progress {
@@ -188,7 +168,7 @@ impl OutboxView {
             Outgoing::Result { phase, result, .. } => OutboxView {
                 operator: OP_RESULT.to_string(),
                 phase: Some(*phase),
-                result: Some(scrub.outcome(result)),
+                result: Some(result.clone()),
                 ..base
             },
         }
@@ -234,21 +214,16 @@ pub fn detail(store: &Store, message_id: &str) -> Result<Option<DetailView>, Sto
     let Some(job) = store.job_by_message_id(message_id)? else {
         return Ok(None);
     };
-    let scrub = Scrub::of(&job);
-    let log = store
-        .log(job.id)?
-        .iter()
-        .map(|e| LogView::of(e, &scrub))
-        .collect();
+    let log = store.log(job.id)?.iter().map(LogView::of).collect();
     let outbox = store
         .outbox_of(job.id)?
         .iter()
-        .map(|(e, at)| OutboxView::of(e, *at, &scrub))
+        .map(|(e, at)| OutboxView::of(e, *at))
         .collect();
     Ok(Some(DetailView {
         job: JobView::of(&job),
-        url: scrub.text(&job.request.source.url),
-        last_error: job.last_error.as_deref().map(|e| scrub.text(e)),
+        url: job.request.source.url.clone(),
+        last_error: job.last_error.clone(),
         log,
         outbox,
     }))
@@ -667,8 +642,13 @@ mod tests {
     use fwagent_state::{Firmware, Phase, Protocol, Secret, Source, UpgradeRequest};
     use time::macros::datetime;
 
+    /// A text as the state machine stores it: the job's secrets redacted.
+    fn stored(job: &Job, text: &str) -> String {
+        job.request.redactor().text(text)
+    }
+
     fn job() -> Job {
-        Job {
+        let mut job = Job {
             id: 1,
             request: UpgradeRequest {
                 message_id: "MID:1".into(),
@@ -696,50 +676,45 @@ mod tests {
             fetched: 4 << 20,
             validator: None,
             result: None,
-            last_error: Some("login as operator7 with hunter2hunter2 refused (pp-4711)".into()),
+            last_error: None,
             last_progress: None,
             created_at: datetime!(2024-05-01 12:00:00 UTC),
             updated_at: datetime!(2024-05-01 12:00:16 UTC),
-        }
+        };
+        job.last_error = Some(stored(
+            &job,
+            "login as operator7 with hunter2hunter2 refused (pp-4711)",
+        ));
+        job
     }
 
     fn detail_of(job: &Job) -> DetailView {
-        let scrub = Scrub::of(job);
         DetailView {
             job: JobView::of(job),
             url: job.request.source.url.clone(),
-            last_error: job.last_error.as_deref().map(|e| scrub.text(e)),
+            last_error: job.last_error.clone(),
             log: vec![
-                LogView::of(
-                    &LogEntry {
-                        at: datetime!(2024-05-01 12:00:00 UTC),
-                        from: None,
-                        to: PhaseName::Accepted,
-                        event: "request accepted".into(),
-                        error: None,
-                    },
-                    &scrub,
-                ),
-                LogView::of(
-                    &LogEntry {
-                        at: datetime!(2024-05-01 12:00:00.5 UTC),
-                        from: Some(PhaseName::Accepted),
-                        to: PhaseName::Downloading,
-                        event: "download started".into(),
-                        error: None,
-                    },
-                    &scrub,
-                ),
-                LogView::of(
-                    &LogEntry {
-                        at: datetime!(2024-05-01 12:00:08 UTC),
-                        from: Some(PhaseName::Downloading),
-                        to: PhaseName::Downloading,
-                        event: "retry 1 from byte 4194304".into(),
-                        error: Some("connection reset; user operator7".into()),
-                    },
-                    &scrub,
-                ),
+                LogView::of(&LogEntry {
+                    at: datetime!(2024-05-01 12:00:00 UTC),
+                    from: None,
+                    to: PhaseName::Accepted,
+                    event: "request accepted".into(),
+                    error: None,
+                }),
+                LogView::of(&LogEntry {
+                    at: datetime!(2024-05-01 12:00:00.5 UTC),
+                    from: Some(PhaseName::Accepted),
+                    to: PhaseName::Downloading,
+                    event: "download started".into(),
+                    error: None,
+                }),
+                LogView::of(&LogEntry {
+                    at: datetime!(2024-05-01 12:00:08 UTC),
+                    from: Some(PhaseName::Downloading),
+                    to: PhaseName::Downloading,
+                    event: "retry 1 from byte 4194304".into(),
+                    error: Some(stored(job, "connection reset; user operator7")),
+                }),
             ],
             outbox: vec![],
         }
@@ -782,12 +757,40 @@ mod tests {
     }
 
     #[test]
-    fn short_credentials_are_not_scrubbed_into_noise() {
+    fn stored_text_is_shown_as_stored_and_never_redacted_twice() {
+        // A password inside the marker: the state machine's one pass leaves
+        // the marker whole, and the view shows it so. A second pass over the
+        // stored text (as the views once made) garbled it.
         let mut j = job();
-        j.request.source.user = Secret::new("a");
-        j.request.pass_port = None;
-        let s = Scrub::of(&j);
-        assert_eq!(s.text("a cat and hunter2hunter2"), "a cat and <redacted>");
+        j.request.source.password = Secret::new("acted");
+        j.last_error = Some(stored(&j, "login refused: acted"));
+        assert_eq!(j.last_error.as_deref(), Some("login refused: <redacted>"));
+        assert_eq!(
+            detail_of(&j).last_error.as_deref(),
+            Some("login refused: <redacted>")
+        );
+        assert_eq!(
+            stored(&j, "login refused: <redacted>"),
+            "login refused: <red<redacted>>"
+        );
+    }
+
+    #[test]
+    fn acks_in_the_outbox_show_their_wire_operator() {
+        let entry = OutboxEntry {
+            seq: 1,
+            message_id: "MID:1".into(),
+            job: Some(1),
+            message: Outgoing::Ack(fwagent_state::Ack {
+                operator: "setCloudUpgradeConfig".into(),
+                session_id: "SID:1".into(),
+                message_id: "MID:1".into(),
+                result: Outcome::ok(),
+            }),
+        };
+        let view = OutboxView::of(&entry, None);
+        assert_eq!(view.operator, "setCloudUpgradeConfig-Ack");
+        assert_eq!(view.result, Some(Outcome::ok()));
     }
 
     #[test]

@@ -14,7 +14,7 @@
 //!   reboot [`CheckBoot`] finds out which slot runs, runs the health check and
 //!   commits, or reports the roll-back.
 //! - `--flash command:CMD` runs an installer (`rauc install {image}`) with a
-//!   deadline; exit 0 is success ([`exec`]).
+//!   deadline; exit 0 is success ([`crate::exec`]).
 //!
 //! Flashing is repeatable: after a crash the image is written (`file:`), the
 //! switch made (`ab:`) or the installer run again. The actor runs on its own thread, so long writes and
@@ -25,14 +25,13 @@
 //! `before-reboot`, `before-commit-rename`, `after-boot-commit`.
 
 pub mod ab;
-pub mod exec;
 
 use super::verify::{hex_digest, read_back_differs, IO_BUF};
 use super::JobEvent;
 use crate::crash;
+use crate::exec::{run_shell, shell_quote};
 use ab::{BootControl, Slot, Slots, Trial, Verdict};
 use actix::prelude::*;
-use exec::{run_shell, shell_quote};
 use fwagent_state::{result_no, Event, Failure, Firmware, JobId};
 use md5::{Digest, Md5};
 use std::fmt;

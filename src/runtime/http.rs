@@ -15,6 +15,7 @@
 //! description in rustls' words (`invalid peer certificate: UnknownIssuer`).
 
 use super::download::{BoxFuture, FetchJob, Fetcher, Sink};
+use crate::protocol::host_of;
 use crate::tls::TlsError;
 use base64::Engine;
 use bytes::Bytes;
@@ -300,16 +301,6 @@ impl HttpFetcher {
     }
 }
 
-/// A URL's host as `protocol::normalize_host` writes hosts: IPv6 without
-/// brackets, names lowercase (the `url` crate lowercases them).
-fn host_of(url: &url::Url) -> Option<String> {
-    match url.host()? {
-        url::Host::Ipv6(ip) => Some(ip.to_string()),
-        url::Host::Ipv4(ip) => Some(ip.to_string()),
-        url::Host::Domain(d) => Some(d.trim_end_matches('.').to_ascii_lowercase()),
-    }
-}
-
 /// May the fetch follow a redirect from `from` to `to`? Only to http or
 /// https, never from https down to http, and only to the request's own host
 /// (`origin`) or a host in `allow` (normalised hosts, `--redirect-allow`).
@@ -340,7 +331,7 @@ fn check_redirect(
         return Err(transfer(
             format!(
                 "redirect to another host ({}) refused: not in --redirect-allow",
-                host.as_deref().unwrap_or("?")
+                host.as_deref().or(to.host_str()).unwrap_or("?")
             ),
             false,
         ));
