@@ -278,10 +278,7 @@ impl AgentConfig {
                 .unwrap_or(flash_defaults.command_timeout),
             boot_tries: a.boot_tries.unwrap_or(flash_defaults.boot_tries).max(1),
         };
-        // Every trial boot may start the agent once, and the boot of the old
-        // slot after the last try once more; one start to spare for an agent
-        // restart before the reboot. Past that: failed, 51.
-        let boot_checks = flash_options.boot_tries.saturating_add(2);
+        let boot_tries = flash_options.boot_tries;
         Ok(AgentConfig {
             paths: Paths {
                 state_dir: a
@@ -305,7 +302,7 @@ impl AgentConfig {
                     .map(Duration::from_millis)
                     .unwrap_or(defaults.backoff_base),
                 reports: !a.no_reports,
-                boot_checks,
+                boot_tries,
                 ..defaults
             },
             transfer: Transfer {

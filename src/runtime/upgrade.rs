@@ -559,7 +559,6 @@ impl Handler<JobEvent> for Upgrade {
             self.flashing = None;
         }
         let is_checkpoint = matches!(msg.event, Event::Checkpoint { offset, .. } if offset > 0);
-        let is_progress = matches!(msg.event, Event::Progress { .. });
         let t = match transition(&job, msg.event, OffsetDateTime::now_utc(), &self.policy) {
             Ok(t) => t,
             Err(refused) => {
@@ -569,8 +568,7 @@ impl Handler<JobEvent> for Upgrade {
         };
         // A progress figure with no report due is worth no fdatasync: a
         // crash loses only the figure, which the next checkpoint restores.
-        let lazy = is_progress && t.outbox.is_empty() && t.commands.is_empty() && t.log.is_none();
-        let committed = if lazy {
+        let committed = if t.figures_only(&job) {
             self.store.commit_lazily(&job, &t)
         } else {
             self.commit_and_dispatch(t, ctx).map(|_| ())

@@ -38,10 +38,9 @@ pub struct Policy {
     pub verify_attempts: u32,
     /// Starts of flashing allowed (only restarts repeat it).
     pub flash_attempts: u32,
-    /// Boot checks allowed in `awaiting_reboot` before giving up. A start
-    /// that finds the reboot still to come, when the agent does not ask for
-    /// it, is none ([`Event::RebootPending`]).
-    pub boot_checks: u32,
+    /// Trial boots the bootloader gives a new slot (`--boot-tries`); the
+    /// boot checks allowed follow from it ([`Policy::boot_checks`]).
+    pub boot_tries: u32,
     /// First retry delay; doubled on each retry up to `backoff_max`.
     pub backoff_base: Duration,
     pub backoff_max: Duration,
@@ -60,7 +59,7 @@ impl Default for Policy {
             fetch_budget: 3,
             verify_attempts: 3,
             flash_attempts: 3,
-            boot_checks: 3,
+            boot_tries: 1,
             backoff_base: Duration::from_millis(1000),
             backoff_max: Duration::from_secs(30),
             progress_step: 5,
@@ -82,12 +81,22 @@ impl Policy {
             .min(self.backoff_max)
     }
 
+    /// Boot checks allowed in `awaiting_reboot` before giving up (51):
+    /// every trial boot may start the agent once, and the boot of the old
+    /// slot after the last try once more, with one start to spare for an
+    /// agent restart before the reboot. A start that finds the reboot still
+    /// to come, when the agent does not ask for it, is none
+    /// ([`Event::RebootPending`]).
+    pub fn boot_checks(&self) -> u32 {
+        self.boot_tries.saturating_add(2)
+    }
+
     fn max_attempts(&self, phase: Phase) -> u32 {
         match phase {
             Phase::Accepted | Phase::Downloading { .. } => self.download_attempts,
             Phase::Verifying => self.verify_attempts,
             Phase::Flashing => self.flash_attempts,
-            Phase::AwaitingReboot => self.boot_checks,
+            Phase::AwaitingReboot => self.boot_checks(),
             Phase::Completed | Phase::Failed | Phase::Cancelled | Phase::RolledBack => 0,
         }
     }
@@ -235,6 +244,28 @@ pub struct Transition {
     pub commands: Vec<Command>,
     /// An ack to remember under its messageId, so a repeat gets it again.
     pub record_ack: Option<Ack>,
+}
+
+impl Transition {
+    /// `t` only moves the figures of `from` (`bytes_done` between two
+    /// checkpoints, and when), and queues, logs and starts nothing: a crash
+    /// may lose it without harm, so it needs no flush
+    /// ([`crate::Store::commit_lazily`]).
+    pub fn figures_only(&self, from: &Job) -> bool {
+        let quiet = self.log.is_none()
+            && self.outbox.is_empty()
+            && self.commands.is_empty()
+            && self.record_ack.is_none();
+        quiet
+            && self.job.as_ref().is_some_and(|new| {
+                Job {
+                    bytes_done: new.bytes_done,
+                    updated_at: new.updated_at,
+                    last_progress: new.last_progress,
+                    ..from.clone()
+                } == *new
+            })
+    }
 }
 
 /// Why an event does not apply to a job.

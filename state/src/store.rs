@@ -590,27 +590,10 @@ impl Store {
     /// record `t` was computed from (the store's, with one writer), and `t`
     /// may differ from it in the figures only.
     pub fn commit_lazily(&self, from: &Job, t: &Transition) -> Result<(), StoreError> {
-        let refused = || StoreError::Conflict {
-            why: "only a transition that changes a job's figures may skip the flush".into(),
-        };
-        if t.log.is_some()
-            || !t.outbox.is_empty()
-            || !t.commands.is_empty()
-            || t.record_ack.is_some()
-        {
-            return Err(refused());
-        }
-        let Some(new) = &t.job else {
-            return Err(refused());
-        };
-        let figures_only = Job {
-            bytes_done: new.bytes_done,
-            updated_at: new.updated_at,
-            last_progress: new.last_progress,
-            ..from.clone()
-        } == *new;
-        if !figures_only {
-            return Err(refused());
+        if !t.figures_only(from) {
+            return Err(StoreError::Conflict {
+                why: "only a transition that changes a job's figures may skip the flush".into(),
+            });
         }
         self.apply(t).map(|_| ())
     }

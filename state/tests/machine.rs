@@ -298,7 +298,11 @@ fn start_beyond_the_attempt_bound_fails_the_upgrade() {
         ),
         (Phase::Verifying, p.verify_attempts, result_no::TRANSFER),
         (Phase::Flashing, p.flash_attempts, result_no::FLASH_FAILED),
-        (Phase::AwaitingReboot, p.boot_checks, result_no::ROLLED_BACK),
+        (
+            Phase::AwaitingReboot,
+            p.boot_checks(),
+            result_no::ROLLED_BACK,
+        ),
     ] {
         // The last allowed start still runs...
         let t = apply(&at_phase(phase, bound - 1), Event::Start, 0);
@@ -878,7 +882,7 @@ fn a_start_that_finds_the_reboot_still_pending_does_not_count() {
     let p = policy();
     let mut job = at_phase(Phase::AwaitingReboot, 0);
     // Far more agent starts than boot checks, each finding no reboot yet.
-    for i in 0..(p.boot_checks * 4) {
+    for i in 0..(p.boot_checks() * 4) {
         let t = apply(&job, Event::Start, i64::from(i));
         assert_eq!(t.commands, vec![Command::CheckBoot { job: 1 }]);
         job = t.job.expect("job");
@@ -896,7 +900,7 @@ fn a_start_that_finds_the_reboot_still_pending_does_not_count() {
         assert_eq!(job.attempts, 0);
     }
     // Checks that do not end still count: the bound holds.
-    for _ in 0..p.boot_checks {
+    for _ in 0..p.boot_checks() {
         job = apply(&job, Event::Start, 100).job.expect("job");
     }
     let t = apply(&job, Event::Start, 101);

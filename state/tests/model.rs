@@ -273,7 +273,7 @@ impl Model {
                     }
                     PhaseName::Verifying => (p.verify_attempts, result_no::TRANSFER),
                     PhaseName::Flashing => (p.flash_attempts, result_no::FLASH_FAILED),
-                    _ => (p.boot_checks, result_no::ROLLED_BACK),
+                    _ => (p.boot_checks(), result_no::ROLLED_BACK),
                 };
                 if self.jobs[i].attempts >= max {
                     self.finish(i, PhaseName::Failed, error_no);
