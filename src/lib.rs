@@ -3,7 +3,8 @@
 //! The decisions live in the `fwagent-state` crate; this crate parses the wire
 //! protocol ([`protocol`]), runs the actors that download, verify and flash
 //! ([`runtime`]), talks to the cloud over a transport, and serves the command
-//! line ([`cli`]). [`tls`] loads the CA and client certificates that MQTT over
+//! line ([`cli`]) and the control socket ([`control`]), both with the JSON
+//! views of [`views`]. [`tls`] loads the CA and client certificates that MQTT over
 //! TLS and https downloads trust and present.
 
 pub mod cli;
@@ -14,3 +15,4 @@ pub mod logging;
 pub mod protocol;
 pub mod runtime;
 pub mod tls;
+pub mod views;
