@@ -349,29 +349,10 @@ pub async fn answer(line: &[u8], peers: &Peers) -> Value {
         Request::Submit {
             request,
             request_base64,
-        } => {
-            let bytes = match (request, request_base64) {
-                (Some(text), None) => text.into_bytes(),
-                (None, Some(b64)) => {
-                    match base64::engine::general_purpose::STANDARD.decode(b64.trim()) {
-                        Ok(b) => b,
-                        Err(e) => {
-                            return fail(
-                                ErrorCode::BadRequest,
-                                format!("requestBase64 is not base64: {e}"),
-                            )
-                        }
-                    }
-                }
-                (None, None) | (Some(_), Some(_)) => {
-                    return fail(
-                        ErrorCode::BadRequest,
-                        "submit needs exactly one of request and requestBase64",
-                    )
-                }
-            };
-            submit(bytes, peers).await
-        }
+        } => match submitted_bytes(request, request_base64) {
+            Ok(bytes) => submit(bytes, peers).await,
+            Err(why) => fail(ErrorCode::BadRequest, why),
+        },
         Request::Cancel { message_id } => {
             match peers.cancel.send(CancelRequest { message_id }).await {
                 Ok(Ok(job)) => match to_value("job", views::JobView::of(&job)) {
@@ -396,6 +377,22 @@ fn not_found_if_null(response: Value, message_id: &str) -> Value {
         );
     }
     response
+}
+
+/// The request bytes of a `submit`: its text, or its base64 decoded.
+fn submitted_bytes(
+    request: Option<String>,
+    request_base64: Option<String>,
+) -> Result<Vec<u8>, String> {
+    match (request, request_base64) {
+        (Some(text), None) => Ok(text.into_bytes()),
+        (None, Some(b64)) => base64::engine::general_purpose::STANDARD
+            .decode(b64.trim())
+            .map_err(|e| format!("requestBase64 is not base64: {e}")),
+        (None, None) | (Some(_), Some(_)) => {
+            Err("submit needs exactly one of request and requestBase64".into())
+        }
+    }
 }
 
 async fn submit(bytes: Vec<u8>, peers: &Peers) -> Value {
