@@ -7,22 +7,24 @@
 //! per line, as many as the client likes on one connection; docs/CONTROL.md
 //! is the reference. Queries run as [`ReadStore`] closures inside the Upgrade
 //! actor (the store's only owner) and answer with the views of
-//! [`crate::cli::view`], which never carry a credential or a `passPort`;
-//! `submit` hands the request to the Upgrade actor exactly as a transport
-//! does and answers with the ack as the transport would send it; `cancel` is
-//! a [`CancelRequest`]. [`Client`] is the blocking client the CLI uses.
+//! [`crate::views`], which never carry a credential or a `passPort`;
+//! `submit` hands the request to the [`Inbox`] exactly as a transport does
+//! (parsed there, then passed on typed) and answers with the ack as the
+//! transport would send it; `cancel` is a [`CancelRequest`]. [`Client`] is
+//! the blocking client the CLI uses.
 //!
 //! The socket is bound only after the agent has opened (and so locked) the
 //! store, so a socket file left behind by a dead agent is stale by
 //! definition and is replaced; when the agent stops, the file is removed if
 //! it is still the one this agent bound.
 
-use crate::cli::view;
 use crate::protocol;
+use crate::runtime::messaging::Inbox;
 use crate::runtime::upgrade::{CancelRequest, ReadStore, Upgrade};
-use crate::runtime::IncomingRequest;
+use crate::views;
 use actix::prelude::*;
 use base64::Engine as _;
+use fwagent_state::StoreError;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Read as _, Write};
@@ -110,23 +112,33 @@ fn fail(code: ErrorCode, error: impl Into<String>) -> Value {
     json!({"ok": false, "code": code, "error": error.into()})
 }
 
+/// Why a read on the store gave no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum AnswerError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot encode the answer: {0}")]
+    Encode(#[from] serde_json::Error),
+}
+
 /// A read on the store, run inside the Upgrade actor: the answer's payload,
-/// or the store's error.
-pub type Answer = Result<Value, String>;
+/// or why there is none.
+pub type Answer = Result<Value, AnswerError>;
 
 /// The agent's actors the socket talks to.
 #[derive(Clone)]
 pub struct Peers {
     pub read: Recipient<ReadStore<Answer>>,
-    pub submit: Recipient<IncomingRequest>,
+    /// `submit`: parsed as a transport's requests are, then to the Upgrade actor.
+    pub submit: Inbox,
     pub cancel: Recipient<CancelRequest>,
 }
 
-impl From<Addr<Upgrade>> for Peers {
-    fn from(upgrade: Addr<Upgrade>) -> Self {
+impl Peers {
+    pub fn new(upgrade: Addr<Upgrade>, submit: Inbox) -> Peers {
         Peers {
             read: upgrade.clone().recipient(),
-            submit: upgrade.clone().recipient(),
+            submit,
             cancel: upgrade.recipient(),
         }
     }
@@ -134,8 +146,7 @@ impl From<Addr<Upgrade>> for Peers {
 
 /// Bind the control socket at `path` and serve it on the current arbiter.
 /// A failure is logged, not fatal: the agent's work goes on without it.
-pub fn serve(path: PathBuf, peers: impl Into<Peers>) {
-    let peers = peers.into();
+pub fn serve(path: PathBuf, peers: Peers) {
     match bind(&path) {
         Ok((listener, guard)) => {
             tracing::info!(socket = %path.display(), "control socket listening");
@@ -295,8 +306,7 @@ where
 }
 
 fn to_value<T: Serialize>(key: &str, value: T) -> Answer {
-    let v = serde_json::to_value(value).map_err(|e| format!("cannot encode the answer: {e}"))?;
-    Ok(json!({ key: v }))
+    Ok(json!({ key: serde_json::to_value(value)? }))
 }
 
 /// The response to one request line.
@@ -313,39 +323,25 @@ pub async fn answer(line: &[u8], peers: &Peers) -> Value {
             "pid": std::process::id(),
         })),
         Request::Status { message_id: None } => {
-            read(peers, |s| {
-                view::latest(s)
-                    .map_err(|e| e.to_string())
-                    .and_then(|v| to_value("job", v))
-            })
-            .await
+            read(peers, |s| to_value("job", views::latest(s)?)).await
         }
         Request::Status {
             message_id: Some(mid),
         } => {
             let missing = mid.clone();
             let r = read(peers, move |s| {
-                view::by_message_id(s, &mid)
-                    .map_err(|e| e.to_string())
-                    .and_then(|v| to_value("job", v))
+                to_value("job", views::by_message_id(s, &mid)?)
             })
             .await;
             not_found_if_null(r, &missing)
         }
         Request::History { limit } => {
-            read(peers, move |s| {
-                view::history(s, limit)
-                    .map_err(|e| e.to_string())
-                    .and_then(|v| to_value("jobs", v))
-            })
-            .await
+            read(peers, move |s| to_value("jobs", views::history(s, limit)?)).await
         }
         Request::Show { message_id } => {
             let missing = message_id.clone();
             let r = read(peers, move |s| {
-                view::detail(s, &message_id)
-                    .map_err(|e| e.to_string())
-                    .and_then(|v| to_value("job", v))
+                to_value("job", views::detail(s, &message_id)?)
             })
             .await;
             not_found_if_null(r, &missing)
@@ -353,36 +349,17 @@ pub async fn answer(line: &[u8], peers: &Peers) -> Value {
         Request::Submit {
             request,
             request_base64,
-        } => {
-            let bytes = match (request, request_base64) {
-                (Some(text), None) => text.into_bytes(),
-                (None, Some(b64)) => {
-                    match base64::engine::general_purpose::STANDARD.decode(b64.trim()) {
-                        Ok(b) => b,
-                        Err(e) => {
-                            return fail(
-                                ErrorCode::BadRequest,
-                                format!("requestBase64 is not base64: {e}"),
-                            )
-                        }
-                    }
-                }
-                (None, None) | (Some(_), Some(_)) => {
-                    return fail(
-                        ErrorCode::BadRequest,
-                        "submit needs exactly one of request and requestBase64",
-                    )
-                }
-            };
-            submit(bytes, peers).await
-        }
+        } => match submitted_bytes(request, request_base64) {
+            Ok(bytes) => submit(bytes, peers).await,
+            Err(why) => fail(ErrorCode::BadRequest, why),
+        },
         Request::Cancel { message_id } => {
             match peers.cancel.send(CancelRequest { message_id }).await {
-                Ok(Ok(job)) => match to_value("job", view::JobView::of(&job)) {
+                Ok(Ok(job)) => match to_value("job", views::JobView::of(&job)) {
                     Ok(v) => ok(v),
-                    Err(e) => fail(ErrorCode::Unavailable, e),
+                    Err(e) => fail(ErrorCode::Unavailable, e.to_string()),
                 },
-                Ok(Err(why)) => fail(ErrorCode::Refused, why),
+                Ok(Err(why)) => fail(ErrorCode::Refused, why.to_string()),
                 Err(e) => fail(
                     ErrorCode::Unavailable,
                     format!("the agent is not answering: {e}"),
@@ -402,16 +379,31 @@ fn not_found_if_null(response: Value, message_id: &str) -> Value {
     response
 }
 
+/// The request bytes of a `submit`: its text, or its base64 decoded.
+fn submitted_bytes(
+    request: Option<String>,
+    request_base64: Option<String>,
+) -> Result<Vec<u8>, String> {
+    match (request, request_base64) {
+        (Some(text), None) => Ok(text.into_bytes()),
+        (None, Some(b64)) => base64::engine::general_purpose::STANDARD
+            .decode(b64.trim())
+            .map_err(|e| format!("requestBase64 is not base64: {e}")),
+        (None, None) | (Some(_), Some(_)) => {
+            Err("submit needs exactly one of request and requestBase64".into())
+        }
+    }
+}
+
 async fn submit(bytes: Vec<u8>, peers: &Peers) -> Value {
+    let Some(incoming) = peers.submit.parse(bytes).await else {
+        return fail(
+            ErrorCode::Unavailable,
+            "the agent gave no ack for the request",
+        );
+    };
     let (tx, rx) = tokio::sync::oneshot::channel();
-    if let Err(e) = peers
-        .submit
-        .send(IncomingRequest {
-            bytes,
-            reply: Some(tx),
-        })
-        .await
-    {
+    if let Err(e) = peers.submit.hand_on(incoming, tx).await {
         return fail(
             ErrorCode::Unavailable,
             format!("the agent is not answering: {e}"),

@@ -18,10 +18,11 @@
 //! not complete; 2 usage (clap), or `submit` could not read its file; 3 no
 //! state directory, the store cannot be opened, or the agent cannot be reached.
 
-use super::view::{self, DetailView, JobView, Paint};
+use super::view::{self, Paint};
 use super::{exit, CancelArgs, HistoryArgs, ShowArgs, StateArgs, SubmitArgs};
 use crate::control::{Client, ClientError, ErrorCode, Refusal, Request};
 use crate::runtime::Paths;
+use crate::views::{self, DetailView, JobView};
 use base64::Engine as _;
 use fwagent_state::{PhaseName, Store};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -212,7 +213,7 @@ impl Source {
                 "job",
             ),
             Source::Offline { store: None, .. } => Ok(None),
-            Source::Offline { store: Some(s), .. } => view::latest(s).map_err(store_failed),
+            Source::Offline { store: Some(s), .. } => views::latest(s).map_err(store_failed),
         }
     }
 
@@ -222,7 +223,9 @@ impl Source {
                 field(call_ok(client, &Request::History { limit })?, "jobs")
             }
             Source::Offline { store: None, .. } => Ok(Vec::new()),
-            Source::Offline { store: Some(s), .. } => view::history(s, limit).map_err(store_failed),
+            Source::Offline { store: Some(s), .. } => {
+                views::history(s, limit).map_err(store_failed)
+            }
         }
     }
 
@@ -246,7 +249,7 @@ impl Source {
             }
             Source::Offline { store: None, .. } => Ok(None),
             Source::Offline { store: Some(s), .. } => {
-                view::detail(s, message_id).map_err(store_failed)
+                views::detail(s, message_id).map_err(store_failed)
             }
         }
     }
@@ -375,7 +378,7 @@ pub fn watch(a: StateArgs) -> ExitCode {
 /// The phases `watch` stops at: terminal, or waiting for a reboot that no
 /// amount of watching brings.
 fn settled(phase: PhaseName) -> bool {
-    view::is_terminal(phase) || phase == PhaseName::AwaitingReboot
+    phase.is_terminal() || phase == PhaseName::AwaitingReboot
 }
 
 fn watch_(a: &StateArgs) -> Result<u8, Failure> {
@@ -497,7 +500,7 @@ fn ended_offline(
     else {
         return None;
     };
-    let detail = view::detail(&store, message_id).ok().flatten()?;
+    let detail = views::detail(&store, message_id).ok().flatten()?;
     settled(detail.job.phase).then(|| (detail.job.clone(), Some(detail)))
 }
 

@@ -7,8 +7,9 @@ use crate::runtime::download::{Download, Fetchers};
 use crate::runtime::flash::{Flash, FlashOptions, FlashSpec};
 use crate::runtime::ftp::FtpFetcher;
 use crate::runtime::http::HttpFetcher;
-use crate::runtime::messaging::{Messaging, Stdio, Transport};
-use crate::runtime::mqtt::{Mqtt, MqttArgs, MqttSettings};
+use crate::runtime::messaging::mqtt::{Mqtt, MqttArgs, MqttSettings};
+use crate::runtime::messaging::stdio::Stdio;
+use crate::runtime::messaging::{Inbox, Messaging, Transport};
 use crate::runtime::staging::Staging;
 use crate::runtime::upgrade::{Upgrade, Wire};
 use crate::runtime::verify::Verify;
@@ -397,14 +398,14 @@ fn start(config: AgentConfig, store: Store) -> Result<(), String> {
         ..
     } = config;
     let control_socket = paths.control_socket();
-    let max_request_bytes = parse.max_request_bytes();
     let staging = Staging::new(paths, &flash);
     let upgrade = {
         let staging = staging.clone();
         Upgrade::start_in_arbiter(&Arbiter::new().handle(), move |_| {
-            Upgrade::new(store, policy, staging, parse, transfer, protocols)
+            Upgrade::new(store, policy, staging, transfer, protocols)
         })
     };
+    let inbox = Inbox::new(parse, upgrade.clone().recipient());
     let events = upgrade.clone().recipient();
     let verify = {
         let events = events.clone();
@@ -423,16 +424,15 @@ fn start(config: AgentConfig, store: Store) -> Result<(), String> {
         })
     };
     let transport: Box<dyn Transport> = match transport.as_str() {
-        "stdio" => Box::new(Stdio { max_request_bytes }),
-        "mqtt" => Box::new(Mqtt::new(MqttSettings {
-            max_request_bytes,
-            ..mqtt.ok_or("--transport mqtt without MQTT settings")?
-        })),
+        "stdio" => Box::new(Stdio),
+        "mqtt" => Box::new(Mqtt::new(
+            mqtt.ok_or("--transport mqtt without MQTT settings")?,
+        )),
         other => return Err(format!("unknown transport `{other}`")),
     };
     let messaging = {
         let (inbox, closed, delivered) = (
-            upgrade.clone().recipient(),
+            inbox.clone(),
             upgrade.clone().recipient(),
             upgrade.clone().recipient(),
         );
@@ -451,7 +451,10 @@ fn start(config: AgentConfig, store: Store) -> Result<(), String> {
         check_boot: flash.clone().recipient(),
         flash: flash.recipient(),
     });
-    crate::control::serve(control_socket, upgrade.clone());
+    crate::control::serve(
+        control_socket,
+        crate::control::Peers::new(upgrade.clone(), inbox),
+    );
     let stopper = upgrade.clone();
     actix_rt::spawn(async move {
         use tokio::signal::unix::{signal, SignalKind};

@@ -1,15 +1,16 @@
 //! The agent at run time: actix actors around the `fwagent-state` machine.
 //!
 //! ```text
-//!  transport ─IncomingRequest─▶ Upgrade (store owner) ─Outbound─▶ Messaging ─▶ transport
-//!                                 │  ▲ JobEvent
-//!                                 ├──┼──▶ Download ──Chunk──▶ Verify
-//!                                 └──┴──▶ Flash
+//!  transport ─bytes─▶ Messaging (parses) ─Request─▶ Upgrade (store owner) ─Outbound─▶ Messaging ─▶ transport
+//!                                                    │  ▲ JobEvent
+//!                                                    ├──┼──▶ Download ──Chunk──▶ Verify
+//!                                                    └──┴──▶ Flash
 //! ```
 //!
 //! Each actor runs on an arbiter (thread) of its own, so a slow fsync in one
 //! never stalls another. Only [`upgrade::Upgrade`] writes the store; the
-//! others report what happened as [`JobEvent`]s. Messages are defined here so
+//! others report what happened as [`JobEvent`]s. Messages and the types more
+//! than one actor uses ([`BoxFuture`], [`UNCOMMITTED`]) are defined here, so
 //! that every actor names its peers only as `Recipient<M>`.
 
 pub mod download;
@@ -17,7 +18,6 @@ pub mod flash;
 pub mod ftp;
 pub mod http;
 pub mod messaging;
-pub mod mqtt;
 pub mod staging;
 #[cfg(test)]
 mod stand_in;
@@ -25,15 +25,25 @@ pub mod upgrade;
 pub mod verify;
 
 use actix::prelude::*;
-use fwagent_state::{Ack, Event, JobId};
+use fwagent_state::{Ack, Event, Incoming, JobId};
+use std::future::Future;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::time::Duration;
 
-/// A request as it came off the wire.
-#[derive(Message)]
+/// A boxed future, for the object-safe traits (fetchers, transports).
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Outbox entries sent without a commit (the store itself failed) carry this
+/// sequence number and are never marked delivered.
+pub const UNCOMMITTED: u64 = u64::MAX;
+
+/// A request, parsed at the edge ([`messaging::Inbox`]): valid, or the ack
+/// that refuses it.
+#[derive(Message, Debug)]
 #[rtype(result = "()")]
-pub struct IncomingRequest {
-    pub bytes: Vec<u8>,
+pub struct Request {
+    pub incoming: Incoming,
     /// Told the ack once the decision is committed (control socket `submit`,
     /// MQTT manual acknowledgement).
     pub reply: Option<tokio::sync::oneshot::Sender<Ack>>,

@@ -12,13 +12,12 @@ use super::flash::{BootCheck, CheckBoot, FlashImage, RequestReboot};
 use super::messaging::{Listen, Outbound};
 use super::staging::Staging;
 use super::verify::VerifyMsg;
-use super::{Delivered, IncomingRequest, InputClosed, JobEvent, Shutdown, Transfer};
+use super::{Delivered, InputClosed, JobEvent, Request, Shutdown, Transfer, UNCOMMITTED};
 use crate::crash;
-use crate::protocol::{self, ParseOptions};
 use actix::prelude::*;
 use fwagent_state::{
     ack_no, on_request, transition, Ack, Command, Event, Incoming, Job, JobId, OutboxEntry,
-    Outcome, Outgoing, Phase, Policy, Protocol, Store, StoreError, Transition, OP_UPGRADE,
+    Outcome, Outgoing, Phase, Policy, Protocol, Refused, Store, StoreError, Transition, OP_UPGRADE,
 };
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
@@ -57,22 +56,14 @@ struct Stopping {
     delivering: Option<Instant>,
 }
 
-/// Outbox entries sent without a commit (the store itself failed) carry this
-/// sequence number and are never marked delivered.
-pub const UNCOMMITTED: u64 = u64::MAX;
-
 pub struct Upgrade {
     store: Store,
     policy: Policy,
     staging: Staging,
-    parse: ParseOptions,
     transfer: Transfer,
     protocols: HashSet<Protocol>,
     peers: Option<Wire>,
     input_closed: bool,
-    /// Requests being parsed off the actor (a credentials decoder runs):
-    /// the agent does not exit before they are decided.
-    parsing: u32,
     /// Reboot requests and boot checks the Flash actor has not answered yet:
     /// the agent does not exit before they are done.
     flash_calls: u32,
@@ -95,7 +86,6 @@ impl Upgrade {
         store: Store,
         policy: Policy,
         staging: Staging,
-        parse: ParseOptions,
         transfer: Transfer,
         protocols: HashSet<Protocol>,
     ) -> Self {
@@ -103,12 +93,10 @@ impl Upgrade {
             store,
             policy,
             staging,
-            parse,
             transfer,
             protocols,
             peers: None,
             input_closed: false,
-            parsing: 0,
             flash_calls: 0,
             boot_settled: false,
             halted: false,
@@ -271,7 +259,7 @@ impl Upgrade {
                     let BootCheck { event, reboot } = match answer {
                         Ok(check) => check,
                         Err(e) => {
-                            tracing::error!(upgrade = id, error = %e, "the flash actor did not answer the boot check");
+                            tracing::error!(job = id, error = %e, "the flash actor did not answer the boot check");
                             BootCheck { event: None, reboot: false }
                         }
                     };
@@ -315,7 +303,7 @@ impl Upgrade {
         let request = peers.reboot.send(RequestReboot { job: id, md5 });
         ctx.spawn(request.into_actor(self).map(move |answer, act, ctx| {
             let booted = answer.unwrap_or_else(|e| {
-                tracing::error!(upgrade = id, error = %e, "the flash actor did not answer the reboot request");
+                tracing::error!(job = id, error = %e, "the flash actor did not answer the reboot request");
                 false
             });
             act.flash_calls -= 1;
@@ -330,7 +318,7 @@ impl Upgrade {
 
     /// With stdin closed: stop once nothing is under way and the outbox is empty.
     fn maybe_exit(&mut self) {
-        if self.halted || !self.input_closed || self.flash_calls > 0 || self.parsing > 0 {
+        if self.halted || !self.input_closed || self.flash_calls > 0 {
             return;
         }
         let idle = match self.store.active() {
@@ -435,10 +423,11 @@ impl Handler<Wire> for Upgrade {
     }
 }
 
-impl Handler<IncomingRequest> for Upgrade {
+impl Handler<Request> for Upgrade {
     type Result = ();
 
-    fn handle(&mut self, msg: IncomingRequest, ctx: &mut Context<Self>) {
+    /// A request, parsed by Messaging (or the control socket's `submit`).
+    fn handle(&mut self, msg: Request, ctx: &mut Context<Self>) {
         if self.halted {
             return;
         }
@@ -449,30 +438,7 @@ impl Handler<IncomingRequest> for Upgrade {
             return;
         }
         crash::point("before-request-commit");
-        if self.parse.credentials_decoder.is_some() {
-            // The decoder is an external command (up to 5 s per credential):
-            // parse on a blocking thread, so checkpoints, deliveries and the
-            // control socket go on meanwhile; the decision is still taken
-            // (and committed) here, in the actor.
-            let parse = self.parse.clone();
-            let IncomingRequest { bytes, reply } = msg;
-            let parsed =
-                tokio::task::spawn_blocking(move || protocol::parse_request(&bytes, &parse));
-            self.parsing += 1;
-            ctx.spawn(parsed.into_actor(self).map(move |parsed, act, ctx| {
-                act.parsing -= 1;
-                match parsed {
-                    Ok(incoming) => act.decide(incoming, reply, ctx),
-                    Err(e) => {
-                        tracing::error!(error = %e, "the request parser failed; request dropped");
-                        act.maybe_exit();
-                    }
-                }
-            }));
-            return;
-        }
-        let incoming = protocol::parse_request(&msg.bytes, &self.parse);
-        self.decide(incoming, msg.reply, ctx);
+        self.decide(msg.incoming, msg.reply, ctx);
     }
 }
 
@@ -658,34 +624,55 @@ impl<R: Send + 'static> Handler<ReadStore<R>> for Upgrade {
 /// Cancel an upgrade (the active one when `message_id` is `None`). Answers
 /// the job as cancelled, or why it cannot be.
 #[derive(Message, Debug)]
-#[rtype(result = "Result<Job, String>")]
+#[rtype(result = "Result<Job, CancelError>")]
 pub struct CancelRequest {
     pub message_id: Option<String>,
 }
 
+/// Why a [`CancelRequest`] was not carried out.
+#[derive(Debug, thiserror::Error)]
+pub enum CancelError {
+    #[error("the agent is stopping: its store could not be made durable")]
+    Halted,
+    #[error("no upgrade with messageId {0}")]
+    NotFound(String),
+    #[error("no upgrade is active")]
+    NoneActive,
+    /// The state machine refuses it (flashing has begun, already ended).
+    #[error(transparent)]
+    Refused(#[from] Refused),
+    #[error("the cancel produced no record")]
+    NoRecord,
+    #[error("the state store failed: {0}")]
+    Store(#[source] StoreError),
+    /// The commit failed after it was applied: the agent stops.
+    #[error("the state store failed: {0}; the agent stops, and its next start resumes from what is durable")]
+    StoreFatal(#[source] StoreError),
+}
+
 impl Handler<CancelRequest> for Upgrade {
-    type Result = Result<Job, String>;
+    type Result = Result<Job, CancelError>;
 
     fn handle(&mut self, msg: CancelRequest, ctx: &mut Context<Self>) -> Self::Result {
         if self.halted {
-            return Err("the agent is stopping: its store could not be made durable".into());
+            return Err(CancelError::Halted);
         }
         let job = match &msg.message_id {
             Some(mid) => self.store.job_by_message_id(mid),
             None => self.store.active(),
         }
-        .map_err(|e| format!("the state store failed: {e}"))?;
-        let job = job.ok_or_else(|| match &msg.message_id {
-            Some(mid) => format!("no upgrade with messageId {mid}"),
-            None => "no upgrade is active".to_string(),
+        .map_err(CancelError::Store)?;
+        let job = job.ok_or_else(|| match msg.message_id {
+            Some(mid) => CancelError::NotFound(mid),
+            None => CancelError::NoneActive,
         })?;
-        let t = transition(&job, Event::Cancel, OffsetDateTime::now_utc(), &self.policy)
-            .map_err(|refused| refused.to_string())?;
-        let cancelled = t.job.clone().ok_or("the cancel produced no record")?;
-        self.commit_and_dispatch(t, ctx).map_err(|e| match e.is_fatal() {
-            true => format!("the state store failed: {e}; the agent stops, and its next start resumes from what is durable"),
-            false => format!("the state store failed: {e}"),
-        })?;
+        let t = transition(&job, Event::Cancel, OffsetDateTime::now_utc(), &self.policy)?;
+        let cancelled = t.job.clone().ok_or(CancelError::NoRecord)?;
+        self.commit_and_dispatch(t, ctx)
+            .map_err(|e| match e.is_fatal() {
+                true => CancelError::StoreFatal(e),
+                false => CancelError::Store(e),
+            })?;
         Ok(cancelled)
     }
 }

@@ -272,6 +272,21 @@ impl PhaseName {
             PhaseName::RolledBack => "rolled_back",
         }
     }
+
+    /// One of the four terminal phases ([`Phase::is_terminal`] asks this).
+    pub fn is_terminal(self) -> bool {
+        match self {
+            PhaseName::Accepted
+            | PhaseName::Downloading
+            | PhaseName::Verifying
+            | PhaseName::Flashing
+            | PhaseName::AwaitingReboot => false,
+            PhaseName::Completed
+            | PhaseName::Failed
+            | PhaseName::Cancelled
+            | PhaseName::RolledBack => true,
+        }
+    }
 }
 
 impl fmt::Display for PhaseName {
@@ -296,14 +311,7 @@ impl Phase {
     }
 
     pub fn is_terminal(self) -> bool {
-        match self {
-            Phase::Accepted
-            | Phase::Downloading { .. }
-            | Phase::Verifying
-            | Phase::Flashing
-            | Phase::AwaitingReboot => false,
-            Phase::Completed | Phase::Failed | Phase::Cancelled | Phase::RolledBack => true,
-        }
+        self.name().is_terminal()
     }
 }
 

@@ -14,20 +14,16 @@ pub use sink::Sink;
 
 use super::staging::Staging;
 use super::verify::VerifyMsg;
+pub use super::BoxFuture;
 use super::{JobEvent, Transfer};
 use crate::crash;
 use actix::prelude::*;
 use disk::Gate;
 use fwagent_state::{result_no, Event, Failure, Firmware, JobId, Protocol, Redactor, Source};
 use std::collections::HashMap;
-use std::future::Future;
 use std::io;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
-
-/// A boxed future, for the object-safe fetcher trait.
-pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// What a fetcher needs to know.
 #[derive(Clone, Debug)]

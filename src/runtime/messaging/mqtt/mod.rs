@@ -1,0 +1,290 @@
+//! The MQTT transport (rumqttc, MQTT 3.1.1): requests in on the request
+//! topic, acks and reports out on the response topic, a retained status topic.
+//!
+//! The guarantees, each with the mechanism behind it:
+//!
+//! - **Persistent session.** The client id is the device id and the session
+//!   is not clean, so the broker keeps the subscription and queues requests
+//!   (QoS 1) while the gateway is down or rebooting.
+//! - **A request is acknowledged to the broker only after its decision is
+//!   committed.** Acks are manual: each request goes to the Upgrade actor with
+//!   a `reply` channel that fires after the commit, and only then is the
+//!   PUBACK sent (in the order the requests came). A crash before the commit
+//!   leaves the PUBLISH unacknowledged, so the broker delivers it again and the
+//!   messageId dedupe keeps it to one upgrade. An ack is never sent on a later
+//!   connection than the one the request came on: after a reconnect the broker
+//!   redelivers it, and the (deduplicated) redelivery is acknowledged instead.
+//! - **An outbox entry is delivered only on its PUBACK.** [`Transport::send`]
+//!   publishes with QoS 1 and completes when the broker's PUBACK for that
+//!   packet id arrives. One publish is in flight at a time, so order is kept.
+//!   After a reconnect rumqttc sends its unacknowledged publish again when the
+//!   broker kept the session; when the broker lost it (rumqttc then drops its
+//!   pending publishes), the in-flight message is published again here. A
+//!   message may thus reach the cloud twice, with the same messageId, never
+//!   zero times, and never out of order.
+//! - **Reconnects with backoff** (250 ms doubling to 30 s) while upgrades go
+//!   on; replies wait in the store's outbox meanwhile.
+//! - **Status.** `online` (retained, QoS 1) after every connect; `offline`
+//!   (retained, QoS 1) as the last will. The agent never sends DISCONNECT, so
+//!   the broker publishes the will whenever the agent goes away, on a crash and
+//!   on a clean stop alike.
+//!
+//! Payloads on the request topic go to the [`Inbox`]'s parser as they are,
+//! in the order they came (cut at `--max-request-bytes` + 1 bytes, so a
+//! larger one is refused as too large): a malformed one gets the ack
+//! PROTOCOL.md gives it. A payload of
+//! only white space (an empty one clears a retained message) is ignored, as a
+//! blank line is on stdin. Packets larger than [`MAX_INCOMING_PACKET`] break
+//! the connection (rumqttc cannot skip them); cap the broker's
+//! `message_size_limit` below that.
+//!
+//! Credentials from the URL never reach a log or an error message: the URL's
+//! `Display` and `Debug` leave the user info out.
+//!
+//! Concurrency: the connection task (which polls rumqttc's event loop, here)
+//! and [`Transport::send`] share one small state under a mutex
+//! ([`session`]) and run on the same arbiter thread (the Messaging actor's),
+//! so a reconnect's cleanup inside rumqttc and the bookkeeping never
+//! interleave with a submission. The settings are checked in [`config`].
+
+mod config;
+mod session;
+
+pub use config::{
+    BrokerUrl, MqttArgs, MqttConfigError, MqttSettings, DEFAULT_REQUEST_TOPIC,
+    DEFAULT_RESPONSE_TOPIC, DEFAULT_STATUS_TOPIC, MAX_INCOMING_PACKET,
+};
+
+use super::{Inbox, Raw, Transport, TransportError};
+use crate::runtime::{BoxFuture, InputClosed};
+use actix::Recipient;
+use config::REQUEST_CHANNEL;
+use fwagent_state::{Ack, OutboxEntry};
+use rumqttc::{
+    AsyncClient, ConnectionError, Event, EventLoop, NetworkOptions, Outgoing, Packet, Publish, QoS,
+    SubscribeReasonCode,
+};
+use session::{lock, Publication, Shared};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+
+/// The retained status payloads.
+pub const STATUS_ONLINE: &str = "online";
+pub const STATUS_OFFLINE: &str = "offline";
+
+const BACKOFF_MIN: Duration = Duration::from_millis(250);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+// ------------------------------------------------------------------ transport
+
+/// The MQTT transport. Build it with [`Mqtt::new`]; the Messaging actor calls
+/// [`Transport::start`] once and then [`Transport::send`] for each entry.
+pub struct Mqtt {
+    settings: Arc<MqttSettings>,
+    shared: Arc<Mutex<Shared>>,
+    events: Option<EventLoop>,
+}
+
+impl Mqtt {
+    pub fn new(settings: MqttSettings) -> Mqtt {
+        let (client, mut events) = AsyncClient::new(settings.options(), REQUEST_CHANNEL);
+        let mut net = NetworkOptions::new();
+        net.set_tcp_nodelay(true);
+        net.set_connection_timeout(settings.connect_timeout.as_secs().max(1));
+        events.set_network_options(net);
+        Mqtt {
+            settings: Arc::new(settings),
+            shared: Arc::new(Mutex::new(Shared::new(client))),
+            events: Some(events),
+        }
+    }
+}
+
+/// A request handed to the Upgrade actor, waiting for its committed decision.
+struct PendingAck {
+    publish: Publish,
+    connection: u64,
+    reply: oneshot::Receiver<Ack>,
+}
+
+/// What the connection task does after an event.
+enum Next {
+    Poll,
+    Wait(Duration),
+}
+
+/// The connection task's own state.
+struct Connection {
+    settings: Arc<MqttSettings>,
+    shared: Arc<Mutex<Shared>>,
+    /// Raw requests, in order, to the [`Inbox`]'s parser.
+    requests: mpsc::UnboundedSender<Raw>,
+    /// The cut for a request's payload (`--max-request-bytes`).
+    max_request_bytes: usize,
+    acks: mpsc::UnboundedSender<PendingAck>,
+    backoff: Duration,
+    failures: u32,
+}
+
+impl Connection {
+    async fn run(mut self, mut events: EventLoop) {
+        tracing::info!(broker = %self.settings.url, client_id = %self.settings.client_id, request_topic = %self.settings.request_topic, "connecting to the MQTT broker");
+        loop {
+            let event = events.poll().await;
+            match self.on_event(event) {
+                Next::Poll => {}
+                Next::Wait(d) => tokio::time::sleep(d).await,
+            }
+        }
+    }
+
+    fn on_event(&mut self, event: Result<Event, ConnectionError>) -> Next {
+        let mut s = lock(&self.shared);
+        match event {
+            Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                self.backoff = BACKOFF_MIN;
+                self.failures = 0;
+                tracing::info!(broker = %self.settings.url, session_present = ack.session_present, "connected to the MQTT broker");
+                s.connected(ack.session_present);
+                // The subscription goes before the status, so a client that
+                // sees `online` knows requests are being listened to.
+                if let Err(e) = s
+                    .client
+                    .try_subscribe(self.settings.request_topic.clone(), QoS::AtLeastOnce)
+                {
+                    tracing::error!(error = %e, "cannot queue the subscription");
+                }
+                s.queue_status(&self.settings.status_topic);
+                s.pump();
+            }
+            Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                if ack
+                    .return_codes
+                    .iter()
+                    .any(|c| matches!(c, SubscribeReasonCode::Failure))
+                {
+                    tracing::error!(topic = %self.settings.request_topic, "the broker refused the subscription to the request topic");
+                } else {
+                    tracing::debug!(topic = %self.settings.request_topic, "subscribed");
+                }
+            }
+            Ok(Event::Outgoing(Outgoing::Publish(pkid))) if pkid != 0 => s.written(pkid),
+            Ok(Event::Incoming(Packet::PubAck(ack))) => s.acknowledged(ack.pkid),
+            Ok(Event::Incoming(Packet::Publish(p))) => {
+                let connection = s.connections;
+                self.on_request(&s, p, connection);
+                s.pump();
+            }
+            Ok(_) => s.pump(),
+            Err(e) => {
+                if s.lost() {
+                    tracing::warn!(broker = %self.settings.url, error = %e, "lost the MQTT connection; reconnecting");
+                } else {
+                    self.failures += 1;
+                    let level_warn = self.failures == 1 || self.failures.is_power_of_two();
+                    if level_warn {
+                        tracing::warn!(broker = %self.settings.url, error = %e, failures = self.failures, retry_in_ms = self.backoff.as_millis() as u64, "cannot connect to the MQTT broker");
+                    } else {
+                        tracing::debug!(broker = %self.settings.url, error = %e, failures = self.failures, "cannot connect to the MQTT broker");
+                    }
+                }
+                let wait = self.backoff;
+                self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+                return Next::Wait(wait);
+            }
+        }
+        Next::Poll
+    }
+
+    /// A PUBLISH from the broker: a request to decide, or something to
+    /// acknowledge and drop.
+    fn on_request(&self, s: &Shared, p: Publish, connection: u64) {
+        if p.topic != self.settings.request_topic {
+            tracing::warn!(topic = %p.topic, "message on an unexpected topic; ignored");
+            let _ = s.ack(&p, connection);
+            return;
+        }
+        if p.payload.iter().all(u8::is_ascii_whitespace) {
+            tracing::debug!(pkid = p.pkid, "empty request payload; ignored");
+            let _ = s.ack(&p, connection);
+            return;
+        }
+        let keep = p.payload.len().min(self.max_request_bytes + 1);
+        let bytes = p.payload[..keep].to_vec();
+        tracing::debug!(
+            pkid = p.pkid,
+            dup = p.dup,
+            bytes = p.payload.len(),
+            "request received"
+        );
+        let (reply, rx) = oneshot::channel();
+        let _ = self.requests.send(Raw { bytes, reply });
+        let _ = self.acks.send(PendingAck {
+            publish: p,
+            connection,
+            reply: rx,
+        });
+    }
+}
+
+/// Acknowledge requests to the broker in the order they came, each once its
+/// decision is committed.
+async fn acknowledge(shared: Arc<Mutex<Shared>>, mut pending: mpsc::UnboundedReceiver<PendingAck>) {
+    while let Some(p) = pending.recv().await {
+        match p.reply.await {
+            Ok(ack) => {
+                tracing::debug!(upgrade = %ack.message_id, error_no = ack.result.error_no, pkid = p.publish.pkid, "decision committed; acknowledging the request");
+                let _ = lock(&shared).ack(&p.publish, p.connection);
+            }
+            Err(_) => {
+                tracing::warn!(pkid = p.publish.pkid, "request dropped without a decision; left unacknowledged for the broker to deliver again");
+            }
+        }
+    }
+}
+
+impl Transport for Mqtt {
+    fn start(&mut self, inbox: Inbox, _closed: Recipient<InputClosed>) {
+        let Some(events) = self.events.take() else {
+            tracing::error!("the MQTT transport was started twice; ignored");
+            return;
+        };
+        let (acks, pending) = mpsc::unbounded_channel();
+        actix_rt::spawn(acknowledge(self.shared.clone(), pending));
+        let connection = Connection {
+            settings: self.settings.clone(),
+            shared: self.shared.clone(),
+            max_request_bytes: inbox.max_request_bytes(),
+            requests: inbox.in_order(),
+            acks,
+            backoff: BACKOFF_MIN,
+            failures: 0,
+        };
+        actix_rt::spawn(connection.run(events));
+    }
+
+    fn send<'a>(
+        &'a mut self,
+        entry: &'a OutboxEntry,
+        json: String,
+    ) -> BoxFuture<'a, Result<(), TransportError>> {
+        Box::pin(async move {
+            let (done, delivered) = oneshot::channel();
+            {
+                let mut s = lock(&self.shared);
+                s.queue.push_back(Publication {
+                    topic: self.settings.response_topic.clone(),
+                    payload: json.into_bytes(),
+                    retain: false,
+                    done: Some(done),
+                    seq: Some(entry.seq),
+                });
+                s.pump();
+            }
+            delivered
+                .await
+                .map_err(|_| TransportError::ConnectionStopped)
+        })
+    }
+}
