@@ -314,15 +314,20 @@ pub fn kill_rounds(
 ) -> serde_json::Value {
     let mut rng = XorShift::from_env_or_clock();
     let input = format!("{request}\n");
-    for round in 0..kills {
+    let mut accepted = false;
+    for _ in 0..kills {
         let after = Duration::from_millis(50 + rng.next() % 400);
+        // Until a run has committed the request (a loaded machine may kill
+        // the first before it has), the next one is given it again, as a
+        // cloud that got no ack would.
         run_and_kill(
             state,
             flash,
             extra,
-            if round == 0 { &input } else { "" },
+            if accepted { "" } else { &input },
             after,
         );
+        accepted = accepted || has_a_job(state);
     }
     let last = run_with_timeout(
         stdio_agent(state, flash, extra),
@@ -333,15 +338,25 @@ pub fn kill_rounds(
     status_json(state)
 }
 
-/// `fwagent status --json` of the store in `state`, parsed.
-pub fn status_json(state: &Path) -> serde_json::Value {
+/// The store in `state` holds an upgrade (no state dir, no store: none).
+fn has_a_job(state: &Path) -> bool {
+    !matches!(status_run(state).stdout.trim(), "" | "null")
+}
+
+/// `fwagent status --json --state-dir STATE`.
+fn status_run(state: &Path) -> Run {
     let args: [&std::ffi::OsStr; 4] = [
         "status".as_ref(),
         "--json".as_ref(),
         "--state-dir".as_ref(),
         state.as_os_str(),
     ];
-    let status = run_fwagent(args, b"", SHORT_RUN_LIMIT);
+    run_fwagent(args, b"", SHORT_RUN_LIMIT)
+}
+
+/// `fwagent status --json` of the store in `state`, parsed.
+pub fn status_json(state: &Path) -> serde_json::Value {
+    let status = status_run(state);
     serde_json::from_str(status.stdout.trim()).unwrap_or_else(|e| panic!("{e}: {status}"))
 }
 
