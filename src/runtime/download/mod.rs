@@ -1,8 +1,8 @@
 //! The Download actor and what every protocol's fetcher writes through.
 //!
 //! A [`Fetcher`] (HTTP, FTP) knows its protocol only; the [`Sink`] it writes
-//! into does the rest, the same for every protocol ([`sink`]), with the file
-//! I/O on a thread of its own ([`disk`]). The actor runs each transfer as a
+//! into does the rest, the same for every protocol (`sink`), with the file
+//! I/O on a thread of its own (`disk`). The actor runs each transfer as a
 //! spawned task and reports how it ended as a [`JobEvent`]; a new
 //! `StartDownload` for the same job replaces the old task, so the command
 //! is idempotent.

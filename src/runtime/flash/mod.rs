@@ -1,42 +1,47 @@
 //! The Flash actor and its backends: where a verified image goes, and, for
 //! A/B slots, the reboot and the check of what booted.
 //!
-//! - `--flash file:PATH` writes the image to an existing file or block
-//!   device (never created: a missing `/dev/mmcblk0p3` must not become a
-//!   file in RAM), fsyncs it, drops its cached pages, reads it back from the
-//!   medium and compares the md5 ([`file_target`], [`write_file`]).
+//! - `--flash file:PATH` (`file`) writes the image to an existing file or
+//!   block device (never created: a missing `/dev/mmcblk0p3` must not become
+//!   a file in RAM) and, on a second thread one 16 MiB range behind the
+//!   writes, drops the written pages and reads them back from the medium;
+//!   the md5 of what was read must be the verified one.
 //! - `--flash ab:DIR`: the download has already streamed the image into the
-//!   inactive one of two slots (`super::staging`); this fsyncs it (and its
-//!   directory), reads it back from the medium, compares the md5 and points
-//!   the boot-control record's next-boot at it (an image left in
-//!   `downloads/` by another `--flash` is copied in first) ([`ab`], and
-//!   docs/AB-SLOTS.md); the upgrade waits in `awaiting_reboot`. After the
-//!   reboot [`CheckBoot`] finds out which slot runs, runs the health check and
-//!   commits, or reports the roll-back.
-//! - `--flash command:CMD` runs an installer (`rauc install {image}`) with a
-//!   deadline; exit 0 is success ([`crate::exec`]).
+//!   inactive one of two slots (`super::staging`) and verification hashed it
+//!   as read back from the medium; this fsyncs it (and its directory) and
+//!   points the boot-control record's next-boot at it (an image left in
+//!   `downloads/` by another `--flash` is copied in first, as for `file:`)
+//!   ([`ab`], and docs/AB-SLOTS.md); the upgrade waits in `awaiting_reboot`.
+//!   After the reboot [`CheckBoot`] finds out which slot runs, runs the
+//!   health check and commits, or reports the roll-back.
+//! - `--flash command:CMD` (`command`) runs an installer
+//!   (`rauc install {image}`) with a deadline; exit 0 is success
+//!   ([`crate::exec`]).
 //!
 //! Flashing is repeatable: after a crash the image is written (`file:`), the
-//! switch made (`ab:`) or the installer run again. The actor runs on its own thread, so long writes and
-//! commands never stall messaging.
+//! switch made (`ab:`) or the installer run again. The actor runs on its own
+//! thread, so long writes and commands never stall messaging.
 //!
 //! Crash points of this module (see `crate::crash`): `mid-flash`,
 //! `after-slot-write`, `before-switch-rename`, `after-flash`, `mid-install`,
 //! `before-reboot`, `before-commit-rename`, `after-boot-commit`.
 
 pub mod ab;
+mod command;
+mod file;
 
-use super::verify::{hex_digest, read_back_differs, IO_BUF};
+pub use command::install;
+pub use file::{file_target, write_file, FileTarget};
+use file::{sync_parent, write_slot};
+
 use super::JobEvent;
 use crate::crash;
-use crate::exec::{run_shell, shell_quote};
+use crate::exec::run_shell;
 use ab::{BootControl, Slot, Slots, Trial, Verdict};
 use actix::prelude::*;
 use fwagent_state::{result_no, Event, Failure, Firmware, JobId};
-use md5::{Digest, Md5};
 use std::fmt;
 use std::fs::OpenOptions;
-use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -169,211 +174,12 @@ impl Actor for Flash {
     type Context = Context<Self>;
 }
 
-fn flash_failure(what: &str, path: &Path, e: impl fmt::Display) -> Failure {
+pub(super) fn flash_failure(what: &str, path: &Path, e: impl fmt::Display) -> Failure {
     Failure::new(
         result_no::FLASH_FAILED,
         format!("{what} {}: {e}", path.display()),
         false,
     )
-}
-
-/// What `--flash file:PATH` may name: it must exist (the agent creates
-/// nothing there: a typo'd `/dev/mmcblk0p3` must not become a file in RAM).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum FileTarget {
-    /// A regular file: cut to the image's length.
-    Regular,
-    /// A block device of this many bytes: keeps its size.
-    BlockDevice { size: u64 },
-}
-
-/// Check `--flash file:PATH`'s target (symbolic links followed): `run`
-/// refuses to start without one, and every flash checks it again.
-pub fn file_target(path: &Path) -> Result<FileTarget, String> {
-    use std::os::unix::fs::FileTypeExt;
-    let meta = std::fs::metadata(path).map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => format!(
-            "{} does not exist: the flash target must be an existing regular file or block device (the agent creates none)",
-            path.display()
-        ),
-        _ => format!("cannot stat {}: {e}", path.display()),
-    })?;
-    let kind = meta.file_type();
-    if kind.is_file() {
-        Ok(FileTarget::Regular)
-    } else if kind.is_block_device() {
-        let size = ab::device_size(path)
-            .map_err(|e| format!("cannot read the size of {}: {e}", path.display()))?;
-        Ok(FileTarget::BlockDevice { size })
-    } else {
-        Err(format!(
-            "{} is neither a regular file nor a block device",
-            path.display()
-        ))
-    }
-}
-
-/// Write `image` to the existing file or block device `target` (never
-/// created), fsync, read it back from the medium and compare its md5 with
-/// `firmware.md5`.
-pub fn write_file(image: &Path, target: &Path, firmware: &Firmware) -> Result<(), Failure> {
-    let refused = |why: String| Failure::new(result_no::FLASH_FAILED, why, false);
-    if let FileTarget::BlockDevice { size } = file_target(target).map_err(refused)? {
-        if size < firmware.size {
-            return Err(refused(format!(
-                "the block device {} has {size} bytes, fewer than the image's {}",
-                target.display(),
-                firmware.size
-            )));
-        }
-    }
-    // No O_CREAT: a target that vanished since the check above is an error.
-    let dst = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(target)
-        .map_err(|e| flash_failure("cannot open the flash target", target, e))?;
-    write_and_read_back(image, dst, target, firmware)
-}
-
-/// Write `image` into the slot file or device `path`, creating a missing
-/// slot file (its directory fsynced, so the new entry is durable), then
-/// fsync, read back from the medium and compare.
-fn write_slot(image: &Path, path: &Path, firmware: &Firmware) -> Result<(), Failure> {
-    let open = |create_new| {
-        OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(create_new)
-            .open(path)
-    };
-    let dst = match open(false) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let f = open(true).map_err(|e| flash_failure("cannot create", path, e))?;
-            sync_parent(path)?;
-            f
-        }
-        Err(e) => return Err(flash_failure("cannot open", path, e)),
-    };
-    write_and_read_back(image, dst, path, firmware)
-}
-
-/// fsync the directory that holds `path`, so its entry is durable.
-fn sync_parent(path: &Path) -> Result<(), Failure> {
-    let dir = crate::fsutil::parent_dir(path);
-    crate::fsutil::sync_dir(dir).map_err(|e| flash_failure("cannot fsync the directory", dir, e))
-}
-
-/// Bytes written before the range is written out and handed to the
-/// read-back: large enough for few waits, small enough that the read-back
-/// keeps pace with the writes.
-const READ_BACK_RANGE: u64 = 16 << 20;
-
-/// Copy `image` into `dst`, and read what was written back from the medium
-/// and hash it on a second thread while the rest is written: every
-/// [`READ_BACK_RANGE`] bytes the range is written out to the device
-/// (`sync_file_range`) and handed over; the reader drops its cached pages
-/// and reads it from the medium. The last range follows the final fsync.
-/// A card that acknowledged writes it dropped fails here (50).
-fn write_and_read_back(
-    image: &Path,
-    dst: std::fs::File,
-    target: &Path,
-    firmware: &Firmware,
-) -> Result<(), Failure> {
-    let src =
-        std::fs::File::open(image).map_err(|e| flash_failure("cannot open the image", image, e))?;
-    let (written, read_back) = std::thread::scope(|scope| {
-        let (ranges, handed) = std::sync::mpsc::sync_channel::<(u64, u64)>(2);
-        let dst = &dst;
-        let reader = scope.spawn(move || read_back_ranges(dst, handed));
-        let written = write_image(src, dst, image, target, firmware, &ranges);
-        drop(ranges);
-        let read_back = reader
-            .join()
-            .unwrap_or_else(|_| Err(std::io::Error::other("the read-back thread panicked")));
-        (written, read_back)
-    });
-    written?;
-    let (read, md5) = read_back.map_err(|e| flash_failure("cannot read back", target, e))?;
-    let digest = hex_digest(md5);
-    if read != firmware.size || digest != firmware.md5 {
-        return Err(read_back_differs(target, read, &digest, firmware, None));
-    }
-    Ok(())
-}
-
-/// The writer's half of [`write_and_read_back`]: returns the bytes written
-/// once all are fsynced and handed to the reader.
-fn write_image(
-    mut src: std::fs::File,
-    mut dst: &std::fs::File,
-    image: &Path,
-    target: &Path,
-    firmware: &Firmware,
-    ranges: &std::sync::mpsc::SyncSender<(u64, u64)>,
-) -> Result<u64, Failure> {
-    let hand_over = |from: u64, to: u64| {
-        // A reader that stopped has failed: its error is the one to report.
-        let _ = ranges.send((from, to));
-    };
-    let mut buf = vec![0u8; IO_BUF];
-    let (mut written, mut handed) = (0u64, 0u64);
-    let mut crossed_half = false;
-    loop {
-        let n = src
-            .read(&mut buf)
-            .map_err(|e| flash_failure("cannot read the image", image, e))?;
-        if n == 0 {
-            break;
-        }
-        dst.write_all(&buf[..n])
-            .map_err(|e| flash_failure("cannot write", target, e))?;
-        written += n as u64;
-        if written - handed >= READ_BACK_RANGE {
-            crate::fsutil::write_out(dst, handed, written)
-                .map_err(|e| flash_failure("cannot write out", target, e))?;
-            hand_over(handed, written);
-            handed = written;
-        }
-        if !crossed_half && written * 2 >= firmware.size {
-            crossed_half = true;
-            crash::point("mid-flash");
-        }
-    }
-    if written != firmware.size {
-        return Err(Failure::new(
-            result_no::FLASH_FAILED,
-            format!("the image has {written} bytes, expected {}", firmware.size),
-            false,
-        ));
-    }
-    // A regular file is cut to the image; a block device keeps its size.
-    if dst.metadata().is_ok_and(|m| m.is_file()) {
-        dst.set_len(written)
-            .map_err(|e| flash_failure("cannot truncate", target, e))?;
-    }
-    dst.sync_all()
-        .map_err(|e| flash_failure("cannot fsync", target, e))?;
-    hand_over(handed, written);
-    Ok(written)
-}
-
-/// The reader's half of [`write_and_read_back`]: each range handed over,
-/// its pages dropped, read from the medium and hashed, in order.
-fn read_back_ranges(
-    file: &std::fs::File,
-    ranges: std::sync::mpsc::Receiver<(u64, u64)>,
-) -> std::io::Result<(u64, Md5)> {
-    let mut md5 = Md5::new();
-    let mut buf = vec![0u8; crate::fsutil::MEDIUM_READ_BUF];
-    let mut read = 0u64;
-    for (from, to) in ranges {
-        crate::fsutil::evict_range(file, from, to)?;
-        read += crate::fsutil::read_range(file, from, to, &mut buf, |b| md5.update(b))?;
-    }
-    Ok((read, md5))
 }
 
 fn ab_failure(e: ab::AbError) -> Failure {
@@ -449,42 +255,6 @@ pub fn flash_ab(
         .map_err(ab_failure)?;
     tracing::info!(slot = %target, tries, "slot written and read back; next boot switched to it");
     Ok(target)
-}
-
-/// Run the installer `cmd` over `image`.
-pub fn install(
-    cmd: &str,
-    image: &Path,
-    firmware: &Firmware,
-    timeout: Duration,
-) -> Result<(), Failure> {
-    let quoted = shell_quote(&image.to_string_lossy());
-    let line = if cmd.contains("{image}") {
-        cmd.replace("{image}", &quoted)
-    } else {
-        format!("{cmd} {quoted}")
-    };
-    let envs = [
-        ("FWAGENT_IMAGE", image.to_string_lossy().into_owned()),
-        ("FWAGENT_MD5", firmware.md5.clone()),
-        ("FWAGENT_SIZE", firmware.size.to_string()),
-    ];
-    let ran = run_shell("installer", &line, &envs, timeout, "mid-install").map_err(|e| {
-        Failure::new(
-            result_no::FLASH_FAILED,
-            format!("cannot run the installer: {e}"),
-            false,
-        )
-    })?;
-    if ran.success() {
-        Ok(())
-    } else {
-        Err(Failure::new(
-            result_no::FLASH_FAILED,
-            format!("the installer failed: {}", ran.describe(timeout)),
-            false,
-        ))
-    }
 }
 
 /// A device that runs a slot its bootloader will not boot again is rebooted.
@@ -692,8 +462,10 @@ impl Handler<CheckBoot> for Flash {
 
 #[cfg(test)]
 mod tests {
-    use super::super::verify::hash_prefix;
+    use super::super::verify::{hash_prefix, hex_digest};
     use super::*;
+    use crate::exec::shell_quote;
+    use md5::{Digest, Md5};
 
     #[test]
     fn flash_specs_parse_and_print_back() {
@@ -753,7 +525,7 @@ mod tests {
     #[test]
     fn an_image_of_several_read_back_ranges_is_written_whole() {
         let dir = tempfile::tempdir().expect("temp dir");
-        let len = (READ_BACK_RANGE * 5 / 2) as usize + 12345;
+        let len = (file::READ_BACK_RANGE * 5 / 2) as usize + 12345;
         let bytes: Vec<u8> = (0..len).map(|i| (i * 13 % 251) as u8).collect();
         let (img, fw) = image(dir.path(), &bytes);
         let target = dir.path().join("mmcblk0p3");

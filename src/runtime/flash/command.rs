@@ -1,0 +1,42 @@
+//! `--flash command:CMD`: an installer run over the verified image.
+
+use crate::exec::{run_shell, shell_quote};
+use fwagent_state::{result_no, Failure, Firmware};
+use std::path::Path;
+use std::time::Duration;
+
+/// Run the installer `cmd` over `image`.
+pub fn install(
+    cmd: &str,
+    image: &Path,
+    firmware: &Firmware,
+    timeout: Duration,
+) -> Result<(), Failure> {
+    let quoted = shell_quote(&image.to_string_lossy());
+    let line = if cmd.contains("{image}") {
+        cmd.replace("{image}", &quoted)
+    } else {
+        format!("{cmd} {quoted}")
+    };
+    let envs = [
+        ("FWAGENT_IMAGE", image.to_string_lossy().into_owned()),
+        ("FWAGENT_MD5", firmware.md5.clone()),
+        ("FWAGENT_SIZE", firmware.size.to_string()),
+    ];
+    let ran = run_shell("installer", &line, &envs, timeout, "mid-install").map_err(|e| {
+        Failure::new(
+            result_no::FLASH_FAILED,
+            format!("cannot run the installer: {e}"),
+            false,
+        )
+    })?;
+    if ran.success() {
+        Ok(())
+    } else {
+        Err(Failure::new(
+            result_no::FLASH_FAILED,
+            format!("the installer failed: {}", ran.describe(timeout)),
+            false,
+        ))
+    }
+}
