@@ -3,25 +3,33 @@
 //! Every handler does the same three things, in this order (ARCHITECTURE.md,
 //! "Durability rules"): apply the event with the pure state machine, commit
 //! the result in one sled transaction (flushed), and only then send the
-//! outbox and start the commands. (A progress figure that queues and starts
-//! nothing is committed without the flush: `Store::commit_lazily`.) After a restart it re-sends the pending
-//! outbox and restarts the active upgrade's current phase.
+//! outbox and start the commands. (A transition that only moves the
+//! figures is committed without the flush: `Transition::figures_only`,
+//! `Store::commit_lazily`.) After a restart it re-sends the pending outbox
+//! and restarts the active upgrade's current phase. How it stops is
+//! `stop`; what the control socket asks of it is `control`.
 
 use super::download::{AbortDownload, Drain, FetchJob, StartDownload};
 use super::flash::{BootCheck, CheckBoot, FlashImage, RequestReboot};
 use super::messaging::{Listen, Outbound};
 use super::staging::Staging;
 use super::verify::VerifyMsg;
-use super::{Delivered, InputClosed, JobEvent, Request, Shutdown, Transfer, UNCOMMITTED};
+use super::{Delivered, JobEvent, Request, Transfer, UNCOMMITTED};
 use crate::crash;
 use actix::prelude::*;
 use fwagent_state::{
     ack_no, on_request, transition, Ack, Command, Event, Incoming, Job, JobId, OutboxEntry,
-    Outcome, Outgoing, Phase, Policy, Protocol, Refused, Store, StoreError, Transition, OP_UPGRADE,
+    Outcome, Outgoing, Policy, Protocol, Store, StoreError, Transition, OP_UPGRADE,
 };
 use std::collections::HashSet;
-use std::time::{Duration, Instant};
 use time::OffsetDateTime;
+
+mod control;
+mod stop;
+
+pub use control::{CancelError, CancelRequest, ReadStore};
+use stop::Stopping;
+pub use stop::{STOP_DELIVERY_WAIT, STOP_FLASH_WAIT};
 
 /// The upgrade's peers, handed over once every actor runs.
 #[derive(Message, Clone)]
@@ -36,24 +44,6 @@ pub struct Wire {
     pub flash: Recipient<FlashImage>,
     pub reboot: Recipient<RequestReboot>,
     pub check_boot: Recipient<CheckBoot>,
-}
-
-/// On SIGTERM: how long a flash under way (file:, ab:) may take to reach
-/// its durable end before the agent exits anyway (flashing is repeatable:
-/// the next start does it again).
-pub const STOP_FLASH_WAIT: Duration = Duration::from_secs(60);
-/// On SIGTERM: how long the outbox gets to be delivered.
-pub const STOP_DELIVERY_WAIT: Duration = Duration::from_secs(5);
-const STOP_POLL: Duration = Duration::from_millis(20);
-
-/// Where a stop (SIGTERM, SIGINT) has got to.
-#[derive(Debug)]
-struct Stopping {
-    started: Instant,
-    /// The transfers have not all checkpointed yet.
-    draining: bool,
-    /// When delivering the outbox began.
-    delivering: Option<Instant>,
 }
 
 pub struct Upgrade {
@@ -154,47 +144,6 @@ impl Upgrade {
             self.run_command(command, t.job.as_ref(), &peers, ctx);
         }
         self.maybe_exit();
-    }
-
-    /// One step of a stop: wait for the transfers' checkpoints and for a
-    /// flash under way (at most [`STOP_FLASH_WAIT`]), then for the outbox
-    /// (at most [`STOP_DELIVERY_WAIT`]), then flush and exit 0.
-    fn continue_stop(&mut self, ctx: &mut Context<Self>) {
-        if self.halted {
-            return;
-        }
-        let Some(stop) = &mut self.stopping else {
-            return;
-        };
-        let now = Instant::now();
-        let flash_busy = self.flashing.is_some() && now < stop.started + STOP_FLASH_WAIT;
-        let pending = || {
-            self.store
-                .pending_outbox()
-                .map(|p| !p.is_empty())
-                .unwrap_or(false)
-        };
-        let waiting = if stop.draining || flash_busy {
-            true
-        } else {
-            let since = *stop.delivering.get_or_insert(now);
-            now < since + STOP_DELIVERY_WAIT && pending()
-        };
-        if waiting {
-            ctx.run_later(STOP_POLL, |act, ctx| act.continue_stop(ctx));
-            return;
-        }
-        if self.flashing.is_some() {
-            tracing::warn!("the flash did not end in time; the next start does it again");
-        }
-        if let Err(e) = self.store.flush() {
-            return self.halt("flushing before the stop", &e);
-        }
-        tracing::info!(
-            undelivered = self.store.pending_outbox().map(|p| p.len()).unwrap_or(0),
-            "stopped: every step so far is durable; the next start resumes from it"
-        );
-        System::current().stop();
     }
 
     fn run_command(
@@ -314,32 +263,6 @@ impl Upgrade {
             }
             act.maybe_exit();
         }));
-    }
-
-    /// With stdin closed: stop once nothing is under way and the outbox is empty.
-    fn maybe_exit(&mut self) {
-        if self.halted || !self.input_closed || self.flash_calls > 0 {
-            return;
-        }
-        let idle = match self.store.active() {
-            Ok(None) => true,
-            Ok(Some(job)) => job.phase == Phase::AwaitingReboot && self.boot_settled,
-            Err(_) => true,
-        };
-        let flushed = self
-            .store
-            .pending_outbox()
-            .map(|p| p.is_empty())
-            .unwrap_or(true);
-        if idle && flushed {
-            tracing::info!("input closed and nothing under way; exiting");
-            if let Err(e) = self.store.flush() {
-                // The delivery marks may be lost: those messages will be
-                // sent again, with their messageIds.
-                return self.halt("flushing the delivery marks", &e);
-            }
-            System::current().stop();
-        }
     }
 
     /// The answer when the store cannot record a decision: errorNo 8, sent
@@ -566,113 +489,5 @@ impl Handler<Delivered> for Upgrade {
             }
         }
         self.maybe_exit();
-    }
-}
-
-impl Handler<Shutdown> for Upgrade {
-    type Result = ();
-
-    fn handle(&mut self, _msg: Shutdown, ctx: &mut Context<Self>) {
-        if self.halted || self.stopping.is_some() {
-            return;
-        }
-        tracing::info!("signal received; checkpointing, then delivering the outbox, then stopping");
-        self.stopping = Some(Stopping {
-            started: Instant::now(),
-            draining: true,
-            delivering: None,
-        });
-        let Some(peers) = self.peers.clone() else {
-            System::current().stop();
-            return;
-        };
-        let drained = peers.drain.send(Drain);
-        ctx.spawn(drained.into_actor(self).map(|_, act, ctx| {
-            if let Some(stop) = &mut act.stopping {
-                stop.draining = false;
-            }
-            act.continue_stop(ctx);
-        }));
-    }
-}
-
-impl Handler<InputClosed> for Upgrade {
-    type Result = ();
-
-    fn handle(&mut self, _msg: InputClosed, _ctx: &mut Context<Self>) {
-        self.input_closed = true;
-        self.maybe_exit();
-    }
-}
-
-/// Run a read-only function over the store inside the actor that owns it
-/// (the control socket's queries: sled allows one process per store).
-pub struct ReadStore<R: Send + 'static>(pub Box<dyn FnOnce(&Store) -> R + Send>);
-
-impl<R: Send + 'static> Message for ReadStore<R> {
-    type Result = R;
-}
-
-impl<R: Send + 'static> Handler<ReadStore<R>> for Upgrade {
-    type Result = MessageResult<ReadStore<R>>;
-
-    fn handle(&mut self, msg: ReadStore<R>, _ctx: &mut Context<Self>) -> Self::Result {
-        MessageResult((msg.0)(&self.store))
-    }
-}
-
-/// Cancel an upgrade (the active one when `message_id` is `None`). Answers
-/// the job as cancelled, or why it cannot be.
-#[derive(Message, Debug)]
-#[rtype(result = "Result<Job, CancelError>")]
-pub struct CancelRequest {
-    pub message_id: Option<String>,
-}
-
-/// Why a [`CancelRequest`] was not carried out.
-#[derive(Debug, thiserror::Error)]
-pub enum CancelError {
-    #[error("the agent is stopping: its store could not be made durable")]
-    Halted,
-    #[error("no upgrade with messageId {0}")]
-    NotFound(String),
-    #[error("no upgrade is active")]
-    NoneActive,
-    /// The state machine refuses it (flashing has begun, already ended).
-    #[error(transparent)]
-    Refused(#[from] Refused),
-    #[error("the cancel produced no record")]
-    NoRecord,
-    #[error("the state store failed: {0}")]
-    Store(#[source] StoreError),
-    /// The commit failed after it was applied: the agent stops.
-    #[error("the state store failed: {0}; the agent stops, and its next start resumes from what is durable")]
-    StoreFatal(#[source] StoreError),
-}
-
-impl Handler<CancelRequest> for Upgrade {
-    type Result = Result<Job, CancelError>;
-
-    fn handle(&mut self, msg: CancelRequest, ctx: &mut Context<Self>) -> Self::Result {
-        if self.halted {
-            return Err(CancelError::Halted);
-        }
-        let job = match &msg.message_id {
-            Some(mid) => self.store.job_by_message_id(mid),
-            None => self.store.active(),
-        }
-        .map_err(CancelError::Store)?;
-        let job = job.ok_or_else(|| match msg.message_id {
-            Some(mid) => CancelError::NotFound(mid),
-            None => CancelError::NoneActive,
-        })?;
-        let t = transition(&job, Event::Cancel, OffsetDateTime::now_utc(), &self.policy)?;
-        let cancelled = t.job.clone().ok_or(CancelError::NoRecord)?;
-        self.commit_and_dispatch(t, ctx)
-            .map_err(|e| match e.is_fatal() {
-                true => CancelError::StoreFatal(e),
-                false => CancelError::Store(e),
-            })?;
-        Ok(cancelled)
     }
 }
