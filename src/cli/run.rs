@@ -2,20 +2,13 @@
 //! (flags win), and the actix system that runs until stopped.
 
 use super::{exit, DEFAULT_STATE_DIR};
-use crate::protocol::ParseOptions;
-use crate::runtime::download::{Download, Fetchers};
-use crate::runtime::flash::{Flash, FlashOptions, FlashSpec};
-use crate::runtime::ftp::FtpFetcher;
+use crate::runtime::agent::{self, AgentConfig};
+use crate::runtime::flash::{FlashOptions, FlashSpec};
 use crate::runtime::http::HttpFetcher;
-use crate::runtime::messaging::mqtt::{Mqtt, MqttArgs, MqttSettings};
-use crate::runtime::messaging::stdio::Stdio;
-use crate::runtime::messaging::{Inbox, Messaging, Transport};
-use crate::runtime::staging::Staging;
-use crate::runtime::upgrade::{Upgrade, Wire};
-use crate::runtime::verify::Verify;
-use crate::runtime::{Paths, Shutdown, Transfer};
+use crate::runtime::messaging::mqtt::{MqttArgs, MqttSettings};
+use crate::runtime::{Paths, Transfer};
 use actix::prelude::*;
-use fwagent_state::{Policy, Protocol, Secret, Store};
+use fwagent_state::{Policy, Secret, Store};
 use serde::Deserialize;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -179,22 +172,6 @@ impl RunArgs {
     }
 }
 
-/// The agent's settings, defaults applied.
-pub struct AgentConfig {
-    pub paths: Paths,
-    pub device_id: String,
-    pub transport: String,
-    /// Set when `transport` is `mqtt`.
-    pub mqtt: Option<MqttSettings>,
-    /// The `http` and `https` downloads (trusting `--https-ca` when given).
-    pub http: Arc<HttpFetcher>,
-    pub flash: FlashSpec,
-    pub flash_options: FlashOptions,
-    pub parse: ParseOptions,
-    pub policy: Policy,
-    pub transfer: Transfer,
-}
-
 /// `--mqtt-url` as a [`Secret`]: clap never echoes it in an error, and
 /// `Debug` of the arguments never shows it. It is parsed in `from_args`.
 fn secret_arg(s: &str) -> Result<Secret, std::convert::Infallible> {
@@ -356,7 +333,7 @@ pub fn main(args: Box<RunArgs>) -> ExitCode {
         }
     };
     let system = System::new();
-    let started = system.block_on(async move { start(config, store) });
+    let started = system.block_on(async move { agent::start(config, store) });
     if let Err(e) = started {
         eprintln!("fwagent run: {e}");
         return ExitCode::from(exit::UNREACHABLE);
@@ -369,114 +346,4 @@ pub fn main(args: Box<RunArgs>) -> ExitCode {
             ExitCode::from(exit::UNREACHABLE)
         }
     }
-}
-
-/// Start every actor on an arbiter of its own and wire them together.
-fn start(config: AgentConfig, store: Store) -> Result<(), String> {
-    let fetchers = Fetchers::default()
-        .with(Protocol::Http, config.http.clone())
-        .with(Protocol::Https, config.http.clone())
-        .with(Protocol::Ftp, Arc::new(FtpFetcher::new()));
-    let protocols = [
-        Protocol::Http,
-        Protocol::Https,
-        Protocol::Ftp,
-        Protocol::Ftps,
-    ]
-    .into_iter()
-    .filter(|p| fetchers.supports(*p))
-    .collect();
-    let AgentConfig {
-        paths,
-        transport,
-        mqtt,
-        flash,
-        flash_options,
-        parse,
-        policy,
-        transfer,
-        ..
-    } = config;
-    let control_socket = paths.control_socket();
-    let staging = Staging::new(paths, &flash);
-    let upgrade = {
-        let staging = staging.clone();
-        Upgrade::start_in_arbiter(&Arbiter::new().handle(), move |_| {
-            Upgrade::new(store, policy, staging, transfer, protocols)
-        })
-    };
-    let inbox = Inbox::new(parse, upgrade.clone().recipient());
-    let events = upgrade.clone().recipient();
-    let verify = {
-        let events = events.clone();
-        Verify::start_in_arbiter(&Arbiter::new().handle(), move |_| Verify::new(events))
-    };
-    let download = {
-        let (events, verify) = (events.clone(), verify.clone().recipient());
-        Download::start_in_arbiter(&Arbiter::new().handle(), move |_| {
-            Download::new(fetchers, staging, events, verify)
-        })
-    };
-    let flash = {
-        let events = events.clone();
-        Flash::start_in_arbiter(&Arbiter::new().handle(), move |_| {
-            Flash::new(flash, flash_options, events)
-        })
-    };
-    let transport: Box<dyn Transport> = match transport.as_str() {
-        "stdio" => Box::new(Stdio),
-        "mqtt" => Box::new(Mqtt::new(
-            mqtt.ok_or("--transport mqtt without MQTT settings")?,
-        )),
-        other => return Err(format!("unknown transport `{other}`")),
-    };
-    let messaging = {
-        let (inbox, closed, delivered) = (
-            inbox.clone(),
-            upgrade.clone().recipient(),
-            upgrade.clone().recipient(),
-        );
-        Messaging::start_in_arbiter(&Arbiter::new().handle(), move |_| {
-            Messaging::new(transport, inbox, closed, delivered)
-        })
-    };
-    upgrade.do_send(Wire {
-        messaging: messaging.clone().recipient(),
-        listen: messaging.recipient(),
-        download: download.clone().recipient(),
-        abort: download.clone().recipient(),
-        drain: download.recipient(),
-        verify: verify.recipient(),
-        reboot: flash.clone().recipient(),
-        check_boot: flash.clone().recipient(),
-        flash: flash.recipient(),
-    });
-    crate::control::serve(
-        control_socket,
-        crate::control::Peers::new(upgrade.clone(), inbox),
-    );
-    let stopper = upgrade.clone();
-    actix_rt::spawn(async move {
-        use tokio::signal::unix::{signal, SignalKind};
-        let (Ok(mut term), Ok(mut int)) = (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-        ) else {
-            return;
-        };
-        for n in 0.. {
-            tokio::select! {
-                _ = term.recv() => {},
-                _ = int.recv() => {},
-            }
-            if n > 0 {
-                // A second signal: stop now (what is committed stands).
-                tracing::info!("second signal; stopping at once");
-                System::current().stop();
-                return;
-            }
-            stopper.do_send(Shutdown);
-        }
-    });
-    Ok(())
 }

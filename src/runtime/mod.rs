@@ -13,6 +13,7 @@
 //! than one actor uses ([`BoxFuture`], [`UNCOMMITTED`]) are defined here, so
 //! that every actor names its peers only as `Recipient<M>`.
 
+pub mod agent;
 pub mod download;
 pub mod flash;
 pub mod ftp;
