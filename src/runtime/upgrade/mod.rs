@@ -491,3 +491,6 @@ impl Handler<Delivered> for Upgrade {
         self.maybe_exit();
     }
 }
+
+#[cfg(test)]
+mod tests;
