@@ -312,7 +312,7 @@ async fn download(
             // No REST on this server: the whole file again, the same file.
             Err(StepError::Reply { code, .. }) if (500..=504).contains(&code) => {
                 tracing::info!(
-                    upgrade = job.job,
+                    job = job.job,
                     offset,
                     code,
                     "the server refused REST; starting from zero"

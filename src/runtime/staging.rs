@@ -95,7 +95,7 @@ impl Staging {
         super::download::remove_partial(job, &self.part(job));
         if let Some(dir) = &self.slots {
             if let Err(e) = ab::unstage(dir, Some(job)) {
-                tracing::warn!(upgrade = job, error = %e, "cannot clear the slot's writing note");
+                tracing::warn!(job = job, error = %e, "cannot clear the slot's writing note");
             }
         }
     }
@@ -107,7 +107,7 @@ impl Staging {
         self.discard(job);
         if let Some(dir) = &self.slots {
             if let Err(e) = ab::withdraw_trial(dir, Some(&firmware.md5)) {
-                tracing::warn!(upgrade = job, error = %e, "cannot withdraw the trial boot");
+                tracing::warn!(job = job, error = %e, "cannot withdraw the trial boot");
             }
         }
     }

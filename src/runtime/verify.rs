@@ -289,7 +289,7 @@ impl Handler<VerifyMsg> for Verify {
                     }
                     Err(e) => {
                         // Finish will re-hash the whole file; nothing is lost.
-                        tracing::warn!(upgrade = job, error = %e, path = %path.display(), "cannot re-hash the durable prefix");
+                        tracing::warn!(job = job, error = %e, path = %path.display(), "cannot re-hash the durable prefix");
                         self.jobs.remove(&job);
                         return;
                     }
@@ -305,7 +305,7 @@ impl Handler<VerifyMsg> for Verify {
             VerifyMsg::Durable { job, from, to, crc } => {
                 if let Err(e) = self.durable(job, from, to, crc) {
                     // Finish reads the whole image back instead.
-                    tracing::warn!(upgrade = job, error = %e, "cannot read the slot back");
+                    tracing::warn!(job = job, error = %e, "cannot read the slot back");
                     self.jobs.remove(&job);
                 }
             }
@@ -317,7 +317,7 @@ impl Handler<VerifyMsg> for Verify {
                 crash::point("mid-verify");
                 let event = check(&path, &firmware, self.jobs.remove(&job));
                 tracing::info!(
-                    upgrade = job,
+                    job = job,
                     ok = matches!(event, Event::Verified),
                     "verification finished"
                 );

@@ -207,7 +207,7 @@ impl Handler<AbortDownload> for Download {
     fn handle(&mut self, msg: AbortDownload, _ctx: &mut Context<Self>) {
         if let Some(running) = self.running.remove(&msg.job) {
             running.abort();
-            tracing::info!(upgrade = msg.job, "download aborted");
+            tracing::info!(job = msg.job, "download aborted");
         }
         self.verifier.do_send(VerifyMsg::Forget { job: msg.job });
         if msg.discard {
@@ -219,10 +219,10 @@ impl Handler<AbortDownload> for Download {
 /// Remove a job's partial file; a missing one is fine, a failure is logged.
 pub fn remove_partial(job: JobId, part: &std::path::Path) {
     match std::fs::remove_file(part) {
-        Ok(()) => tracing::debug!(upgrade = job, "partial file removed"),
+        Ok(()) => tracing::debug!(job = job, "partial file removed"),
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => {
-            tracing::warn!(upgrade = job, path = %part.display(), error = %e, "cannot remove the partial file")
+            tracing::warn!(job = job, path = %part.display(), error = %e, "cannot remove the partial file")
         }
     }
 }
@@ -267,7 +267,7 @@ async fn run(
             })
         }
     };
-    tracing::info!(upgrade = msg.fetch.job, offset = sink.offset(), url = %msg.fetch.source.url, "download starting");
+    tracing::info!(job = msg.fetch.job, offset = sink.offset(), url = %msg.fetch.source.url, "download starting");
     let fetched = if sink.remaining() == 0 {
         Ok(())
     } else {
@@ -283,12 +283,12 @@ async fn run(
             Err(()) => {
                 match sink.pause().await {
                     Ok(offset) => tracing::info!(
-                        upgrade = msg.fetch.job,
+                        job = msg.fetch.job,
                         offset,
                         "download paused for the stop; every byte received is durable"
                     ),
                     Err(failure) => {
-                        tracing::warn!(upgrade = msg.fetch.job, error = %failure.description, "download stopped; it resumes from the last checkpoint")
+                        tracing::warn!(job = msg.fetch.job, error = %failure.description, "download stopped; it resumes from the last checkpoint")
                     }
                 }
                 return None;
@@ -326,7 +326,7 @@ async fn ended(msg: &StartDownload, sink: &mut Sink, fetched: Result<(), Failure
             // The server's words, before the state machine redacts them.
             let source = &msg.fetch.source;
             let said = Redactor::new([&source.user, &source.password]).text(&failure.description);
-            tracing::warn!(upgrade = msg.fetch.job, error = %said, "download attempt failed");
+            tracing::warn!(job = msg.fetch.job, error = %said, "download attempt failed");
             let durable_offset = match sink.sync().await {
                 Ok(offset) => offset,
                 Err(_) => sink.durable(),

@@ -192,7 +192,7 @@ impl Sink {
         let mut validator = validator;
         if offset > 0 && (len < offset || !resumable) {
             tracing::warn!(
-                upgrade = fetch.job,
+                job = fetch.job,
                 offset,
                 path = %path.display(),
                 "the bytes before the checkpoint are gone; starting from zero"
@@ -278,7 +278,7 @@ impl Sink {
         self.validator = validator;
         if let Err(failure) = self.disk.validator(self.validator.clone()) {
             // The next write fails the attempt with the writer's reason.
-            tracing::warn!(upgrade = self.job, error = %failure.description, "cannot record the validator");
+            tracing::warn!(job = self.job, error = %failure.description, "cannot record the validator");
         }
     }
 
@@ -286,7 +286,7 @@ impl Sink {
     /// start again from byte zero (once the store says so).
     pub async fn restart(&mut self, validator: Option<String>) -> Result<(), Failure> {
         tracing::info!(
-            upgrade = self.job,
+            job = self.job,
             "the server's file changed; starting from zero"
         );
         self.buf.clear();

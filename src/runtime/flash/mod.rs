@@ -362,7 +362,7 @@ impl Handler<FlashImage> for Flash {
     type Result = ();
 
     fn handle(&mut self, msg: FlashImage, _ctx: &mut Context<Self>) {
-        tracing::info!(upgrade = msg.job, target = %self.spec, "flashing");
+        tracing::info!(job = msg.job, target = %self.spec, "flashing");
         if let Err(e) = std::fs::metadata(&msg.image) {
             if e.kind() == std::io::ErrorKind::NotFound {
                 // Verified, then lost (a power cut took its directory entry,
@@ -410,28 +410,28 @@ impl Handler<RequestReboot> for Flash {
                 if let Verdict::TrialBooted { slot } | Verdict::Committed { slot } =
                     ab::decide(&record, &msg.md5)
                 {
-                    tracing::info!(upgrade = msg.job, %slot, "the device already runs the new slot; no reboot needed");
+                    tracing::info!(job = msg.job, %slot, "the device already runs the new slot; no reboot needed");
                     return true;
                 }
             }
         }
         let Some(cmd) = &self.options.reboot_command else {
             tracing::warn!(
-                upgrade = msg.job,
+                job = msg.job,
                 "no reboot command is configured; waiting for the device to be rebooted"
             );
             return false;
         };
         crash::point("before-reboot");
-        tracing::info!(upgrade = msg.job, command = %cmd, "requesting the reboot");
+        tracing::info!(job = msg.job, command = %cmd, "requesting the reboot");
         let timeout = self.options.command_timeout;
         match run_shell("reboot", cmd, &[], timeout, "") {
-            Ok(ran) if ran.success() => tracing::info!(upgrade = msg.job, "reboot requested"),
+            Ok(ran) if ran.success() => tracing::info!(job = msg.job, "reboot requested"),
             Ok(ran) => {
-                tracing::error!(upgrade = msg.job, outcome = %ran.describe(timeout), "the reboot command failed; the next start asks again")
+                tracing::error!(job = msg.job, outcome = %ran.describe(timeout), "the reboot command failed; the next start asks again")
             }
             Err(e) => {
-                tracing::error!(upgrade = msg.job, error = %e, "cannot run the reboot command; the next start asks again")
+                tracing::error!(job = msg.job, error = %e, "cannot run the reboot command; the next start asks again")
             }
         }
         false
@@ -455,7 +455,7 @@ impl Handler<CheckBoot> for Flash {
                 reboot: false,
             },
         };
-        tracing::info!(upgrade = msg.job, ?check, "boot check done");
+        tracing::info!(job = msg.job, ?check, "boot check done");
         MessageResult(check)
     }
 }
