@@ -540,7 +540,7 @@ class Bench:
             dl = median([p["download"] for p in ph if "download" in p])
             if fl is not None and dl is not None:
                 out.append(
-                    f"`ab:` streams the image into the inactive slot as it arrives, reading every batch back; "
+                    f"`ab:` streams the image into the inactive slot as it arrives, verified as read back from the medium one checkpoint behind; "
                     f"the flash phase only fsyncs the slot and switches next-boot ({fl:.2f} s against "
                     f"{dl:.2f} s of download).")
         ftp = self.results.get("ftp", {})
