@@ -250,6 +250,8 @@ pub(crate) mod tests {
             result: None,
             last_error: None,
             last_progress: None,
+            boot: None,
+            machine_restarts: 0,
             created_at: datetime!(2024-05-01 12:00:00 UTC),
             updated_at: datetime!(2024-05-01 12:00:16 UTC),
         };

@@ -287,6 +287,65 @@ fn an_image_gone_after_a_crash_is_downloaded_again() {
     }
 }
 
+/// Power cuts during flashing, again and again: a start of flashing after a
+/// restart of the machine (another boot id) is no attempt, so four cuts in a
+/// row still end completed; restarts of the agent alone (the same boot id, a
+/// crash loop) give up after three. Before, the fourth start gave up with 50
+/// either way (`make powercut CUTS=100`, seed 795654798, round 15).
+#[test]
+fn power_cuts_during_flashing_are_no_attempts_but_crash_loops_are() {
+    let servers = Servers::from_env();
+    for reboots in [true, false] {
+        let (fw, req) = twelve_mib_upgrade(&servers, &format!("cuts-{reboots}"));
+        let dir = temp_dir();
+        let state = dir.path().join("state");
+        let target = dir.path().join("flash.bin");
+        let mut runs = Vec::new();
+        let mut input = vec![req.clone()];
+        let last = loop {
+            let n = runs.len();
+            let boot = format!("boot-{}", if reboots { n } else { 0 });
+            let mut env = HashMap::from([("FWAGENT_BOOT_ID", boot.as_str())]);
+            if n < 4 {
+                env.insert("FWAGENT_CRASH_AT", "mid-flash");
+            }
+            let run = run_stdio_upgrade(&state, &target, &input, &env, LONG);
+            input.clear();
+            if run.signal() != Some(libc::SIGKILL) {
+                break run;
+            }
+            assert!(
+                n < 4,
+                "reboots={reboots}: crashed without a crash point: {run}"
+            );
+            runs.push(run);
+        };
+        assert_eq!(last.code(), Some(0), "reboots={reboots}: {last}");
+        let ResultReport {
+            error_no,
+            phase,
+            description,
+            ..
+        } = only_result(&last);
+        if reboots {
+            assert_eq!(runs.len(), 4, "four cuts during flashing: {last}");
+            assert_eq!(
+                (error_no, phase.as_str()),
+                (0, "completed"),
+                "{description}"
+            );
+            assert_eq!(md5_file(&target), fw.md5, "the right image");
+        } else {
+            assert_eq!(runs.len(), 3, "the third restart gives up: {last}");
+            assert_eq!((error_no, phase.as_str()), (50, "failed"), "{description}");
+            assert!(
+                description.contains("gave up after 3 attempts at flashing"),
+                "{description}"
+            );
+        }
+    }
+}
+
 #[test]
 fn kill_9_at_random_moments_resumes_and_completes() {
     let servers = Servers::from_env();

@@ -257,6 +257,7 @@ impl AgentConfig {
             boot_tries: a.boot_tries.unwrap_or(flash_defaults.boot_tries).max(1),
         };
         let boot_tries = flash_options.boot_tries;
+        let flash_outlives_restarts = flash.outlives_restarts();
         Ok(AgentConfig {
             paths: Paths {
                 state_dir: a
@@ -281,6 +282,7 @@ impl AgentConfig {
                     .unwrap_or(defaults.backoff_base),
                 reports: !a.no_reports,
                 boot_tries,
+                flash_outlives_restarts,
                 ..defaults
             },
             transfer: Transfer {

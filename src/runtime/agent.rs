@@ -75,7 +75,7 @@ pub fn start(config: AgentConfig, store: Store) -> Result<(), StartError> {
     let upgrade = {
         let staging = staging.clone();
         Upgrade::start_in_arbiter(&Arbiter::new().handle(), move |_| {
-            Upgrade::new(store, policy, staging, transfer, protocols)
+            Upgrade::new(store, policy, staging, transfer, protocols, boot_id())
         })
     };
     let inbox = Inbox::new(parse, upgrade.clone().recipient());
@@ -150,4 +150,20 @@ pub fn start(config: AgentConfig, store: Store) -> Result<(), StartError> {
         }
     });
     Ok(())
+}
+
+/// What `FWAGENT_BOOT_ID` overrides: the tests restart the agent as if the
+/// machine had restarted by giving each run another boot id.
+const BOOT_ID_ENV: &str = "FWAGENT_BOOT_ID";
+
+/// The machine's boot id: Linux makes a new one at every boot
+/// (`/proc/sys/kernel/random/boot_id`). `None` where it cannot be read:
+/// then every start counts as an attempt.
+fn boot_id() -> Option<String> {
+    let id = match std::env::var(BOOT_ID_ENV) {
+        Ok(id) => id,
+        Err(_) => std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?,
+    };
+    let id = id.trim();
+    (!id.is_empty()).then(|| id.to_string())
 }

@@ -38,6 +38,22 @@ pub struct Policy {
     pub verify_attempts: u32,
     /// Starts of flashing allowed (only restarts repeat it).
     pub flash_attempts: u32,
+    /// Starts of one phase's work allowed after the machine itself
+    /// restarted (a power cut, a watchdog reset, a kernel panic: the boot id
+    /// differs from the one at the phase's last start). They are counted
+    /// apart from the attempts above, which count the agent's own restarts
+    /// within one boot: a crash loop the agent may cause, bounded tightly.
+    /// A restart of the machine is not the agent's doing, so it gets this
+    /// larger bound; bounded still, so a step that panics the kernel every
+    /// time ends failed rather than looping. Durable download progress
+    /// resets it like the attempts. Not for `awaiting_reboot`, whose boots
+    /// are the point ([`Policy::boot_checks`]).
+    pub machine_restarts: u32,
+    /// Whether a start of flashing after a restart of the machine counts
+    /// as one of [`Policy::machine_restarts`] (`file:`, `ab:`: the agent does
+    /// the writing) or as an attempt (`command:`: an installer may restart
+    /// the machine itself, and must not loop).
+    pub flash_outlives_restarts: bool,
     /// Trial boots the bootloader gives a new slot (`--boot-tries`); the
     /// boot checks allowed follow from it ([`Policy::boot_checks`]).
     pub boot_tries: u32,
@@ -59,6 +75,8 @@ impl Default for Policy {
             fetch_budget: 3,
             verify_attempts: 3,
             flash_attempts: 3,
+            machine_restarts: 10,
+            flash_outlives_restarts: true,
             boot_tries: 1,
             backoff_base: Duration::from_millis(1000),
             backoff_max: Duration::from_secs(30),
@@ -89,6 +107,21 @@ impl Policy {
     /// ([`Event::RebootPending`]).
     pub fn boot_checks(&self) -> u32 {
         self.boot_tries.saturating_add(2)
+    }
+
+    /// Whether a start of `phase` after a restart of the machine counts
+    /// against [`Policy::machine_restarts`] rather than the attempts.
+    fn outlives_restarts(&self, phase: Phase) -> bool {
+        match phase {
+            Phase::Downloading { .. } | Phase::Verifying => true,
+            Phase::Flashing => self.flash_outlives_restarts,
+            Phase::Accepted
+            | Phase::AwaitingReboot
+            | Phase::Completed
+            | Phase::Failed
+            | Phase::Cancelled
+            | Phase::RolledBack => false,
+        }
     }
 
     fn max_attempts(&self, phase: Phase) -> u32 {
@@ -125,8 +158,13 @@ impl Failure {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Event {
     /// The runtime (re)starts the current phase's work: right after the
-    /// accept, and after every restart of the agent. Counts as an attempt.
-    Start,
+    /// accept, and after every restart of the agent. Counts as an attempt,
+    /// or as a restart of the machine when `boot` (the machine's boot id,
+    /// `None` where it cannot be read) differs from the one at the last
+    /// start ([`Policy::machine_restarts`]).
+    Start {
+        boot: Option<String>,
+    },
     /// Bytes fetched so far (not yet durable).
     Progress {
         bytes_done: u64,
@@ -183,9 +221,12 @@ pub enum Event {
 }
 
 impl Event {
+    /// A start whose boot is not known: always an attempt.
+    pub const START: Event = Event::Start { boot: None };
+
     fn name(&self) -> &'static str {
         match self {
-            Event::Start => "start",
+            Event::Start { .. } => "start",
             Event::Progress { .. } => "progress",
             Event::Checkpoint { .. } => "checkpoint",
             Event::SourceChanged { .. } => "source changed",
@@ -365,6 +406,8 @@ pub fn on_request(view: &RequestView, incoming: Incoming, now: OffsetDateTime) -
         result: None,
         last_error: None,
         last_progress: None,
+        boot: None,
+        machine_restarts: 0,
         created_at: now,
         updated_at: now,
     };
@@ -410,12 +453,26 @@ pub fn transition(
     }
     let mut step = Step::new(job, now, policy);
     match event {
-        Event::Start => {
-            let attempts = job.attempts + 1;
-            if attempts > policy.max_attempts(phase) {
+        Event::Start { boot } => {
+            let rebooted = matches!((&job.boot, &boot), (Some(was), Some(now)) if was != now);
+            if boot.is_some() {
+                step.job.boot = boot;
+            }
+            let (attempts, restarts) = if rebooted && policy.outlives_restarts(phase) {
+                (job.attempts, job.machine_restarts + 1)
+            } else {
+                (job.attempts + 1, job.machine_restarts)
+            };
+            let exhausted = if attempts > policy.max_attempts(phase) {
+                Some(format!("{} attempts", job.attempts))
+            } else if restarts > policy.machine_restarts {
+                Some(format!("{} restarts of the machine", job.machine_restarts))
+            } else {
+                None
+            };
+            if let Some(count) = exhausted {
                 let why = format!(
-                    "gave up after {} attempts at {}{}",
-                    job.attempts,
+                    "gave up after {count} at {}{}",
                     phase.name(),
                     job.last_error
                         .as_deref()
@@ -438,6 +495,15 @@ pub fn transition(
                     "attempts exhausted",
                 ));
             }
+            step.job.machine_restarts = restarts;
+            let after = if restarts > job.machine_restarts {
+                format!(
+                    "after a restart of the machine ({restarts} of {})",
+                    policy.machine_restarts
+                )
+            } else {
+                format!("(attempt {attempts})")
+            };
             step.job.attempts = attempts;
             let id = job.id;
             match phase {
@@ -447,18 +513,15 @@ pub fn transition(
                     step.command(download(job, 0, Duration::ZERO));
                 }
                 Phase::Downloading { offset } => {
-                    step.log(
-                        format!("download resumed at byte {offset} (attempt {attempts})"),
-                        None,
-                    );
+                    step.log(format!("download resumed at byte {offset} {after}"), None);
                     step.command(download(job, offset, Duration::ZERO));
                 }
                 Phase::Verifying => {
-                    step.log(format!("verification restarted (attempt {attempts})"), None);
+                    step.log(format!("verification restarted {after}"), None);
                     step.command(Command::Verify { job: id });
                 }
                 Phase::Flashing => {
-                    step.log(format!("flashing restarted (attempt {attempts})"), None);
+                    step.log(format!("flashing restarted {after}"), None);
                     step.command(Command::Flash { job: id });
                 }
                 Phase::AwaitingReboot => {
@@ -493,6 +556,7 @@ pub fn transition(
                 // restart from zero that reaches the old offsets again is
                 // none.
                 step.job.attempts = 1;
+                step.job.machine_restarts = 0;
             }
             step.durable(before, offset);
             step.job.phase = Phase::Downloading { offset };
@@ -750,6 +814,7 @@ impl<'a> Step<'a> {
     fn enter(&mut self, phase: Phase, why: &str) {
         self.job.phase = phase;
         self.job.attempts = 1;
+        self.job.machine_restarts = 0;
         self.log(why.to_string(), None);
         self.progress_report();
     }

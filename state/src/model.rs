@@ -350,6 +350,14 @@ pub struct Job {
     /// The last error seen, retried or not.
     pub last_error: Option<String>,
     pub last_progress: Option<ProgressMark>,
+    /// The machine's boot id at this upgrade's last start, so a start after
+    /// a restart of the machine is told from one after an agent restart.
+    #[serde(default)]
+    pub boot: Option<String>,
+    /// Starts of the current phase after a restart of the machine
+    /// ([`crate::Policy::machine_restarts`]).
+    #[serde(default)]
+    pub machine_restarts: u32,
     #[serde(with = "time::serde::rfc3339")]
     pub created_at: OffsetDateTime,
     #[serde(with = "time::serde::rfc3339")]

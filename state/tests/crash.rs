@@ -105,7 +105,7 @@ fn next_event(job: &Job, rng: &mut Rng) -> Event {
         return Event::Cancel;
     }
     match job.phase {
-        Phase::Accepted => Event::Start,
+        Phase::Accepted => Event::START,
         Phase::Downloading { offset } => {
             if job.bytes_done >= size && offset >= size {
                 return Event::Downloaded;
@@ -132,7 +132,7 @@ fn next_event(job: &Job, rng: &mut Rng) -> Event {
             ok: rng.chance(70),
             detail: "health check".into(),
         },
-        Phase::Completed | Phase::Failed | Phase::Cancelled | Phase::RolledBack => Event::Start,
+        Phase::Completed | Phase::Failed | Phase::Cancelled | Phase::RolledBack => Event::START,
     }
 }
 
@@ -199,7 +199,7 @@ fn crash_child() {
             Some(job) => {
                 // After a restart the runtime starts the phase's work again.
                 let event = if restarted {
-                    Event::Start
+                    Event::START
                 } else {
                     next_event(&job, &mut rng)
                 };

@@ -31,7 +31,7 @@ fn only_ack(t: &Transition) -> &Ack {
 
 /// A job that has just started downloading.
 fn downloading() -> Job {
-    job_after(&job_in(Phase::Accepted), Event::Start, 0)
+    job_after(&job_in(Phase::Accepted), Event::START, 0)
 }
 
 fn at_phase(phase: Phase, attempts: u32) -> Job {
@@ -227,7 +227,7 @@ fn rejection_without_message_id_is_sent_not_recorded() {
 
 #[test]
 fn start_from_accepted_begins_the_download_and_reports_it() {
-    let t = apply(&job_in(Phase::Accepted), Event::Start, 5);
+    let t = apply(&job_in(Phase::Accepted), Event::START, 5);
     let job = t.job.clone().expect("job");
     assert_eq!(job.phase, Phase::Downloading { offset: 0 });
     assert_eq!(job.attempts, 1);
@@ -256,7 +256,7 @@ fn restart_while_downloading_resumes_at_the_committed_offset() {
         bytes_done: 700,
         ..at_phase(Phase::Downloading { offset: 512 }, 2)
     };
-    let t = apply(&job, Event::Start, 0);
+    let t = apply(&job, Event::START, 0);
     assert_eq!(t.job.as_ref().map(|j| j.attempts), Some(3));
     assert_eq!(
         t.commands,
@@ -278,7 +278,7 @@ fn restart_repeats_verify_flash_and_boot_check() {
         (Phase::Flashing, Command::Flash { job: 1 }),
         (Phase::AwaitingReboot, Command::CheckBoot { job: 1 }),
     ] {
-        let t = apply(&at_phase(phase, 1), Event::Start, 0);
+        let t = apply(&at_phase(phase, 1), Event::START, 0);
         let job = t.job.clone().expect("job");
         assert_eq!(job.phase, phase);
         assert_eq!(job.attempts, 2);
@@ -305,16 +305,141 @@ fn start_beyond_the_attempt_bound_fails_the_upgrade() {
         ),
     ] {
         // The last allowed start still runs...
-        let t = apply(&at_phase(phase, bound - 1), Event::Start, 0);
+        let t = apply(&at_phase(phase, bound - 1), Event::START, 0);
         assert_eq!(t.job.expect("job").phase, phase);
         // ...one more gives up, with a result report.
-        let t = apply(&at_phase(phase, bound), Event::Start, 0);
+        let t = apply(&at_phase(phase, bound), Event::START, 0);
         let job = t.job.clone().expect("job");
         assert_eq!(job.phase, Phase::Failed, "{phase:?}");
         assert_eq!(job.result.as_ref().map(|r| r.error_no), Some(error_no));
         assert_eq!(results(&t.outbox), vec![(PhaseName::Failed, error_no)]);
         assert_eq!(t.commands, vec![Command::Cleanup { job: 1 }]);
     }
+}
+
+fn start_on(boot: &str) -> Event {
+    Event::Start {
+        boot: Some(boot.into()),
+    }
+}
+
+/// A start on another boot than the last one follows a restart of the
+/// machine (a power cut): in downloading, verifying and flashing it is no
+/// attempt but one of `machine_restarts`, a larger bound; starts on the same
+/// boot (the agent restarted: a crash loop) are attempts as before.
+#[test]
+fn starts_after_a_restart_of_the_machine_are_counted_apart() {
+    let p = policy();
+    for (phase, error_no) in [
+        (Phase::Downloading { offset: 10 }, result_no::TRANSFER),
+        (Phase::Verifying, result_no::TRANSFER),
+        (Phase::Flashing, result_no::FLASH_FAILED),
+    ] {
+        let mut job = job_after(&at_phase(phase, 1), start_on("boot-0"), 0);
+        assert_eq!((job.attempts, job.machine_restarts), (2, 0), "{phase:?}");
+        for n in 1..=p.machine_restarts {
+            let t = apply(&job, start_on(&format!("boot-{n}")), 0);
+            job = t.job.expect("job");
+            assert_eq!(job.phase, phase, "{phase:?}: restart {n}");
+            assert_eq!((job.attempts, job.machine_restarts), (2, n), "{phase:?}");
+            let log = t.log.expect("a log line").event;
+            assert!(log.contains("after a restart of the machine"), "{log}");
+        }
+        // One more restart of the machine gives up...
+        let t = apply(&job, start_on("boot-x"), 0);
+        let failed = t.job.expect("job");
+        assert_eq!(failed.phase, Phase::Failed, "{phase:?}");
+        let result = failed.result.expect("a result");
+        assert_eq!(result.error_no, error_no);
+        assert!(
+            result.description.starts_with(&format!(
+                "gave up after {} restarts of the machine at",
+                p.machine_restarts
+            )),
+            "{}",
+            result.description
+        );
+        // ...and so does the agent restarting on the same boot, at its own bound.
+        while !job.phase.is_terminal() {
+            job = job_after(&job, start_on(&format!("boot-{}", p.machine_restarts)), 0);
+        }
+        assert!(
+            job.result
+                .expect("a result")
+                .description
+                .contains(" attempts at "),
+            "{phase:?}"
+        );
+    }
+}
+
+/// A start whose boot is not known, and the first start that records one,
+/// are attempts; `awaiting_reboot` counts every start as a boot check.
+#[test]
+fn unknown_boots_and_boot_checks_are_attempts() {
+    let job = job_after(
+        &at_phase(Phase::Downloading { offset: 10 }, 1),
+        Event::START,
+        0,
+    );
+    assert_eq!(
+        (job.attempts, job.machine_restarts, job.boot.clone()),
+        (2, 0, None)
+    );
+    let job = job_after(&job, start_on("boot-0"), 0);
+    assert_eq!((job.attempts, job.machine_restarts), (3, 0));
+    let job = job_after(&job, Event::START, 0);
+    assert_eq!((job.attempts, job.boot.as_deref()), (4, Some("boot-0")));
+    let boot = job_after(&at_phase(Phase::AwaitingReboot, 1), start_on("boot-0"), 0);
+    let boot = job_after(&boot, start_on("boot-1"), 0);
+    assert_eq!((boot.attempts, boot.machine_restarts), (3, 0));
+}
+
+/// `command:` installers may restart the machine themselves: with
+/// `flash_outlives_restarts` off, every start of flashing is an attempt.
+#[test]
+fn an_installer_that_restarts_the_machine_cannot_loop() {
+    let p = Policy {
+        flash_outlives_restarts: false,
+        ..policy()
+    };
+    let mut job = at_phase(Phase::Flashing, 1);
+    let mut n = 0;
+    while !job.phase.is_terminal() {
+        n += 1;
+        job = transition(&job, start_on(&format!("boot-{n}")), at_ms(0), &p)
+            .expect("allowed")
+            .job
+            .expect("job");
+    }
+    assert_eq!(n, p.flash_attempts);
+    assert_eq!(
+        job.result.expect("a result").error_no,
+        result_no::FLASH_FAILED
+    );
+}
+
+/// Durable progress resets the restarts of the machine with the attempts.
+#[test]
+fn download_progress_resets_the_restarts_of_the_machine() {
+    let mut job = job_after(
+        &at_phase(Phase::Downloading { offset: 10 }, 1),
+        start_on("a"),
+        0,
+    );
+    job = job_after(&job, start_on("b"), 0);
+    job = job_after(&job, start_on("c"), 0);
+    assert_eq!(job.machine_restarts, 2);
+    job.high_water = 10;
+    let job = job_after(
+        &job,
+        Event::Checkpoint {
+            offset: 20,
+            validator: None,
+        },
+        0,
+    );
+    assert_eq!((job.attempts, job.machine_restarts), (1, 0));
 }
 
 #[test]
@@ -326,7 +451,7 @@ fn download_attempts_are_bounded_across_restarts_and_retries() {
     // Alternate a restart and a retryable failure until the machine gives up.
     while !job.phase.is_terminal() {
         ms += 1000;
-        let t = apply(&job, Event::Start, ms);
+        let t = apply(&job, Event::START, ms);
         if t.commands
             .iter()
             .any(|c| matches!(c, Command::Download { .. }))
@@ -365,7 +490,7 @@ fn durable_progress_resets_the_attempt_count_so_many_crashes_can_finish() {
     // Far more restarts than the bound, each with a checkpoint in between.
     for round in 0..(3 * p.download_attempts) {
         let ms = 1000 * i64::from(round + 1);
-        job = job_after(&job, Event::Start, ms);
+        job = job_after(&job, Event::START, ms);
         assert_eq!(job.phase.name(), PhaseName::Downloading, "round {round}");
         let offset = u64::from(round) + 1;
         job = job_after(
@@ -883,7 +1008,7 @@ fn a_start_that_finds_the_reboot_still_pending_does_not_count() {
     let mut job = at_phase(Phase::AwaitingReboot, 0);
     // Far more agent starts than boot checks, each finding no reboot yet.
     for i in 0..(p.boot_checks() * 4) {
-        let t = apply(&job, Event::Start, i64::from(i));
+        let t = apply(&job, Event::START, i64::from(i));
         assert_eq!(t.commands, vec![Command::CheckBoot { job: 1 }]);
         job = t.job.expect("job");
         let t = apply(
@@ -901,9 +1026,9 @@ fn a_start_that_finds_the_reboot_still_pending_does_not_count() {
     }
     // Checks that do not end still count: the bound holds.
     for _ in 0..p.boot_checks() {
-        job = apply(&job, Event::Start, 100).job.expect("job");
+        job = apply(&job, Event::START, 100).job.expect("job");
     }
-    let t = apply(&job, Event::Start, 101);
+    let t = apply(&job, Event::START, 101);
     assert_eq!(
         results(&t.outbox),
         vec![(PhaseName::Failed, result_no::ROLLED_BACK)]
@@ -951,7 +1076,7 @@ fn cancel_is_refused_once_flashing_began() {
 
 fn every_event() -> Vec<Event> {
     vec![
-        Event::Start,
+        Event::START,
         Event::Progress { bytes_done: 1 },
         Event::Checkpoint {
             offset: 1,
@@ -990,7 +1115,7 @@ fn every_event() -> Vec<Event> {
 fn applies(event: &Event, phase: Phase) -> bool {
     let downloading = matches!(phase, Phase::Downloading { .. });
     match event {
-        Event::Start | Event::Cancel => true,
+        Event::Start { .. } | Event::Cancel => true,
         Event::Progress { .. }
         | Event::Checkpoint { .. }
         | Event::SourceChanged { .. }
@@ -1070,7 +1195,7 @@ fn run_to_end(policy: &Policy, reboot: bool) -> (Job, Vec<Outgoing>) {
     let accept = on_request(&RequestView::default(), valid("MID:a", &md5('a')), t0());
     let mut out = accept.outbox.clone();
     let mut job = accept.job.expect("accepted");
-    let mut events = vec![Event::Start];
+    let mut events = vec![Event::START];
     events.extend((1..=10).map(|i| Event::Progress {
         bytes_done: i * 100,
     }));
@@ -1081,7 +1206,7 @@ fn run_to_end(policy: &Policy, reboot: bool) -> (Job, Vec<Outgoing>) {
     ]);
     if reboot {
         events.extend([
-            Event::Start,
+            Event::START,
             Event::Booted {
                 ok: true,
                 detail: "ok".into(),
@@ -1172,7 +1297,7 @@ fn what_servers_say_reaches_no_record_or_report_with_a_credential_in_it() {
         last_error: Some("550 /home/user/fw.bin: no access".into()),
         ..at_phase(Phase::Downloading { offset: 0 }, policy().download_attempts)
     };
-    let t = apply(&old, Event::Start, 1);
+    let t = apply(&old, Event::START, 1);
     let result = t.job.expect("job").result.expect("gave up");
     assert!(
         result

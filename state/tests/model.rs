@@ -28,17 +28,25 @@ const MD5S: [char; 2] = ['a', 'b'];
 
 #[derive(Clone, Debug)]
 enum Ev {
-    Start,
+    /// A start on the boot with this number (`None`: not known).
+    Start(Option<u8>),
     Progress(u8),
     Checkpoint(u8),
     SourceChanged,
     Downloaded,
-    DownloadFailed { retryable: bool, durable: u8 },
+    DownloadFailed {
+        retryable: bool,
+        durable: u8,
+    },
     Verified,
     VerifyFailed,
-    Flashed { reboot: bool },
+    Flashed {
+        reboot: bool,
+    },
     FlashFailed,
-    Booted { ok: bool },
+    Booted {
+        ok: bool,
+    },
     RebootPending,
     Cancel,
 }
@@ -69,7 +77,7 @@ fn pct() -> impl Strategy<Value = u8> {
 
 fn ev() -> impl Strategy<Value = Ev> {
     prop_oneof![
-        3 => Just(Ev::Start),
+        3 => prop::option::weighted(0.7, 0u8..3).prop_map(Ev::Start),
         4 => pct().prop_map(Ev::Progress),
         2 => pct().prop_map(Ev::Checkpoint),
         1 => Just(Ev::SourceChanged),
@@ -119,6 +127,10 @@ struct MJob {
     fetched: u64,
     bytes: u64,
     attempts: u32,
+    /// The boot of the last start, and the starts of this phase after a
+    /// restart of the machine.
+    boot: Option<u8>,
+    restarts: u32,
     result: Option<u32>,
     /// The last progress report: percent, phase, when (ms).
     mark: Option<(u8, PhaseName, i64)>,
@@ -200,6 +212,8 @@ impl Model {
             fetched: 0,
             bytes: 0,
             attempts: 0,
+            boot: None,
+            restarts: 0,
             result: None,
             mark: None,
         });
@@ -242,6 +256,7 @@ impl Model {
     fn enter(&mut self, i: usize, phase: PhaseName) {
         self.jobs[i].phase = phase;
         self.jobs[i].attempts = 1;
+        self.jobs[i].restarts = 0;
         self.report_progress(i);
     }
 
@@ -266,7 +281,17 @@ impl Model {
         let p = Policy::default();
         let downloading = phase == PhaseName::Downloading;
         match ev {
-            Ev::Start => {
+            Ev::Start(boot) => {
+                let j = &mut self.jobs[i];
+                // A start on another boot than the last one follows a
+                // restart of the machine: downloading, verifying and
+                // flashing count it apart, against a larger bound.
+                let rebooted = j.boot.is_some() && boot.is_some() && j.boot != *boot;
+                j.boot = boot.or(j.boot);
+                let apart = matches!(
+                    phase,
+                    PhaseName::Downloading | PhaseName::Verifying | PhaseName::Flashing
+                );
                 let (max, error_no) = match phase {
                     PhaseName::Accepted | PhaseName::Downloading => {
                         (p.download_attempts, result_no::TRANSFER)
@@ -275,7 +300,13 @@ impl Model {
                     PhaseName::Flashing => (p.flash_attempts, result_no::FLASH_FAILED),
                     _ => (p.boot_checks(), result_no::ROLLED_BACK),
                 };
-                if self.jobs[i].attempts >= max {
+                if rebooted && apart {
+                    if j.restarts >= p.machine_restarts {
+                        self.finish(i, PhaseName::Failed, error_no);
+                    } else {
+                        j.restarts += 1;
+                    }
+                } else if self.jobs[i].attempts >= max {
                     self.finish(i, PhaseName::Failed, error_no);
                 } else if phase == PhaseName::Accepted {
                     self.enter(i, PhaseName::Downloading);
@@ -294,6 +325,7 @@ impl Model {
                     // Only durable progress beyond the highest offset ever
                     // reached resets the attempt count.
                     j.attempts = 1;
+                    j.restarts = 0;
                 }
                 j.fetched += offset.saturating_sub(j.offset);
                 j.high = j.high.max(offset);
@@ -383,7 +415,9 @@ impl Model {
 fn event_of(ev: &Ev) -> Event {
     let at = |pc: u8| u64::from(pc) * SIZE / 100;
     match ev {
-        Ev::Start => Event::Start,
+        Ev::Start(boot) => Event::Start {
+            boot: boot.map(|b| format!("boot-{b}")),
+        },
         Ev::Progress(pc) => Event::Progress {
             bytes_done: at(*pc),
         },
@@ -489,6 +523,7 @@ fn check(model: &Model, store: &Store) -> Result<(), TestCaseError> {
         prop_assert_eq!(job.phase.name(), m.phase);
         prop_assert_eq!(job.result.as_ref().map(|r| r.error_no), m.result);
         prop_assert_eq!(job.attempts, m.attempts);
+        prop_assert_eq!(job.machine_restarts, m.restarts);
         prop_assert_eq!(job.bytes_done, m.bytes);
         if let Phase::Downloading { offset } = job.phase {
             prop_assert_eq!(offset, m.offset);

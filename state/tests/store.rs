@@ -157,7 +157,7 @@ fn reports_get_device_message_ids_in_seq_order() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let store = open(tmp.path());
     submit(&store, "MID:a", &md5('a'));
-    let (_, started) = step(&store, Event::Start, 0);
+    let (_, started) = step(&store, Event::START, 0);
     assert_eq!(started.len(), 1);
     assert_eq!(started[0].seq, 2);
     assert_eq!(started[0].message_id, "MID:gw-7-2");
@@ -272,7 +272,7 @@ fn delivered_moves_an_entry_to_sent() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let store = open(tmp.path());
     submit(&store, "MID:a", &md5('a'));
-    step(&store, Event::Start, 0);
+    step(&store, Event::START, 0);
     store.delivered(1).expect("delivered");
     store.delivered(1).expect("delivering twice is harmless");
 
@@ -309,7 +309,7 @@ fn when_commit_returns_the_job_its_log_and_its_outbox_are_on_disk_together() {
     let (job, log, outbox) = {
         let store = open(tmp.path());
         submit(&store, "MID:a", &md5('a'));
-        step(&store, Event::Start, 0);
+        step(&store, Event::START, 0);
         step(&store, Event::Progress { bytes_done: 500 }, 3000);
         step(
             &store,
@@ -514,7 +514,7 @@ fn a_lazy_commit_takes_only_figures_is_read_at_once_and_made_durable_by_the_next
     {
         let store = open(tmp.path());
         submit(&store, "MID:lazy", &md5('l'));
-        step(&store, Event::Start, 1);
+        step(&store, Event::START, 1);
         // A progress figure with no report due: no log, outbox or command.
         let job = store.active().expect("read").expect("active");
         let t = transition(
@@ -584,7 +584,7 @@ fn an_ended_upgrade_and_its_delivered_reports_keep_no_credentials() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let store = open(tmp.path());
     submit(&store, "MID:a", &md5('a'));
-    step(&store, Event::Start, 0);
+    step(&store, Event::START, 0);
     let (t, entries) = step(&store, Event::Cancel, 1);
     // The result report still carries its own passPort to the cloud.
     let result = entries.last().expect("the result report");

@@ -63,6 +63,17 @@ pub enum FlashSpec {
     Command(String),
 }
 
+impl FlashSpec {
+    /// Whether a restart of the machine during flashing is a power cut the
+    /// agent suffered (`file:`, `ab:`: the agent does the writing), so it
+    /// does not count as an attempt (`Policy::flash_outlives_restarts`). An
+    /// installer (`command:`) may restart the machine itself; every start
+    /// of it counts, so one that does so on every run cannot loop.
+    pub fn outlives_restarts(&self) -> bool {
+        !matches!(self, FlashSpec::Command(_))
+    }
+}
+
 impl std::str::FromStr for FlashSpec {
     type Err = String;
 

@@ -69,6 +69,9 @@ pub struct Upgrade {
     /// answer yet): a stop waits for it.
     flashing: Option<JobId>,
     stopping: Option<Stopping>,
+    /// The machine's boot id, so the state machine tells a start after a
+    /// restart of the machine from one after a restart of the agent.
+    boot: Option<String>,
 }
 
 impl Upgrade {
@@ -78,8 +81,10 @@ impl Upgrade {
         staging: Staging,
         transfer: Transfer,
         protocols: HashSet<Protocol>,
+        boot: Option<String>,
     ) -> Self {
         Upgrade {
+            boot,
             store,
             policy,
             staging,
@@ -92,6 +97,13 @@ impl Upgrade {
             halted: false,
             flashing: None,
             stopping: None,
+        }
+    }
+
+    /// The (re)start of a job's current phase, on this boot.
+    fn start_event(&self) -> Event {
+        Event::Start {
+            boot: self.boot.clone(),
         }
     }
 
@@ -160,7 +172,7 @@ impl Upgrade {
         match command {
             Command::Begin { job: id } => ctx.notify(JobEvent {
                 job: *id,
-                event: Event::Start,
+                event: self.start_event(),
             }),
             Command::Download {
                 job: id,
@@ -257,7 +269,7 @@ impl Upgrade {
             });
             act.flash_calls -= 1;
             if booted {
-                <Self as Handler<JobEvent>>::handle(act, JobEvent { job: id, event: Event::Start }, ctx);
+                <Self as Handler<JobEvent>>::handle(act, JobEvent { job: id, event: act.start_event() }, ctx);
             } else {
                 act.boot_settled = true;
             }
@@ -336,7 +348,7 @@ impl Handler<Wire> for Upgrade {
                     tracing::info!(upgrade = %job.request.message_id, phase = %job.phase.name(), "resuming");
                     ctx.notify(JobEvent {
                         job: job.id,
-                        event: Event::Start,
+                        event: self.start_event(),
                     });
                 }
             }

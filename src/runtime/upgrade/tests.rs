@@ -150,6 +150,7 @@ async fn a_request_is_committed_before_its_ack_goes_out_and_its_download_starts(
         staging,
         Transfer::default(),
         protocols,
+        Some("boot-1".into()),
     )
     .start();
     upgrade

@@ -71,6 +71,8 @@ pub fn job_in(phase: Phase) -> Job {
         result: None,
         last_error: None,
         last_progress: None,
+        boot: None,
+        machine_restarts: 0,
         created_at: t0(),
         updated_at: t0(),
     }
