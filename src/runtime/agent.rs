@@ -4,13 +4,13 @@
 //! flags and a file and calls [`start`] inside the actix system.
 
 use super::download::{Download, Fetchers};
+use super::flash::staging::{Staging, StagingPeer};
 use super::flash::{Flash, FlashOptions, FlashSpec};
 use super::ftp::FtpFetcher;
 use super::http::HttpFetcher;
 use super::messaging::mqtt::{Mqtt, MqttSettings};
 use super::messaging::stdio::Stdio;
 use super::messaging::{Inbox, Messaging, Transport};
-use super::staging::Staging;
 use super::upgrade::{Upgrade, Wire};
 use super::verify::Verify;
 use super::{Paths, Shutdown, Transfer};
@@ -72,28 +72,28 @@ pub fn start(config: AgentConfig, store: Store) -> Result<(), StartError> {
     } = config;
     let control_socket = paths.control_socket();
     let staging = Staging::new(paths, &flash);
-    let upgrade = {
-        let staging = staging.clone();
-        Upgrade::start_in_arbiter(&Arbiter::new().handle(), move |_| {
-            Upgrade::new(store, policy, staging, transfer, protocols, boot_id())
+    let upgrade = Upgrade::start_in_arbiter(&Arbiter::new().handle(), move |_| {
+        Upgrade::new(store, policy, transfer, protocols, boot_id())
+    });
+    let inbox = Inbox::new(parse, upgrade.clone().recipient(), staging.clone());
+    let events = upgrade.clone().recipient();
+    let flash = {
+        let (events, staging) = (events.clone(), staging.clone());
+        Flash::start_in_arbiter(&Arbiter::new().handle(), move |_| {
+            Flash::new(flash, flash_options, staging, events)
         })
     };
-    let inbox = Inbox::new(parse, upgrade.clone().recipient());
-    let events = upgrade.clone().recipient();
     let verify = {
         let events = events.clone();
-        Verify::start_in_arbiter(&Arbiter::new().handle(), move |_| Verify::new(events))
+        Verify::start_in_arbiter(&Arbiter::new().handle(), move |_| {
+            Verify::new(events, staging)
+        })
     };
     let download = {
         let (events, verify) = (events.clone(), verify.clone().recipient());
+        let staging = StagingPeer::of(&flash);
         Download::start_in_arbiter(&Arbiter::new().handle(), move |_| {
             Download::new(fetchers, staging, events, verify)
-        })
-    };
-    let flash = {
-        let events = events.clone();
-        Flash::start_in_arbiter(&Arbiter::new().handle(), move |_| {
-            Flash::new(flash, flash_options, events)
         })
     };
     let transport: Box<dyn Transport> = match transport.as_str() {
@@ -120,6 +120,8 @@ pub fn start(config: AgentConfig, store: Store) -> Result<(), StartError> {
         verify: verify.recipient(),
         reboot: flash.clone().recipient(),
         check_boot: flash.clone().recipient(),
+        end: flash.clone().recipient(),
+        remove_stale: flash.clone().recipient(),
         flash: flash.recipient(),
     });
     crate::control::serve(

@@ -19,7 +19,6 @@ pub mod flash;
 pub mod ftp;
 pub mod http;
 pub mod messaging;
-pub mod staging;
 #[cfg(test)]
 mod stand_in;
 pub mod upgrade;
@@ -45,6 +44,9 @@ pub const UNCOMMITTED: u64 = u64::MAX;
 #[rtype(result = "()")]
 pub struct Request {
     pub incoming: Incoming,
+    /// The largest image there is room for, if known, measured as the
+    /// request came in ([`flash::staging::Staging::room`]).
+    pub free_bytes: Option<u64>,
     /// Told the ack once the decision is committed (control socket `submit`,
     /// MQTT manual acknowledgement).
     pub reply: Option<tokio::sync::oneshot::Sender<Ack>>,

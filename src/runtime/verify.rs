@@ -17,6 +17,7 @@
 //! writes (50), not a bad download (1). The read-back runs here, beside the
 //! transfer, one checkpoint behind it.
 
+use super::flash::staging::Staging;
 use super::JobEvent;
 use crate::{crash, fsutil};
 use actix::prelude::*;
@@ -65,12 +66,9 @@ pub enum VerifyMsg {
         to: u64,
         crc: u32,
     },
-    /// The image is complete at `path`: check it against `firmware`.
-    Finish {
-        job: JobId,
-        path: PathBuf,
-        firmware: Firmware,
-    },
+    /// The image is complete (where [`Staging::image`] finds it): check it
+    /// against `firmware`.
+    Finish { job: JobId, firmware: Firmware },
     /// Drop a job's state (cancelled).
     Forget { job: JobId },
 }
@@ -78,15 +76,18 @@ pub enum VerifyMsg {
 pub struct Verify {
     jobs: HashMap<JobId, Hashing>,
     events: Recipient<JobEvent>,
+    /// Where a job's image is (read only: the Flash actor owns it).
+    staging: Staging,
     /// The read-back buffer, allocated on the first slot download.
     buf: Vec<u8>,
 }
 
 impl Verify {
-    pub fn new(events: Recipient<JobEvent>) -> Self {
+    pub fn new(events: Recipient<JobEvent>, staging: Staging) -> Self {
         Verify {
             jobs: HashMap::new(),
             events,
+            staging,
             buf: Vec::new(),
         }
     }
@@ -309,12 +310,9 @@ impl Handler<VerifyMsg> for Verify {
                     self.jobs.remove(&job);
                 }
             }
-            VerifyMsg::Finish {
-                job,
-                path,
-                firmware,
-            } => {
+            VerifyMsg::Finish { job, firmware } => {
                 crash::point("mid-verify");
+                let path = self.staging.image(job, &firmware);
                 let event = check(&path, &firmware, self.jobs.remove(&job));
                 tracing::info!(
                     job = job,
@@ -332,6 +330,7 @@ impl Handler<VerifyMsg> for Verify {
 
 #[cfg(test)]
 mod tests {
+    use super::super::flash::FlashSpec;
     use super::*;
 
     fn firmware_of(bytes: &[u8]) -> Firmware {
@@ -346,11 +345,17 @@ mod tests {
     /// then holds `on_medium`, verified against `firmware`.
     async fn verify_slot(on_medium: &[u8], received: &[u8], firmware: Firmware) -> Event {
         let dir = tempfile::tempdir().expect("temp dir");
-        let path = dir.path().join("slot-b");
-        std::fs::write(&path, on_medium).expect("write the slot");
-        let (events, mut rx) = super::super::stand_in::events();
-        let verify = Verify::new(events).start();
+        let paths = super::super::Paths {
+            state_dir: dir.path().to_path_buf(),
+        };
         let job = 7;
+        // Where Staging finds job 7's image (with file: it is not in a slot).
+        let path = paths.part(job);
+        std::fs::create_dir_all(paths.downloads()).expect("mkdir");
+        std::fs::write(&path, on_medium).expect("write the image");
+        let staging = Staging::new(paths, &FlashSpec::File("unused".into()));
+        let (events, mut rx) = super::super::stand_in::events();
+        let verify = Verify::new(events, staging).start();
         let prime = VerifyMsg::Prime {
             job,
             path: path.clone(),
@@ -364,11 +369,7 @@ mod tests {
             let durable = VerifyMsg::Durable { job, from, to, crc };
             verify.send(durable).await.expect("read back");
         }
-        let finish = VerifyMsg::Finish {
-            job,
-            path,
-            firmware,
-        };
+        let finish = VerifyMsg::Finish { job, firmware };
         verify.send(finish).await.expect("finished");
         let event = super::super::stand_in::next_event(&mut rx).await;
         assert_eq!(event.job, job);

@@ -12,7 +12,7 @@ mod sink;
 
 pub use sink::Sink;
 
-use super::staging::Staging;
+use super::flash::staging::{Discard, Stage, StagingPeer};
 use super::verify::VerifyMsg;
 pub use super::BoxFuture;
 use super::{JobEvent, Transfer};
@@ -21,7 +21,6 @@ use actix::prelude::*;
 use disk::Gate;
 use fwagent_state::{result_no, Event, Failure, Firmware, JobId, Protocol, Redactor, Source};
 use std::collections::HashMap;
-use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -97,7 +96,7 @@ impl Fetchers {
 
 pub struct Download {
     fetchers: Fetchers,
-    staging: Staging,
+    staging: StagingPeer,
     events: Recipient<JobEvent>,
     verifier: Recipient<VerifyMsg>,
     running: HashMap<JobId, Running>,
@@ -122,7 +121,7 @@ impl Running {
 impl Download {
     pub fn new(
         fetchers: Fetchers,
-        staging: Staging,
+        staging: StagingPeer,
         events: Recipient<JobEvent>,
         verifier: Recipient<VerifyMsg>,
     ) -> Self {
@@ -151,7 +150,7 @@ impl Handler<StartDownload> for Download {
         let events = self.events.clone();
         let verifier = self.verifier.clone();
         let fetcher = self.fetchers.0.get(&msg.fetch.source.protocol).cloned();
-        let staging = self.staging.clone();
+        let stage = self.staging.stage.clone();
         let (stop, mut stopped) = tokio::sync::watch::channel(false);
         let gate = Gate::default();
         let writer_gate = gate.clone();
@@ -163,7 +162,7 @@ impl Handler<StartDownload> for Download {
                 }
             }
             let peers = (events.clone(), verifier);
-            let ended = run(msg, fetcher, &staging, peers, writer_gate, stopped).await;
+            let ended = run(msg, fetcher, &stage, peers, writer_gate, stopped).await;
             if let Some(event) = ended {
                 events.do_send(JobEvent { job, event });
             }
@@ -211,18 +210,7 @@ impl Handler<AbortDownload> for Download {
         }
         self.verifier.do_send(VerifyMsg::Forget { job: msg.job });
         if msg.discard {
-            self.staging.discard(msg.job);
-        }
-    }
-}
-
-/// Remove a job's partial file; a missing one is fine, a failure is logged.
-pub fn remove_partial(job: JobId, part: &std::path::Path) {
-    match std::fs::remove_file(part) {
-        Ok(()) => tracing::debug!(job = job, "partial file removed"),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => {
-            tracing::warn!(job = job, path = %part.display(), error = %e, "cannot remove the partial file")
+            self.staging.discard.do_send(Discard { job: msg.job });
         }
     }
 }
@@ -232,7 +220,7 @@ pub fn remove_partial(job: JobId, part: &std::path::Path) {
 async fn run(
     msg: StartDownload,
     fetcher: Option<Arc<dyn Fetcher>>,
-    staging: &Staging,
+    stage: &Recipient<Stage>,
     peers: (Recipient<JobEvent>, Recipient<VerifyMsg>),
     gate: Gate,
     mut stop: tokio::sync::watch::Receiver<bool>,
@@ -247,7 +235,17 @@ async fn run(
             durable_offset: msg.offset,
         });
     };
-    let opened = match staging.open(msg.fetch.job, &msg.fetch.firmware) {
+    let staged = stage.send(Stage {
+        job: msg.fetch.job,
+        firmware: msg.fetch.firmware.clone(),
+    });
+    let staged = tokio::select! {
+        staged = staged => staged.unwrap_or_else(|e| {
+            Err(Failure::new(result_no::FLASH_FAILED, format!("the flash actor did not stage the image: {e}"), false))
+        }),
+        _ = stop.wait_for(|s| *s) => return None,
+    };
+    let opened = match staged {
         Ok(staged) => {
             let validator = msg.validator.clone();
             let open = Sink::open(&msg.fetch, staged, msg.offset, validator, peers, gate);

@@ -1,5 +1,5 @@
 //! The [`Sink`] every protocol's fetcher writes through: it appends to the
-//! partial file or the slot that [`Staging`](super::super::staging::Staging)
+//! partial file or the slot that [`Staging`](super::super::flash::staging::Staging)
 //! names, never past the declared size, hands each batch to the Verify
 //! actor (for a slot: each fsynced range, to be read back from the medium
 //! and hashed there), has a checkpoint fsynced and reported every
@@ -9,11 +9,11 @@
 //! trickles in below `Transfer::min_rate` (a server that drips a byte a
 //! second would otherwise never trip the idle timeout).
 
-use super::super::staging::Staged;
+use super::super::flash::staging::{remove_partial, Staged};
 use super::super::verify::VerifyMsg;
 use super::super::JobEvent;
 use super::disk::{Disk, Gate, Target};
-use super::{remove_partial, FetchJob};
+use super::FetchJob;
 use crate::fsutil;
 use actix::prelude::*;
 use bytes::{Bytes, BytesMut};

@@ -162,7 +162,7 @@ impl BootControl {
     }
 
     /// The record, or a fresh one (stored) when there is none.
-    pub fn load_or_create(dir: &Path) -> Result<Self, AbError> {
+    pub(super) fn load_or_create(dir: &Path) -> Result<Self, AbError> {
         if let Some(record) = Self::load(dir)? {
             return Ok(record);
         }
@@ -237,12 +237,11 @@ impl BootControl {
 
     /// Replace `DIR/bootctl.json` atomically. `crash_at` names the crash
     /// point between the fsynced temporary file and the rename.
-    pub fn store(&self, dir: &Path, crash_at: &str) -> Result<(), AbError> {
-        // The Download actor (staging) and the Flash actor both write the
-        // record, never in the same phase; the lock keeps even a mistake
-        // from interleaving two writers in the temporary file.
-        static WRITER: std::sync::Mutex<()> = std::sync::Mutex::new(());
-        let _writer = WRITER.lock().unwrap_or_else(|e| e.into_inner());
+    ///
+    /// Only the `flash` module writes the record (the visibility says so),
+    /// and only on the Flash actor's thread: staging, clean-up, the switch
+    /// and the commit are all its messages.
+    pub(super) fn store(&self, dir: &Path, crash_at: &str) -> Result<(), AbError> {
         let path = dir.join(RECORD);
         let tmp = dir.join(RECORD_TMP);
         let mut text = serde_json::to_vec(self).map_err(|e| AbError::Format {
@@ -321,7 +320,7 @@ impl Slots {
 /// upgrade's (its durable prefix may be resumed; never with `fresh`). Unless
 /// they are, every reference to the slot is cleared and the upgrade noted as
 /// `writing` in one atomic write, before the first byte goes in.
-pub fn stage(
+pub(super) fn stage(
     dir: &Path,
     job: u64,
     md5: &str,
@@ -360,7 +359,7 @@ pub fn staged(dir: &Path, job: u64, md5: &str) -> Option<PathBuf> {
 
 /// Upgrade `job` is over (or no longer under way): drop its `writing` note.
 /// The slot keeps its bytes; nothing points at it.
-pub fn unstage(dir: &Path, job: Option<u64>) -> Result<(), AbError> {
+pub(super) fn unstage(dir: &Path, job: Option<u64>) -> Result<(), AbError> {
     let Some(mut record) = BootControl::load(dir)? else {
         return Ok(());
     };
@@ -378,7 +377,7 @@ pub fn unstage(dir: &Path, job: Option<u64>) -> Result<(), AbError> {
 /// download): take back a trial boot still pending for it, so the device
 /// never boots an image the cloud was told failed. The slot keeps its bytes
 /// and its `md5`; nothing points at it. Returns whether there was one.
-pub fn withdraw_trial(dir: &Path, md5: Option<&str>) -> Result<bool, AbError> {
+pub(super) fn withdraw_trial(dir: &Path, md5: Option<&str>) -> Result<bool, AbError> {
     let Some(mut record) = BootControl::load(dir)? else {
         return Ok(false);
     };

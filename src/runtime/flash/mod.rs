@@ -7,7 +7,7 @@
 //!   writes, drops the written pages and reads them back from the medium;
 //!   the md5 of what was read must be the verified one.
 //! - `--flash ab:DIR`: the download has already streamed the image into the
-//!   inactive one of two slots (`super::staging`) and verification hashed it
+//!   inactive one of two slots ([`staging`]) and verification hashed it
 //!   as read back from the medium; this fsyncs it (and its directory) and
 //!   points the boot-control record's next-boot at it (an image left in
 //!   `downloads/` by another `--flash` is copied in first, as for `file:`)
@@ -29,6 +29,7 @@
 pub mod ab;
 mod command;
 mod file;
+pub mod staging;
 
 pub use command::install;
 pub use file::{file_target, write_file, FileTarget};
@@ -40,6 +41,7 @@ use crate::exec::run_shell;
 use ab::{BootControl, Slot, Slots, Trial, Verdict};
 use actix::prelude::*;
 use fwagent_state::{result_no, Event, Failure, Firmware, JobId};
+use staging::Staging;
 use std::fmt;
 use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
@@ -125,12 +127,11 @@ impl Default for FlashOptions {
     }
 }
 
-/// Install a verified image.
+/// Install `job`'s verified image (from where [`Staging::image`] finds it).
 #[derive(Message, Debug)]
 #[rtype(result = "()")]
 pub struct FlashImage {
     pub job: JobId,
-    pub image: PathBuf,
     pub firmware: Firmware,
 }
 
@@ -165,17 +166,26 @@ pub struct BootCheck {
     pub reboot: bool,
 }
 
+/// The owner of the flash target: staging, the writes, every write of the
+/// boot-control record, the reboot and the boot check.
 pub struct Flash {
     spec: FlashSpec,
     options: FlashOptions,
+    staging: Staging,
     events: Recipient<JobEvent>,
 }
 
 impl Flash {
-    pub fn new(spec: FlashSpec, options: FlashOptions, events: Recipient<JobEvent>) -> Self {
+    pub fn new(
+        spec: FlashSpec,
+        options: FlashOptions,
+        staging: Staging,
+        events: Recipient<JobEvent>,
+    ) -> Self {
         Flash {
             spec,
             options,
+            staging,
             events,
         }
     }
@@ -374,11 +384,12 @@ impl Handler<FlashImage> for Flash {
 
     fn handle(&mut self, msg: FlashImage, _ctx: &mut Context<Self>) {
         tracing::info!(job = msg.job, target = %self.spec, "flashing");
-        if let Err(e) = std::fs::metadata(&msg.image) {
+        let image = self.staging.image(msg.job, &msg.firmware);
+        if let Err(e) = std::fs::metadata(&image) {
             if e.kind() == std::io::ErrorKind::NotFound {
                 // Verified, then lost (a power cut took its directory entry,
                 // someone removed it): fetch it again rather than fail.
-                let detail = format!("the image {} is gone: {e}", msg.image.display());
+                let detail = format!("the image {} is gone: {e}", image.display());
                 let event = Event::ImageMissing { detail };
                 return self.events.do_send(JobEvent {
                     job: msg.job,
@@ -387,15 +398,12 @@ impl Handler<FlashImage> for Flash {
             }
         }
         let done = match &self.spec {
-            FlashSpec::File(target) => {
-                write_file(&msg.image, target, &msg.firmware).map(|()| false)
-            }
+            FlashSpec::File(target) => write_file(&image, target, &msg.firmware).map(|()| false),
             FlashSpec::Ab(dir) => {
-                flash_ab(dir, &msg.image, &msg.firmware, self.options.boot_tries).map(|_| true)
+                flash_ab(dir, &image, &msg.firmware, self.options.boot_tries).map(|_| true)
             }
             FlashSpec::Command(cmd) => {
-                install(cmd, &msg.image, &msg.firmware, self.options.command_timeout)
-                    .map(|()| false)
+                install(cmd, &image, &msg.firmware, self.options.command_timeout).map(|()| false)
             }
         };
         let event = match done {
@@ -639,16 +647,25 @@ mod tests {
     }
 
     /// Start a Flash actor for `spec` on its own arbiter (as the agent
-    /// does), send it `msg` and return the event it reports.
-    async fn flash_once(spec: FlashSpec, msg: FlashImage) -> Event {
+    /// does), with the state directory `state`, have it flash job 9 and
+    /// return the event it reports.
+    async fn flash_once(spec: FlashSpec, state: &Path, firmware: &Firmware) -> Event {
         let (events, mut rx) = super::super::stand_in::events();
         let options = FlashOptions {
             reboot_command: None,
             ..FlashOptions::default()
         };
+        let paths = crate::runtime::Paths {
+            state_dir: state.to_path_buf(),
+        };
+        let staging = Staging::new(paths, &spec);
         let flash = Flash::start_in_arbiter(&Arbiter::new().handle(), move |_| {
-            Flash::new(spec, options, events)
+            Flash::new(spec, options, staging, events)
         });
+        let msg = FlashImage {
+            job: 9,
+            firmware: firmware.clone(),
+        };
         flash.send(msg).await.expect("handled");
         let event = super::super::stand_in::next_event(&mut rx).await;
         assert_eq!(event.job, 9);
@@ -659,23 +676,22 @@ mod tests {
     async fn the_flash_actor_reports_flashed_failed_or_missing() {
         let dir = tempfile::tempdir().expect("temp dir");
         let (img, fw) = image(dir.path(), b"new image");
+        // Job 9's image where the download leaves it.
+        let state = dir.path().join("state");
+        std::fs::create_dir_all(state.join("downloads")).expect("mkdir");
+        std::fs::copy(&img, state.join("downloads/9.part")).expect("the image");
         let target = dir.path().join("mmcblk0p3");
         std::fs::write(&target, b"old").expect("target");
-        let msg = |image: &Path, firmware: &Firmware| FlashImage {
-            job: 9,
-            image: image.to_path_buf(),
-            firmware: firmware.clone(),
-        };
         let file = FlashSpec::File(target.clone());
         assert_eq!(
-            flash_once(file.clone(), msg(&img, &fw)).await,
+            flash_once(file.clone(), &state, &fw).await,
             Event::Flashed { reboot: false }
         );
         assert_eq!(std::fs::read(&target).expect("read"), b"new image");
 
         // An image gone since it was verified: fetch it again, not 50.
         let gone = dir.path().join("gone");
-        let event = flash_once(file.clone(), msg(&gone, &fw)).await;
+        let event = flash_once(file.clone(), &gone, &fw).await;
         assert!(matches!(event, Event::ImageMissing { .. }), "{event:?}");
 
         // A target that does not match after the write: 50.
@@ -683,7 +699,7 @@ mod tests {
             md5: "0".repeat(32),
             ..fw.clone()
         };
-        match flash_once(file, msg(&img, &wrong)).await {
+        match flash_once(file, &state, &wrong).await {
             Event::FlashFailed { failure } => {
                 assert_eq!(failure.error_no, result_no::FLASH_FAILED)
             }
@@ -695,7 +711,7 @@ mod tests {
         std::fs::create_dir(&slots).expect("mkdir");
         let ab = FlashSpec::Ab(slots.clone());
         assert_eq!(
-            flash_once(ab, msg(&img, &fw)).await,
+            flash_once(ab, &state, &fw).await,
             Event::Flashed { reboot: true }
         );
         assert_eq!(

@@ -13,6 +13,7 @@
 pub mod mqtt;
 pub mod stdio;
 
+use super::flash::staging::Staging;
 use super::{BoxFuture, Delivered, InputClosed, Request, UNCOMMITTED};
 use crate::crash;
 use crate::protocol::{self, ParseOptions};
@@ -53,13 +54,31 @@ pub trait Transport: Send + 'static {
 pub struct Inbox {
     parse: Arc<ParseOptions>,
     upgrade: Recipient<Request>,
+    /// Measures the room for a request's image before it is decided, so
+    /// the Upgrade actor does no file I/O.
+    staging: Staging,
 }
 
 impl Inbox {
-    pub fn new(parse: ParseOptions, upgrade: Recipient<Request>) -> Inbox {
+    pub fn new(parse: ParseOptions, upgrade: Recipient<Request>, staging: Staging) -> Inbox {
         Inbox {
             parse: Arc::new(parse),
             upgrade,
+            staging,
+        }
+    }
+
+    /// A parsed request as the Upgrade actor takes it: a valid one with the
+    /// room there is for its image.
+    fn request(&self, incoming: Incoming, reply: Option<oneshot::Sender<Ack>>) -> Request {
+        let free_bytes = match &incoming {
+            Incoming::Valid(_) => self.staging.room(),
+            Incoming::Invalid(_) => None,
+        };
+        Request {
+            incoming,
+            free_bytes,
+            reply,
         }
     }
 
@@ -96,10 +115,7 @@ impl Inbox {
     /// is full (back-pressure for a blocking reader such as stdin). `false`
     /// when the Upgrade actor is gone.
     pub fn hand_on_blocking(&self, incoming: Incoming) -> bool {
-        let mut request = Request {
-            incoming,
-            reply: None,
-        };
+        let mut request = self.request(incoming, None);
         loop {
             match self.upgrade.try_send(request) {
                 Ok(()) => return true,
@@ -119,12 +135,7 @@ impl Inbox {
         incoming: Incoming,
         reply: oneshot::Sender<Ack>,
     ) -> Result<(), MailboxError> {
-        self.upgrade
-            .send(Request {
-                incoming,
-                reply: Some(reply),
-            })
-            .await
+        self.upgrade.send(self.request(incoming, Some(reply))).await
     }
 
     /// A parser that keeps the order requests came in: each is parsed (off
@@ -136,10 +147,7 @@ impl Inbox {
             while let Some(Raw { bytes, reply }) = rx.recv().await {
                 // A parser failure drops `reply`: no decision, no ack.
                 if let Some(incoming) = self.parse(bytes).await {
-                    self.upgrade.do_send(Request {
-                        incoming,
-                        reply: Some(reply),
-                    });
+                    self.upgrade.do_send(self.request(incoming, Some(reply)));
                 }
             }
         });
@@ -254,7 +262,11 @@ mod tests {
     /// What the stand-in Upgrade actor was told.
     #[derive(Debug)]
     enum Seen {
-        Request { incoming: Incoming, reply: bool },
+        Request {
+            incoming: Incoming,
+            free_bytes: Option<u64>,
+            reply: bool,
+        },
         Delivered(u64),
     }
 
@@ -270,6 +282,7 @@ mod tests {
             let reply = msg.reply.is_some();
             let _ = self.0.send(Seen::Request {
                 incoming: msg.incoming,
+                free_bytes: msg.free_bytes,
                 reply,
             });
         }
@@ -337,7 +350,16 @@ mod tests {
     fn start(transport: StandInTransport) -> (Addr<Messaging>, mpsc::UnboundedReceiver<Seen>) {
         let (seen, rx) = mpsc::unbounded_channel();
         let upgrade = StandInUpgrade(seen).start();
-        let inbox = Inbox::new(ParseOptions::default(), upgrade.clone().recipient());
+        // file: staging in the temporary directory: the room there is measured.
+        let paths = crate::runtime::Paths {
+            state_dir: std::env::temp_dir(),
+        };
+        let staging = Staging::new(paths, &crate::runtime::flash::FlashSpec::File("t".into()));
+        let inbox = Inbox::new(
+            ParseOptions::default(),
+            upgrade.clone().recipient(),
+            staging,
+        );
         let messaging = Messaging::new(
             Box::new(transport),
             inbox,
@@ -369,6 +391,7 @@ mod tests {
             match seen.recv().await {
                 Some(Seen::Request {
                     incoming: Incoming::Invalid(ack),
+                    free_bytes: None,
                     reply: true,
                 }) => assert_eq!(ack.result.error_no, ack_no::MALFORMED, "{ack:?}"),
                 other => panic!("the malformed request first: {other:?}"),
@@ -376,6 +399,7 @@ mod tests {
             match seen.recv().await {
                 Some(Seen::Request {
                     incoming: Incoming::Valid(req),
+                    free_bytes: Some(_),
                     reply: true,
                 }) => assert_eq!(
                     req.message_id,

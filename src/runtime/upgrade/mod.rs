@@ -10,9 +10,9 @@
 //! `stop`; what the control socket asks of it is `control`.
 
 use super::download::{AbortDownload, Drain, FetchJob, StartDownload};
+use super::flash::staging::{EndJob, RemoveStale};
 use super::flash::{BootCheck, CheckBoot, FlashImage, RequestReboot};
 use super::messaging::{Listen, Outbound};
-use super::staging::Staging;
 use super::verify::VerifyMsg;
 use super::{Delivered, JobEvent, Request, Transfer, UNCOMMITTED};
 use crate::crash;
@@ -44,18 +44,19 @@ pub struct Wire {
     pub flash: Recipient<FlashImage>,
     pub reboot: Recipient<RequestReboot>,
     pub check_boot: Recipient<CheckBoot>,
+    pub end: Recipient<EndJob>,
+    pub remove_stale: Recipient<RemoveStale>,
 }
 
 pub struct Upgrade {
     store: Store,
     policy: Policy,
-    staging: Staging,
     transfer: Transfer,
     protocols: HashSet<Protocol>,
     peers: Option<Wire>,
     input_closed: bool,
-    /// Reboot requests and boot checks the Flash actor has not answered yet:
-    /// the agent does not exit before they are done.
+    /// Reboot requests, boot checks and clean-ups the Flash actor has not
+    /// answered yet: the agent does not exit before they are done.
     flash_calls: u32,
     /// This process has asked for the reboot or checked the boot: an upgrade
     /// in `awaiting_reboot` has nothing more to do here. (Until then, with
@@ -78,7 +79,6 @@ impl Upgrade {
     pub fn new(
         store: Store,
         policy: Policy,
-        staging: Staging,
         transfer: Transfer,
         protocols: HashSet<Protocol>,
         boot: Option<String>,
@@ -87,7 +87,6 @@ impl Upgrade {
             boot,
             store,
             policy,
-            staging,
             transfer,
             protocols,
             peers: None,
@@ -98,6 +97,28 @@ impl Upgrade {
             flashing: None,
             stopping: None,
         }
+    }
+
+    /// Wait for the Flash actor's answer to `call` (the agent does not exit
+    /// before it), then `then`.
+    fn flash_call<M>(
+        &mut self,
+        call: actix::dev::RecipientRequest<M>,
+        ctx: &mut Context<Self>,
+        then: impl FnOnce(&mut Self, &mut Context<Self>) + 'static,
+    ) where
+        M: actix::Message + Send + 'static,
+        M::Result: Send,
+    {
+        self.flash_calls += 1;
+        ctx.spawn(call.into_actor(self).map(move |answer, act, ctx| {
+            if let Err(e) = answer {
+                tracing::error!(error = %e, "the flash actor did not answer");
+            }
+            act.flash_calls -= 1;
+            then(act, ctx);
+            act.maybe_exit();
+        }));
     }
 
     /// The (re)start of a job's current phase, on this boot.
@@ -192,14 +213,12 @@ impl Upgrade {
             }),
             Command::Verify { job: id } => peers.verify.do_send(VerifyMsg::Finish {
                 job: *id,
-                path: self.staging.image(*id, &job.request.firmware),
                 firmware: job.request.firmware.clone(),
             }),
             Command::Flash { job: id } => {
                 self.flashing = Some(*id);
                 peers.flash.do_send(FlashImage {
                     job: *id,
-                    image: self.staging.image(*id, &job.request.firmware),
                     firmware: job.request.firmware.clone(),
                 })
             }
@@ -243,11 +262,15 @@ impl Upgrade {
                 job: *id,
                 discard: false,
             }),
-            // Discarded here at once (the agent may exit next), and again by
-            // the Download actor once any transfer of the job is stopped, so a
-            // task waking from its backoff cannot leave anything behind.
+            // Discarded by the Flash actor before the agent may exit, and
+            // again once any transfer of the job is stopped, so a task waking
+            // from its backoff cannot leave anything behind.
             Command::Cleanup { job: id } => {
-                self.staging.end(*id, &job.request.firmware);
+                let end = peers.end.send(EndJob {
+                    job: *id,
+                    firmware: job.request.firmware.clone(),
+                });
+                self.flash_call(end, ctx, |_, _| {});
                 peers.abort.do_send(AbortDownload {
                     job: *id,
                     discard: true,
@@ -343,14 +366,19 @@ impl Handler<Wire> for Upgrade {
         }
         match self.store.active() {
             Ok(active) => {
-                self.staging.remove_stale(active.as_ref());
-                if let Some(job) = active {
+                // What ended upgrades left behind goes first; then the
+                // active one resumes.
+                let resume = active.as_ref().map(|job| {
                     tracing::info!(upgrade = %job.request.message_id, phase = %job.phase.name(), "resuming");
-                    ctx.notify(JobEvent {
-                        job: job.id,
-                        event: self.start_event(),
-                    });
-                }
+                    job.id
+                });
+                let removed = wire.remove_stale.send(RemoveStale { active });
+                self.flash_call(removed, ctx, move |act, ctx| {
+                    if let Some(job) = resume {
+                        let event = act.start_event();
+                        <Self as Handler<JobEvent>>::handle(act, JobEvent { job, event }, ctx);
+                    }
+                });
             }
             Err(e) => tracing::error!(error = %e, "cannot read the active upgrade"),
         }
@@ -373,7 +401,7 @@ impl Handler<Request> for Upgrade {
             return;
         }
         crash::point("before-request-commit");
-        self.decide(msg.incoming, msg.reply, ctx);
+        self.decide(msg.incoming, msg.free_bytes, msg.reply, ctx);
     }
 }
 
@@ -383,6 +411,7 @@ impl Upgrade {
     fn decide(
         &mut self,
         mut incoming: Incoming,
+        free_bytes: Option<u64>,
         reply: Option<tokio::sync::oneshot::Sender<Ack>>,
         ctx: &mut Context<Self>,
     ) {
@@ -400,8 +429,7 @@ impl Upgrade {
                 });
             }
         }
-        let free = self.staging.room();
-        let view = match self.store.request_view(incoming.message_id(), free) {
+        let view = match self.store.request_view(incoming.message_id(), free_bytes) {
             Ok(view) => view,
             Err(e) => return self.store_failed(&incoming, e.to_string(), reply),
         };

@@ -4,8 +4,7 @@
 
 use super::*;
 use crate::protocol::{parse_request, ParseOptions};
-use crate::runtime::flash::FlashSpec;
-use crate::runtime::Paths;
+use crate::runtime::flash::staging::{EndJob, RemoveStale};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -93,6 +92,8 @@ ignored! {
     FlashImage => () = (),
     RequestReboot => bool = false,
     CheckBoot => BootCheck = BootCheck { event: None, reboot: false },
+    EndJob => () = (),
+    RemoveStale => () = (),
 }
 
 fn request(message_id: &str) -> Incoming {
@@ -139,15 +140,10 @@ async fn a_request_is_committed_before_its_ack_goes_out_and_its_download_starts(
         store: store.clone(),
     }
     .start();
-    let paths = Paths {
-        state_dir: dir.path().to_path_buf(),
-    };
-    let staging = Staging::new(paths, &FlashSpec::Command("true".into()));
     let protocols = [Protocol::Http].into_iter().collect();
     let upgrade = Upgrade::new(
         store.clone(),
         Policy::default(),
-        staging,
         Transfer::default(),
         protocols,
         Some("boot-1".into()),
@@ -164,6 +160,8 @@ async fn a_request_is_committed_before_its_ack_goes_out_and_its_download_starts(
             flash: peers.clone().recipient(),
             reboot: peers.clone().recipient(),
             check_boot: peers.clone().recipient(),
+            end: peers.clone().recipient(),
+            remove_stale: peers.clone().recipient(),
         })
         .await
         .expect("wired");
@@ -172,6 +170,7 @@ async fn a_request_is_committed_before_its_ack_goes_out_and_its_download_starts(
     upgrade
         .send(Request {
             incoming: incoming.clone(),
+            free_bytes: None,
             reply: Some(reply),
         })
         .await
@@ -179,22 +178,23 @@ async fn a_request_is_committed_before_its_ack_goes_out_and_its_download_starts(
     let ack = tokio::time::timeout(Duration::from_secs(10), acked);
     let ack = ack.await.expect("in time").expect("an ack");
     assert_eq!(ack.result.error_no, 0, "{ack:?}");
-    wait_for(&sent, 4).await;
+    wait_for(&sent, 5).await;
     {
         let sent = sent.lock().expect("lock");
-        assert_eq!(sent[0], Sent::Listen);
+        // Leftovers of ended upgrades are cleared before anything is taken.
+        assert_eq!(sent[..2], [Sent::Other("RemoveStale"), Sent::Listen]);
         for outbound in ["setCloudUpgradeConfig-Ack", "progress"] {
             let sent_committed = Sent::Outbound {
                 operator: outbound.into(),
                 committed: true,
             };
             assert!(
-                sent[1..4].contains(&sent_committed),
+                sent[2..5].contains(&sent_committed),
                 "{outbound} goes out once it is in the store's outbox: {sent:?}"
             );
         }
         assert!(
-            sent[1..4].contains(&Sent::StartDownload { offset: 0 }),
+            sent[2..5].contains(&Sent::StartDownload { offset: 0 }),
             "{sent:?}"
         );
     }
@@ -203,6 +203,7 @@ async fn a_request_is_committed_before_its_ack_goes_out_and_its_download_starts(
     let (reply, acked) = tokio::sync::oneshot::channel();
     let again = Request {
         incoming,
+        free_bytes: None,
         reply: Some(reply),
     };
     upgrade.send(again).await.expect("decided");

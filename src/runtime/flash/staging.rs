@@ -10,18 +10,21 @@
 //! fsynced range as read back from the slot's medium, so the md5 it checks
 //! is the slot's content (docs/AB-SLOTS.md).
 //!
-//! The Download actor stages; the Upgrade actor asks where the image is and
-//! how much room there is, and discards what an ended upgrade staged (both
-//! actors do, for a task waking late). Neither writes the record while the
-//! Flash actor switches or commits it (one upgrade at a time, one phase at a
-//! time).
+//! The Flash actor owns all of it, so the boot-control record has one
+//! writer on one thread: the Download actor asks it to [`Stage`] before a
+//! transfer writes and to [`Discard`] what a stopped transfer wrote; the
+//! Upgrade actor tells it an upgrade ended ([`EndJob`]) and, at start-up,
+//! to [`RemoveStale`]. Reading is shared: Verify and Flash find the image
+//! with [`Staging::image`], the inbox measures [`Staging::room`] for a
+//! request before the Upgrade actor decides it.
 
-use super::flash::ab;
-use super::flash::FlashSpec;
-use super::Paths;
+use super::{ab, Flash, FlashSpec};
 use crate::fsutil;
+use crate::runtime::Paths;
+use actix::prelude::*;
 use fwagent_state::{result_no, Failure, Firmware, Job, JobId, Phase};
-use std::path::PathBuf;
+use std::io;
+use std::path::{Path, PathBuf};
 
 /// Where images go before they are flashed.
 #[derive(Clone, Debug)]
@@ -92,7 +95,7 @@ impl Staging {
 
     /// `job` is over: remove its partial file and its note on a slot.
     pub fn discard(&self, job: JobId) {
-        super::download::remove_partial(job, &self.part(job));
+        remove_partial(job, &self.part(job));
         if let Some(dir) = &self.slots {
             if let Err(e) = ab::unstage(dir, Some(job)) {
                 tracing::warn!(job = job, error = %e, "cannot clear the slot's writing note");
@@ -159,5 +162,96 @@ impl Staging {
                 .or_else(|_| fsutil::free_bytes(&self.paths.state_dir))
                 .ok(),
         }
+    }
+}
+
+/// Remove a job's partial file; a missing one is fine, a failure is logged.
+pub fn remove_partial(job: JobId, part: &Path) {
+    match std::fs::remove_file(part) {
+        Ok(()) => tracing::debug!(job = job, "partial file removed"),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => {
+            tracing::warn!(job = job, path = %part.display(), error = %e, "cannot remove the partial file")
+        }
+    }
+}
+
+/// Before a transfer of `job` writes: where to ([`Staging::open`]).
+#[derive(Message, Debug)]
+#[rtype(result = "Result<Staged, Failure>")]
+pub struct Stage {
+    pub job: JobId,
+    pub firmware: Firmware,
+}
+
+/// A transfer of `job` stopped for good: remove what it wrote
+/// ([`Staging::discard`]).
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct Discard {
+    pub job: JobId,
+}
+
+/// `job` has ended ([`Staging::end`]); answered, so the agent does not exit
+/// before a pending trial boot is taken back.
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct EndJob {
+    pub job: JobId,
+    pub firmware: Firmware,
+}
+
+/// At start-up, before `active` resumes ([`Staging::remove_stale`]).
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct RemoveStale {
+    pub active: Option<Job>,
+}
+
+/// The Flash actor's staging, as the Download actor reaches it.
+#[derive(Clone)]
+pub struct StagingPeer {
+    pub stage: Recipient<Stage>,
+    pub discard: Recipient<Discard>,
+}
+
+impl StagingPeer {
+    pub fn of(flash: &Addr<Flash>) -> Self {
+        StagingPeer {
+            stage: flash.clone().recipient(),
+            discard: flash.clone().recipient(),
+        }
+    }
+}
+
+impl Handler<Stage> for Flash {
+    type Result = Result<Staged, Failure>;
+
+    fn handle(&mut self, msg: Stage, _ctx: &mut Context<Self>) -> Self::Result {
+        self.staging.open(msg.job, &msg.firmware)
+    }
+}
+
+impl Handler<Discard> for Flash {
+    type Result = ();
+
+    fn handle(&mut self, msg: Discard, _ctx: &mut Context<Self>) {
+        self.staging.discard(msg.job);
+    }
+}
+
+impl Handler<EndJob> for Flash {
+    type Result = ();
+
+    fn handle(&mut self, msg: EndJob, _ctx: &mut Context<Self>) {
+        self.staging.end(msg.job, &msg.firmware);
+    }
+}
+
+impl Handler<RemoveStale> for Flash {
+    type Result = ();
+
+    fn handle(&mut self, msg: RemoveStale, _ctx: &mut Context<Self>) {
+        self.staging.remove_stale(msg.active.as_ref());
     }
 }
