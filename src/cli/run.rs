@@ -202,8 +202,8 @@ impl AgentConfig {
                 "--flash is required: where verified images go (file:PATH, ab:DIR or command:CMD)",
             )?
             .parse::<FlashSpec>()?;
-        let transport = a.transport.unwrap_or_else(|| "stdio".into());
-        let device_id = a.device_id.unwrap_or_else(host_name);
+        let transport = a.transport.clone().unwrap_or_else(|| "stdio".into());
+        let device_id = a.device_id.clone().unwrap_or_else(host_name);
         let connect_timeout = a
             .connect_timeout
             .map(Duration::from_secs)
@@ -215,47 +215,10 @@ impl AgentConfig {
                     None => e.to_string(),
                 }
             })?;
-        let mqtt = match transport.as_str() {
-            "stdio" => None,
-            "mqtt" => Some(
-                MqttSettings::new(MqttArgs {
-                    url: a.mqtt_url.as_ref(),
-                    device_id: &device_id,
-                    request_topic: a.request_topic.as_deref(),
-                    response_topic: a.response_topic.as_deref(),
-                    status_topic: a.status_topic.as_deref(),
-                    ca: a.mqtt_ca.as_deref(),
-                    cert: a.mqtt_cert.as_deref(),
-                    key: a.mqtt_key.as_deref(),
-                    connect_timeout,
-                })
-                .map_err(|e| e.to_string())?,
-            ),
-            other => return Err(format!("unknown transport `{other}`: use stdio or mqtt")),
-        };
-        let redirect_allow = a
-            .redirect_allow
-            .iter()
-            .map(|h| {
-                crate::protocol::normalize_host(h).map_err(|why| format!("--redirect-allow: {why}"))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let mqtt = mqtt_settings(&a, &transport, &device_id, connect_timeout)?;
+        let transfer = transfer(&a, connect_timeout)?;
+        let flash_options = flash_options(&a);
         let defaults = Policy::default();
-        let transfer_defaults = Transfer::default();
-        let flash_defaults = FlashOptions::default();
-        let flash_options = FlashOptions {
-            reboot_command: match a.reboot_command {
-                Some(cmd) if cmd.trim().is_empty() => None,
-                Some(cmd) => Some(cmd),
-                None => flash_defaults.reboot_command,
-            },
-            health_command: a.health_command.filter(|cmd| !cmd.trim().is_empty()),
-            command_timeout: a
-                .install_timeout
-                .map(|s| Duration::from_secs(s.max(1)))
-                .unwrap_or(flash_defaults.command_timeout),
-            boot_tries: a.boot_tries.unwrap_or(flash_defaults.boot_tries).max(1),
-        };
         let boot_tries = flash_options.boot_tries;
         let flash_outlives_restarts = flash.outlives_restarts();
         Ok(AgentConfig {
@@ -285,21 +248,79 @@ impl AgentConfig {
                 flash_outlives_restarts,
                 ..defaults
             },
-            transfer: Transfer {
-                checkpoint_bytes: a
-                    .checkpoint_bytes
-                    .unwrap_or(transfer_defaults.checkpoint_bytes),
-                connect_timeout,
-                idle_timeout: a
-                    .idle_timeout
-                    .map(Duration::from_secs)
-                    .unwrap_or(transfer_defaults.idle_timeout),
-                max_redirects: a.max_redirects.unwrap_or(transfer_defaults.max_redirects),
-                redirect_allow,
-                min_rate: a.min_rate.unwrap_or(transfer_defaults.min_rate),
-                ..transfer_defaults
-            },
+            transfer,
         })
+    }
+}
+
+/// The MQTT settings `--transport` asks for (none over stdio).
+fn mqtt_settings(
+    a: &RunArgs,
+    transport: &str,
+    device_id: &str,
+    connect_timeout: Duration,
+) -> Result<Option<MqttSettings>, String> {
+    match transport {
+        "stdio" => Ok(None),
+        "mqtt" => MqttSettings::new(MqttArgs {
+            url: a.mqtt_url.as_ref(),
+            device_id,
+            request_topic: a.request_topic.as_deref(),
+            response_topic: a.response_topic.as_deref(),
+            status_topic: a.status_topic.as_deref(),
+            ca: a.mqtt_ca.as_deref(),
+            cert: a.mqtt_cert.as_deref(),
+            key: a.mqtt_key.as_deref(),
+            connect_timeout,
+        })
+        .map(Some)
+        .map_err(|e| e.to_string()),
+        other => Err(format!("unknown transport `{other}`: use stdio or mqtt")),
+    }
+}
+
+/// The transfer limits from the flags, the rest from [`Transfer::default`].
+fn transfer(a: &RunArgs, connect_timeout: Duration) -> Result<Transfer, String> {
+    let redirect_allow = a
+        .redirect_allow
+        .iter()
+        .map(|h| {
+            crate::protocol::normalize_host(h).map_err(|why| format!("--redirect-allow: {why}"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let defaults = Transfer::default();
+    Ok(Transfer {
+        checkpoint_bytes: a.checkpoint_bytes.unwrap_or(defaults.checkpoint_bytes),
+        connect_timeout,
+        idle_timeout: a
+            .idle_timeout
+            .map(Duration::from_secs)
+            .unwrap_or(defaults.idle_timeout),
+        max_redirects: a.max_redirects.unwrap_or(defaults.max_redirects),
+        redirect_allow,
+        min_rate: a.min_rate.unwrap_or(defaults.min_rate),
+        ..defaults
+    })
+}
+
+/// The reboot, health and installer settings; an empty command is none.
+fn flash_options(a: &RunArgs) -> FlashOptions {
+    let defaults = FlashOptions::default();
+    FlashOptions {
+        reboot_command: match &a.reboot_command {
+            Some(cmd) if cmd.trim().is_empty() => None,
+            Some(cmd) => Some(cmd.clone()),
+            None => defaults.reboot_command,
+        },
+        health_command: a
+            .health_command
+            .clone()
+            .filter(|cmd| !cmd.trim().is_empty()),
+        command_timeout: a
+            .install_timeout
+            .map(|s| Duration::from_secs(s.max(1)))
+            .unwrap_or(defaults.command_timeout),
+        boot_tries: a.boot_tries.unwrap_or(defaults.boot_tries).max(1),
     }
 }
 

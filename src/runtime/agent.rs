@@ -50,15 +50,7 @@ pub fn start(config: AgentConfig, store: Store) -> Result<(), StartError> {
         .with(Protocol::Http, config.http.clone())
         .with(Protocol::Https, config.http.clone())
         .with(Protocol::Ftp, Arc::new(FtpFetcher::new()));
-    let protocols = [
-        Protocol::Http,
-        Protocol::Https,
-        Protocol::Ftp,
-        Protocol::Ftps,
-    ]
-    .into_iter()
-    .filter(|p| fetchers.supports(*p))
-    .collect();
+    let protocols = fetchers.protocols();
     let AgentConfig {
         paths,
         transport,
@@ -128,7 +120,13 @@ pub fn start(config: AgentConfig, store: Store) -> Result<(), StartError> {
         control_socket,
         crate::control::Peers::new(upgrade.clone(), inbox),
     );
-    let stopper = upgrade.clone();
+    stop_on_signals(upgrade);
+    Ok(())
+}
+
+/// SIGTERM or SIGINT: a stop at the next safe point ([`Shutdown`]); a
+/// second one stops at once (what is committed stands).
+fn stop_on_signals(upgrade: Addr<Upgrade>) {
     actix_rt::spawn(async move {
         use tokio::signal::unix::{signal, SignalKind};
         let (Ok(mut term), Ok(mut int)) = (
@@ -143,15 +141,13 @@ pub fn start(config: AgentConfig, store: Store) -> Result<(), StartError> {
                 _ = int.recv() => {},
             }
             if n > 0 {
-                // A second signal: stop now (what is committed stands).
                 tracing::info!("second signal; stopping at once");
                 System::current().stop();
                 return;
             }
-            stopper.do_send(Shutdown);
+            upgrade.do_send(Shutdown);
         }
     });
-    Ok(())
 }
 
 /// What `FWAGENT_BOOT_ID` overrides: the tests restart the agent as if the

@@ -19,7 +19,7 @@
 //! replies (an impossible `MDTM` date): a panic is caught and reported as a
 //! retryable 23, so a broken server cannot leave an upgrade hanging.
 
-use super::download::{BoxFuture, FetchJob, Fetcher, Sink};
+use super::download::{no_data, size_mismatch, BoxFuture, FetchJob, Fetcher, Sink};
 use async_ftp::types::FileType;
 use async_ftp::{FtpError, FtpStream};
 use bytes::BytesMut;
@@ -274,87 +274,17 @@ async fn download(
     path: &str,
     sink: &mut Sink,
 ) -> Result<(), Failure> {
-    let t = &job.transfer;
-    let expected = job.firmware.size;
-    let size = bounded(t.idle_timeout, ftp.size(path))
-        .await
-        .map_err(|e| failure(Step::Other, &format!("SIZE {path}"), e))?
-        .ok_or_else(|| {
-            Failure::new(
-                result_no::TRANSFER,
-                format!("SIZE {path}: no size in the reply"),
-                true,
-            )
-        })? as u64;
-    if size != expected {
-        return Err(Failure::new(
-            result_no::SIZE_MISMATCH,
-            format!("size mismatch: the server's file is {size} bytes, expected {expected}"),
-            false,
-        ));
-    }
-    // MDTM is optional (RFC 3659): a refusal only means no date in the validator.
-    let mdtm = match bounded(t.idle_timeout, ftp.mdtm(path)).await {
-        Ok(date) => date.and_then(|d| mdtm_text(d.timestamp())),
-        Err(StepError::Reply { .. }) => None,
-        Err(e) => return Err(failure(Step::Other, &format!("MDTM {path}"), e)),
-    };
-    let validator = validator_of(size, mdtm.as_deref());
-    if sink.offset() > 0 && sink.validator() != Some(validator.as_str()) {
-        sink.restart(Some(validator)).await?;
-    } else {
-        sink.set_validator(Some(validator));
-    }
+    let idle = job.transfer.idle_timeout;
+    identify(ftp, job, path, sink).await?;
+    resume(ftp, job, sink).await?;
     let offset = sink.offset();
-    if offset > 0 {
-        match bounded(t.idle_timeout, ftp.restart_from(offset)).await {
-            Ok(()) => {}
-            // No REST on this server: the whole file again, the same file.
-            Err(StepError::Reply { code, .. }) if (500..=504).contains(&code) => {
-                tracing::info!(
-                    job = job.job,
-                    offset,
-                    code,
-                    "the server refused REST; starting from zero"
-                );
-                let validator = sink.validator().map(str::to_string);
-                sink.restart(validator).await?;
-            }
-            Err(e) => return Err(failure(Step::Other, &format!("REST {offset}"), e)),
-        }
-    }
-    let offset = sink.offset();
-    let mut data = retr(ftp, path, t.idle_timeout)
+    let mut data = retr(ftp, path, idle)
         .await
         .map_err(|e| failure(Step::Other, &format!("RETR {path}"), e))?;
-    let mut buf = BytesMut::with_capacity(CHUNK);
-    loop {
-        buf.reserve(CHUNK);
-        let n = match timeout(t.idle_timeout, data.read_buf(&mut buf)).await {
-            Err(_) => {
-                return Err(Failure::new(
-                    result_no::TRANSFER,
-                    format!("no data for {:?} at byte {}", t.idle_timeout, sink.offset()),
-                    true,
-                ))
-            }
-            Ok(Err(e)) => {
-                return Err(Failure::new(
-                    result_no::TRANSFER,
-                    format!("the data connection broke at byte {}: {e}", sink.offset()),
-                    true,
-                ))
-            }
-            Ok(Ok(n)) => n,
-        };
-        if n == 0 {
-            break;
-        }
-        sink.write(buf.split().freeze()).await?;
-    }
+    stream(&mut data, idle, sink).await?;
     drop(data);
     // 226 (or 250): the server says the whole file was sent.
-    bounded(t.idle_timeout, ftp.read_response_in(&[226, 250]))
+    bounded(idle, ftp.read_response_in(&[226, 250]))
         .await
         .map_err(|e| {
             failure(
@@ -367,6 +297,89 @@ async fn download(
             )
         })?;
     Ok(())
+}
+
+/// SIZE and MDTM: is the server's file the image, and the one the partial
+/// file came from? If not, the partial file starts again from zero.
+async fn identify(
+    ftp: &mut FtpStream,
+    job: &FetchJob,
+    path: &str,
+    sink: &mut Sink,
+) -> Result<(), Failure> {
+    let idle = job.transfer.idle_timeout;
+    let size = bounded(idle, ftp.size(path))
+        .await
+        .map_err(|e| failure(Step::Other, &format!("SIZE {path}"), e))?
+        .ok_or_else(|| {
+            Failure::new(
+                result_no::TRANSFER,
+                format!("SIZE {path}: no size in the reply"),
+                true,
+            )
+        })? as u64;
+    if size != job.firmware.size {
+        return Err(size_mismatch(size, job.firmware.size));
+    }
+    // MDTM is optional (RFC 3659): a refusal only means no date in the validator.
+    let mdtm = match bounded(idle, ftp.mdtm(path)).await {
+        Ok(date) => date.and_then(|d| mdtm_text(d.timestamp())),
+        Err(StepError::Reply { .. }) => None,
+        Err(e) => return Err(failure(Step::Other, &format!("MDTM {path}"), e)),
+    };
+    let validator = validator_of(size, mdtm.as_deref());
+    if sink.offset() > 0 && sink.validator() != Some(validator.as_str()) {
+        sink.restart(Some(validator)).await
+    } else {
+        sink.set_validator(Some(validator));
+        Ok(())
+    }
+}
+
+/// REST to the partial file's offset; a server without REST sends the
+/// whole file again (the same file), so the partial file restarts.
+async fn resume(ftp: &mut FtpStream, job: &FetchJob, sink: &mut Sink) -> Result<(), Failure> {
+    let offset = sink.offset();
+    if offset == 0 {
+        return Ok(());
+    }
+    match bounded(job.transfer.idle_timeout, ftp.restart_from(offset)).await {
+        Ok(()) => Ok(()),
+        Err(StepError::Reply { code, .. }) if (500..=504).contains(&code) => {
+            tracing::info!(
+                job = job.job,
+                offset,
+                code,
+                "the server refused REST; starting from zero"
+            );
+            let validator = sink.validator().map(str::to_string);
+            sink.restart(validator).await
+        }
+        Err(e) => Err(failure(Step::Other, &format!("REST {offset}"), e)),
+    }
+}
+
+/// The data connection into the sink, each read within `idle` of the last.
+async fn stream(data: &mut TcpStream, idle: Duration, sink: &mut Sink) -> Result<(), Failure> {
+    let mut buf = BytesMut::with_capacity(CHUNK);
+    loop {
+        buf.reserve(CHUNK);
+        let n = match timeout(idle, data.read_buf(&mut buf)).await {
+            Err(_) => return Err(no_data(idle, sink.offset())),
+            Ok(Err(e)) => {
+                return Err(Failure::new(
+                    result_no::TRANSFER,
+                    format!("the data connection broke at byte {}: {e}", sink.offset()),
+                    true,
+                ))
+            }
+            Ok(Ok(n)) => n,
+        };
+        if n == 0 {
+            return Ok(());
+        }
+        sink.write(buf.split().freeze()).await?;
+    }
 }
 
 /// `PASV`, then `RETR path` over a data connection to the control

@@ -14,15 +14,16 @@
 //! roots ([`crate::tls`]); a failed handshake is 20 (retryable), its
 //! description in rustls' words (`invalid peer certificate: UnknownIssuer`).
 
-use super::download::{BoxFuture, FetchJob, Fetcher, Sink};
+use super::download::{no_data, size_mismatch, BoxFuture, FetchJob, Fetcher, Sink};
 use crate::protocol::host_of;
 use crate::tls::TlsError;
 use base64::Engine;
 use bytes::Bytes;
 use fwagent_state::{result_no, Failure};
 use http_body_util::{BodyExt, Empty};
+use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
-use hyper::{Request, StatusCode};
+use hyper::{Request, Response, StatusCode};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
@@ -128,35 +129,27 @@ fn validator_of(headers: &hyper::HeaderMap) -> Option<String> {
 
 impl HttpFetcher {
     async fn fetch_inner(&self, job: &FetchJob, sink: &mut Sink) -> Result<(), Failure> {
+        let resume = (sink.offset(), sink.validator().map(str::to_string));
+        let response = self.follow(job, resume).await?;
+        accept(&response, job.firmware.size, sink).await?;
+        stream(response.into_body(), job.transfer.idle_timeout, sink).await
+    }
+
+    /// The GET (a resume from the partial file's offset where its validator
+    /// allows one), redirects followed within the rules, up to the response
+    /// that is not a redirect.
+    async fn follow(
+        &self,
+        job: &FetchJob,
+        resume: (u64, Option<String>),
+    ) -> Result<Response<Incoming>, Failure> {
         let t = &job.transfer;
         let mut url = url::Url::parse(&job.source.url)
             .map_err(|e| transfer(format!("bad URL: {e}"), false))?;
         let origin_host = host_of(&url);
         let mut redirects = 0;
-        let response = loop {
-            let offset = sink.offset();
-            let mut req = Request::get(url.as_str()).header(
-                header::USER_AGENT,
-                concat!("fwagent/", env!("CARGO_PKG_VERSION")),
-            );
-            let user = job.source.user.expose();
-            // Credentials go to the request's own host only, as curl does.
-            if !user.is_empty() && host_of(&url) == origin_host {
-                let pair = format!("{}:{}", user, job.source.password.expose());
-                let token = base64::engine::general_purpose::STANDARD.encode(pair);
-                req = req.header(header::AUTHORIZATION, format!("Basic {token}"));
-            }
-            // Resume only what can be proved to be the same file: without a
-            // validator the whole file is asked for (the 200 below restarts
-            // the partial file from zero), never a splice of two versions.
-            if let (true, Some(v)) = (offset > 0, sink.validator()) {
-                req = req
-                    .header(header::RANGE, format!("bytes={offset}-"))
-                    .header(header::IF_RANGE, v);
-            }
-            let req = req
-                .body(Empty::new())
-                .map_err(|e| transfer(format!("cannot build the request: {e}"), false))?;
+        loop {
+            let req = get(job, &url, origin_host.as_deref(), &resume)?;
             let wait = t.connect_timeout + t.idle_timeout;
             let resp = match timeout(wait, self.client.request(req)).await {
                 Err(_) => return Err(transfer(format!("no response within {wait:?}"), true)),
@@ -179,125 +172,138 @@ impl HttpFetcher {
                 }
                 Ok(Ok(resp)) => resp,
             };
-            if resp.status().is_redirection() {
-                let location = resp
-                    .headers()
-                    .get(header::LOCATION)
-                    .and_then(|v| v.to_str().ok())
-                    .ok_or_else(|| {
-                        transfer(format!("{} without a Location", resp.status()), false)
-                    })?;
-                let mut next = url
-                    .join(location)
-                    .map_err(|e| transfer(format!("bad redirect: {e}"), false))?;
-                redirects += 1;
-                if redirects > t.max_redirects {
-                    return Err(transfer(
-                        format!("more than {} redirects", t.max_redirects),
-                        false,
-                    ));
-                }
-                check_redirect(&url, &next, origin_host.as_deref(), &t.redirect_allow)?;
-                // User info in a Location is never sent on.
-                let _ = next.set_username("");
-                let _ = next.set_password(None);
-                url = next;
-                continue;
+            if !resp.status().is_redirection() {
+                return Ok(resp);
             }
-            break resp;
-        };
-        let status = response.status();
-        let offset = sink.offset();
-        let size = job.firmware.size;
-        match status {
-            StatusCode::OK => {
-                let length = response
-                    .headers()
-                    .get(header::CONTENT_LENGTH)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.parse::<u64>().ok());
-                if let Some(length) = length {
-                    if length != size {
-                        return Err(Failure::new(
-                            result_no::SIZE_MISMATCH,
-                            format!("size mismatch: the server's file is {length} bytes, expected {size}"),
-                            false,
-                        ));
-                    }
-                }
-                let validator = validator_of(response.headers());
-                if offset > 0 {
-                    sink.restart(validator).await?;
-                } else {
-                    sink.set_validator(validator);
-                }
-            }
-            StatusCode::PARTIAL_CONTENT => {
-                let (start, total) = response
-                    .headers()
-                    .get(header::CONTENT_RANGE)
-                    .and_then(content_range)
-                    .ok_or_else(|| transfer("206 without a valid Content-Range".into(), true))?;
-                if total != size {
-                    return Err(Failure::new(
-                        result_no::SIZE_MISMATCH,
-                        format!(
-                            "size mismatch: the server's file is {total} bytes, expected {size}"
-                        ),
-                        false,
-                    ));
-                }
-                if start != offset {
-                    return Err(transfer(
-                        format!("asked for byte {offset}, the server sent from {start}"),
-                        true,
-                    ));
-                }
-            }
-            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
-                return Err(Failure::new(
-                    result_no::AUTH,
-                    format!("the server refused the credentials ({status})"),
-                    false,
-                ))
-            }
-            StatusCode::NOT_FOUND | StatusCode::GONE => {
-                return Err(Failure::new(
-                    result_no::NOT_FOUND,
-                    format!("file not found on the server ({status})"),
-                    false,
-                ))
-            }
-            s => {
+            let location = resp
+                .headers()
+                .get(header::LOCATION)
+                .and_then(|v| v.to_str().ok())
+                .ok_or_else(|| transfer(format!("{} without a Location", resp.status()), false))?;
+            let mut next = url
+                .join(location)
+                .map_err(|e| transfer(format!("bad redirect: {e}"), false))?;
+            redirects += 1;
+            if redirects > t.max_redirects {
                 return Err(transfer(
-                    format!("the server answered {s}"),
-                    s.is_server_error(),
+                    format!("more than {} redirects", t.max_redirects),
+                    false,
+                ));
+            }
+            check_redirect(&url, &next, origin_host.as_deref(), &t.redirect_allow)?;
+            // User info in a Location is never sent on.
+            let _ = next.set_username("");
+            let _ = next.set_password(None);
+            url = next;
+        }
+    }
+}
+
+/// The GET of `url`: credentials only to the request's own host
+/// (`origin`), as curl does; a range only where it can be proved to be the
+/// same file.
+fn get(
+    job: &FetchJob,
+    url: &url::Url,
+    origin: Option<&str>,
+    (offset, validator): &(u64, Option<String>),
+) -> Result<Request<Empty<Bytes>>, Failure> {
+    let mut req = Request::get(url.as_str()).header(
+        header::USER_AGENT,
+        concat!("fwagent/", env!("CARGO_PKG_VERSION")),
+    );
+    let user = job.source.user.expose();
+    if !user.is_empty() && host_of(url).as_deref() == origin {
+        let pair = format!("{}:{}", user, job.source.password.expose());
+        let token = base64::engine::general_purpose::STANDARD.encode(pair);
+        req = req.header(header::AUTHORIZATION, format!("Basic {token}"));
+    }
+    // Resume only what can be proved to be the same file: without a
+    // validator the whole file is asked for (the 200 in `accept` restarts
+    // the partial file from zero), never a splice of two versions.
+    if let (true, Some(v)) = (*offset > 0, validator) {
+        req = req
+            .header(header::RANGE, format!("bytes={offset}-"))
+            .header(header::IF_RANGE, v);
+    }
+    req.body(Empty::new())
+        .map_err(|e| transfer(format!("cannot build the request: {e}"), false))
+}
+
+/// Is `response` the image's bytes from the partial file's offset? A 200
+/// restarts the partial file from zero; a 206 must start at its offset.
+async fn accept(response: &Response<Incoming>, size: u64, sink: &mut Sink) -> Result<(), Failure> {
+    let status = response.status();
+    let offset = sink.offset();
+    match status {
+        StatusCode::OK => {
+            let length = response
+                .headers()
+                .get(header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok());
+            if let Some(length) = length.filter(|&l| l != size) {
+                return Err(size_mismatch(length, size));
+            }
+            let validator = validator_of(response.headers());
+            if offset > 0 {
+                sink.restart(validator).await
+            } else {
+                sink.set_validator(validator);
+                Ok(())
+            }
+        }
+        StatusCode::PARTIAL_CONTENT => {
+            let (start, total) = response
+                .headers()
+                .get(header::CONTENT_RANGE)
+                .and_then(content_range)
+                .ok_or_else(|| transfer("206 without a valid Content-Range".into(), true))?;
+            if total != size {
+                return Err(size_mismatch(total, size));
+            }
+            if start != offset {
+                return Err(transfer(
+                    format!("asked for byte {offset}, the server sent from {start}"),
+                    true,
+                ));
+            }
+            Ok(())
+        }
+        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Err(Failure::new(
+            result_no::AUTH,
+            format!("the server refused the credentials ({status})"),
+            false,
+        )),
+        StatusCode::NOT_FOUND | StatusCode::GONE => Err(Failure::new(
+            result_no::NOT_FOUND,
+            format!("file not found on the server ({status})"),
+            false,
+        )),
+        s => Err(transfer(
+            format!("the server answered {s}"),
+            s.is_server_error(),
+        )),
+    }
+}
+
+/// The body into the sink, each frame within `idle` of the last.
+async fn stream(mut body: Incoming, idle: Duration, sink: &mut Sink) -> Result<(), Failure> {
+    loop {
+        let frame = match timeout(idle, body.frame()).await {
+            Err(_) => return Err(no_data(idle, sink.offset())),
+            Ok(None) => return Ok(()),
+            Ok(Some(Err(e))) => {
+                return Err(transfer(
+                    format!("connection lost at byte {}: {e}", sink.offset()),
+                    true,
                 ))
             }
+            Ok(Some(Ok(frame))) => frame,
+        };
+        if let Ok(data) = frame.into_data() {
+            sink.write(data).await?;
         }
-        let mut body = response.into_body();
-        loop {
-            let frame = match timeout(t.idle_timeout, body.frame()).await {
-                Err(_) => {
-                    return Err(transfer(
-                        format!("no data for {:?} at byte {}", t.idle_timeout, sink.offset()),
-                        true,
-                    ))
-                }
-                Ok(None) => break,
-                Ok(Some(Err(e))) => {
-                    return Err(transfer(
-                        format!("connection lost at byte {}: {e}", sink.offset()),
-                        true,
-                    ))
-                }
-                Ok(Some(Ok(frame))) => frame,
-            };
-            if let Ok(data) = frame.into_data() {
-                sink.write(data).await?;
-            }
-        }
-        Ok(())
     }
 }
 

@@ -16,29 +16,15 @@ fn settled(phase: PhaseName) -> bool {
 fn watch_(a: &StateArgs) -> Result<u8, Failure> {
     require_state_dir(a)?;
     let paint = Paint::stdout();
-    let (mut client, _pid) = match connect(a)? {
-        Ok(live) => live,
-        Err(not_live) => {
-            // Offline: one status line, then done.
-            let mut src = open_store(&a.state_dir, &not_live)?;
-            let latest = src.latest()?;
-            let text = if a.json {
-                json_line(&latest)?
-            } else {
-                match &latest {
-                    Some(v) => format!("{}\n", view::headline(v, None, paint)),
-                    None => "no upgrade recorded yet\n".to_string(),
-                }
-            };
-            out(&(text + &src.footer("watch", a.json, paint)));
-            return Ok(exit::OK);
-        }
+    let mut client = match connect(a)? {
+        Ok((live, _pid)) => live,
+        Err(not_live) => return watch_offline(a, &not_live, paint),
     };
     let first: Option<JobView> = field(
         call_ok(&mut client, &Request::Status { message_id: None })?,
         "job",
     )?;
-    let Some(mut v) = first else {
+    let Some(v) = first else {
         out(if a.json {
             "null\n"
         } else {
@@ -58,6 +44,28 @@ fn watch_(a: &StateArgs) -> Result<u8, Failure> {
         out(&text);
         return Ok(exit::OK);
     }
+    follow(a, &mut client, v, paint)
+}
+
+/// No agent to ask: one status line from the store, then done.
+fn watch_offline(a: &StateArgs, not_live: &ClientError, paint: Paint) -> Result<u8, Failure> {
+    let mut src = open_store(&a.state_dir, not_live)?;
+    let latest = src.latest()?;
+    let text = if a.json {
+        json_line(&latest)?
+    } else {
+        match &latest {
+            Some(v) => format!("{}\n", view::headline(v, None, paint)),
+            None => "no upgrade recorded yet\n".to_string(),
+        }
+    };
+    out(&(text + &src.footer("watch", a.json, paint)));
+    Ok(exit::OK)
+}
+
+/// Poll the agent about upgrade `v` and show each change until it settles;
+/// if the agent goes away, the store says how it ended.
+fn follow(a: &StateArgs, client: &mut Client, mut v: JobView, paint: Paint) -> Result<u8, Failure> {
     let mut display = Display::new(&v, a.json, paint)?;
     let request = Request::Status {
         message_id: Some(v.message_id.clone()),

@@ -92,6 +92,11 @@ impl Fetchers {
     pub fn supports(&self, protocol: Protocol) -> bool {
         self.0.contains_key(&protocol)
     }
+
+    /// The protocols there is a fetcher for.
+    pub fn protocols(&self) -> std::collections::HashSet<Protocol> {
+        self.0.keys().copied().collect()
+    }
 }
 
 pub struct Download {
@@ -213,6 +218,24 @@ impl Handler<AbortDownload> for Download {
             self.staging.discard.do_send(Discard { job: msg.job });
         }
     }
+}
+
+/// The server's file is `server` bytes, not the image's `size` (30, final).
+pub fn size_mismatch(server: u64, size: u64) -> Failure {
+    Failure::new(
+        result_no::SIZE_MISMATCH,
+        format!("size mismatch: the server's file is {server} bytes, expected {size}"),
+        false,
+    )
+}
+
+/// Nothing arrived for `idle` at byte `offset` (retryable).
+pub fn no_data(idle: Duration, offset: u64) -> Failure {
+    Failure::new(
+        result_no::TRANSFER,
+        format!("no data for {idle:?} at byte {offset}"),
+        true,
+    )
 }
 
 /// One transfer attempt, start to end, as the event that reports it; `None`

@@ -278,6 +278,14 @@ pub fn flash_ab(
     Ok(target)
 }
 
+/// The boot check's answer when the new slot did not make it (no reboot).
+fn rejected(detail: String) -> BootCheck {
+    BootCheck {
+        event: Some(Event::Booted { ok: false, detail }),
+        reboot: false,
+    }
+}
+
 /// A device that runs a slot its bootloader will not boot again is rebooted.
 fn needs_reboot(record: &BootControl) -> bool {
     record.booted != record.active && record.next != Some(record.booted)
@@ -285,11 +293,7 @@ fn needs_reboot(record: &BootControl) -> bool {
 
 impl Flash {
     fn check_ab(&self, dir: &Path, firmware: &Firmware) -> BootCheck {
-        let rejected = |detail: String| BootCheck {
-            event: Some(Event::Booted { ok: false, detail }),
-            reboot: false,
-        };
-        let mut record = match BootControl::load(dir) {
+        let record = match BootControl::load(dir) {
             Ok(Some(r)) => r,
             Ok(None) => {
                 return rejected(format!(
@@ -329,52 +333,62 @@ impl Flash {
                 reboot: needs_reboot(&record),
                 event: Some(Event::Booted { ok: false, detail }),
             },
-            Verdict::TrialBooted { slot } => {
-                if let Some(health) = &self.options.health_command {
-                    let envs = [
-                        ("FWAGENT_SLOT", slot.to_string()),
-                        ("FWAGENT_MD5", firmware.md5.clone()),
-                    ];
-                    let timeout = self.options.command_timeout;
-                    let why = match run_shell("health", health, &envs, timeout, "mid-health") {
-                        Ok(ran) if ran.success() => None,
-                        Ok(ran) => Some(ran.describe(timeout)),
-                        Err(e) => Some(format!("cannot run it: {e}")),
-                    };
-                    if let Some(why) = why {
-                        // Back to the old slot on the next boot.
-                        record.next = None;
-                        record.tries = 0;
-                        let detail = match record.store(dir, "before-reject-rename") {
-                            Ok(()) => format!(
-                                "slot {slot} booted but its health check failed: {why}; slot {} stays active",
-                                record.active
-                            ),
-                            Err(e) => format!("slot {slot} booted but its health check failed: {why}; and {e}"),
-                        };
-                        return BootCheck {
-                            reboot: needs_reboot(&record),
-                            event: Some(Event::Booted { ok: false, detail }),
-                        };
-                    }
-                }
-                record.active = slot;
+            Verdict::TrialBooted { slot } => self.settle_trial(dir, record, slot, firmware),
+        }
+    }
+
+    /// The new slot runs on a trial boot: run the health check, then commit
+    /// the slot, or turn the next boot back to the old one.
+    fn settle_trial(
+        &self,
+        dir: &Path,
+        mut record: BootControl,
+        slot: Slot,
+        firmware: &Firmware,
+    ) -> BootCheck {
+        if let Some(health) = &self.options.health_command {
+            let envs = [
+                ("FWAGENT_SLOT", slot.to_string()),
+                ("FWAGENT_MD5", firmware.md5.clone()),
+            ];
+            let timeout = self.options.command_timeout;
+            let why = match run_shell("health", health, &envs, timeout, "mid-health") {
+                Ok(ran) if ran.success() => None,
+                Ok(ran) => Some(ran.describe(timeout)),
+                Err(e) => Some(format!("cannot run it: {e}")),
+            };
+            if let Some(why) = why {
+                // Back to the old slot on the next boot.
                 record.next = None;
                 record.tries = 0;
-                record.trial = None;
-                if let Err(e) = record.store(dir, "before-commit-rename") {
-                    return rejected(format!("slot {slot} booted but cannot be committed: {e}"));
-                }
-                crash::point("after-boot-commit");
-                tracing::info!(%slot, "new slot committed");
-                BootCheck {
-                    event: Some(Event::Booted {
-                        ok: true,
-                        detail: format!("slot {slot} booted and committed"),
-                    }),
-                    reboot: false,
-                }
+                let detail = match record.store(dir, "before-reject-rename") {
+                    Ok(()) => format!(
+                        "slot {slot} booted but its health check failed: {why}; slot {} stays active",
+                        record.active
+                    ),
+                    Err(e) => format!("slot {slot} booted but its health check failed: {why}; and {e}"),
+                };
+                return BootCheck {
+                    reboot: needs_reboot(&record),
+                    event: Some(Event::Booted { ok: false, detail }),
+                };
             }
+        }
+        record.active = slot;
+        record.next = None;
+        record.tries = 0;
+        record.trial = None;
+        if let Err(e) = record.store(dir, "before-commit-rename") {
+            return rejected(format!("slot {slot} booted but cannot be committed: {e}"));
+        }
+        crash::point("after-boot-commit");
+        tracing::info!(%slot, "new slot committed");
+        BootCheck {
+            event: Some(Event::Booted {
+                ok: true,
+                detail: format!("slot {slot} booted and committed"),
+            }),
+            reboot: false,
         }
     }
 }

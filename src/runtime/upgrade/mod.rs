@@ -225,39 +225,7 @@ impl Upgrade {
             Command::Reboot { job: id } => {
                 self.request_reboot(*id, job.request.firmware.md5.clone(), peers, ctx)
             }
-            Command::CheckBoot { job: id } => {
-                // The answer comes back here rather than as a JobEvent, so
-                // the agent cannot exit between the check and its commit.
-                let id = *id;
-                let md5 = job.request.firmware.md5.clone();
-                self.flash_calls += 1;
-                let check = peers.check_boot.send(CheckBoot {
-                    job: id,
-                    firmware: job.request.firmware.clone(),
-                });
-                ctx.spawn(check.into_actor(self).map(move |answer, act, ctx| {
-                    let BootCheck { event, reboot } = match answer {
-                        Ok(check) => check,
-                        Err(e) => {
-                            tracing::error!(job = id, error = %e, "the flash actor did not answer the boot check");
-                            BootCheck { event: None, reboot: false }
-                        }
-                    };
-                    // Commit the verdict first; this call still counts, so
-                    // the agent stays up until the reboot is asked for too.
-                    if let Some(event) = event {
-                        <Self as Handler<JobEvent>>::handle(act, JobEvent { job: id, event }, ctx);
-                    }
-                    if reboot {
-                        if let Some(peers) = act.peers.clone() {
-                            act.request_reboot(id, md5, &peers, ctx);
-                        }
-                    }
-                    act.flash_calls -= 1;
-                    act.boot_settled = true;
-                    act.maybe_exit();
-                }));
-            }
+            Command::CheckBoot { job: id } => self.check_boot(*id, job, peers, ctx),
             Command::Abort { job: id } => peers.abort.do_send(AbortDownload {
                 job: *id,
                 discard: false,
@@ -277,6 +245,40 @@ impl Upgrade {
                 });
             }
         }
+    }
+
+    /// Ask the Flash actor which image booted. The answer comes back here
+    /// rather than as a JobEvent, so the agent cannot exit between the
+    /// check and its commit.
+    fn check_boot(&mut self, id: JobId, job: &Job, peers: &Wire, ctx: &mut Context<Self>) {
+        let md5 = job.request.firmware.md5.clone();
+        self.flash_calls += 1;
+        let check = peers.check_boot.send(CheckBoot {
+            job: id,
+            firmware: job.request.firmware.clone(),
+        });
+        ctx.spawn(check.into_actor(self).map(move |answer, act, ctx| {
+            let BootCheck { event, reboot } = match answer {
+                Ok(check) => check,
+                Err(e) => {
+                    tracing::error!(job = id, error = %e, "the flash actor did not answer the boot check");
+                    BootCheck { event: None, reboot: false }
+                }
+            };
+            // Commit the verdict first; this call still counts, so
+            // the agent stays up until the reboot is asked for too.
+            if let Some(event) = event {
+                <Self as Handler<JobEvent>>::handle(act, JobEvent { job: id, event }, ctx);
+            }
+            if reboot {
+                if let Some(peers) = act.peers.clone() {
+                    act.request_reboot(id, md5, &peers, ctx);
+                }
+            }
+            act.flash_calls -= 1;
+            act.boot_settled = true;
+            act.maybe_exit();
+        }));
     }
 
     /// Ask the Flash actor for the reboot; the agent stays up until it is made.
