@@ -11,8 +11,8 @@ pub mod secret;
 pub mod store;
 
 pub use machine::{
-    on_request, transition, Command, Event, Failure, Incoming, Policy, Refused, RequestView,
-    Transition,
+    on_request, store_failed, transition, Command, Event, Failure, Incoming, Policy, Refused,
+    RequestView, Transition,
 };
 pub use model::*;
 pub use secret::{Redactor, Secret};

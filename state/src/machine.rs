@@ -2,8 +2,9 @@
 //! [`Transition`] the store commits and the runtime then carries out.
 //!
 //! Two entry points:
-//! - [`on_request`] decides what a request gets (accept, duplicate, busy,
-//!   no storage, rejection) from a [`RequestView`] of the store;
+//! - [`on_request`] decides what a request gets (accept, duplicate,
+//!   unsupported protocol, busy, no storage, rejection) from a
+//!   [`RequestView`] of the store and the agent;
 //! - [`transition`] moves one upgrade along when an [`Event`] arrives.
 //!
 //! Neither reads a clock, a file or a socket: time and free space are
@@ -12,9 +13,10 @@
 
 use crate::model::{
     ack_no, result_no, Ack, Job, JobId, LogEntry, Outcome, Outgoing, Phase, PhaseName,
-    ProgressMark, UpgradeRequest, OP_UPGRADE,
+    ProgressMark, Protocol, UpgradeRequest, OP_UPGRADE,
 };
 use crate::secret::Redactor;
+use std::collections::HashSet;
 use std::time::Duration;
 use time::OffsetDateTime;
 
@@ -351,6 +353,8 @@ pub struct RequestView {
     pub next_id: JobId,
     /// Free bytes where the image will be stored; `None` if unknown.
     pub free_bytes: Option<u64>,
+    /// The protocols this agent can fetch with; `None`: every one.
+    pub supported: Option<HashSet<Protocol>>,
 }
 
 /// Decide what a request gets.
@@ -373,6 +377,17 @@ pub fn on_request(view: &RequestView, incoming: Incoming, now: OffsetDateTime) -
         message_id: req.message_id.clone(),
         result,
     };
+    let protocol = req.source.protocol;
+    if view
+        .supported
+        .as_ref()
+        .is_some_and(|s| !s.contains(&protocol))
+    {
+        return answer(ack(Outcome::new(
+            ack_no::UNSUPPORTED_PROTOCOL,
+            format!("unsupported protocol: {protocol} is not built into this agent"),
+        )));
+    }
     if let Some(active) = &view.active {
         if active.request.firmware.md5 == req.firmware.md5 {
             return answer(ack(Outcome::new(ack_no::OK, "ok: already in progress")));
@@ -427,6 +442,25 @@ pub fn on_request(view: &RequestView, incoming: Incoming, now: OffsetDateTime) -
 }
 
 /// Send `ack` and remember it under its messageId (when it has one).
+/// The answer to `incoming` when the store cannot record a decision:
+/// errorNo 8, sent as it is (there is no outbox to put it in) and recorded
+/// nowhere.
+pub fn store_failed(incoming: &Incoming, error: &str) -> Ack {
+    let (operator, session_id, message_id) = match incoming {
+        Incoming::Valid(r) => (OP_UPGRADE.to_string(), &r.session_id, &r.message_id),
+        Incoming::Invalid(a) => (a.operator.clone(), &a.session_id, &a.message_id),
+    };
+    Ack {
+        operator,
+        session_id: session_id.clone(),
+        message_id: message_id.clone(),
+        result: Outcome::new(
+            ack_no::STORE_FAILED,
+            format!("the state store failed: {error}"),
+        ),
+    }
+}
+
 fn answer(ack: Ack) -> Transition {
     Transition {
         outbox: vec![Outgoing::Ack(ack.clone())],

@@ -569,6 +569,7 @@ impl Store {
             active: self.active()?,
             next_id: self.meta_u64(META_NEXT_JOB)?.unwrap_or(1),
             free_bytes,
+            supported: None,
         })
     }
 

@@ -76,6 +76,7 @@ fn duplicate_message_id_gets_the_same_ack_and_nothing_new() {
         active: first.job.clone(),
         next_id: 2,
         free_bytes: Some(0),
+        supported: None,
     };
     // Even a different md5, or a malformed resend, gets the first answer.
     for incoming in [
@@ -150,10 +151,36 @@ fn another_md5_while_active_is_busy_6() {
     assert_eq!(t.job, None);
 }
 
+/// A protocol the agent has no fetcher for is refused with 5, before busy
+/// and storage are looked at, and the answer is recorded like any other.
+#[test]
+fn an_unsupported_protocol_is_5_and_recorded() {
+    let view = RequestView {
+        supported: Some([fwagent_state::Protocol::Ftp].into_iter().collect()),
+        active: Some(job_in(Phase::Flashing)),
+        free_bytes: Some(0),
+        ..RequestView::default()
+    };
+    let t = on_request(&view, valid("MID:h", &md5('b')), t0());
+    let ack = only_ack(&t);
+    assert_eq!(ack.result.error_no, ack_no::UNSUPPORTED_PROTOCOL);
+    assert!(ack.result.description.contains("http"), "{:?}", ack.result);
+    assert_eq!(t.record_ack.as_ref(), Some(ack));
+    assert!(t.job.is_none());
+    // Supported: decided as before (busy here).
+    let view = RequestView {
+        supported: Some([fwagent_state::Protocol::Http].into_iter().collect()),
+        ..view
+    };
+    let t = on_request(&view, valid("MID:h", &md5('b')), t0());
+    assert_eq!(only_ack(&t).result.error_no, ack_no::BUSY);
+}
+
 #[test]
 fn not_enough_storage_is_7_with_both_numbers() {
     let view = RequestView {
         free_bytes: Some(SIZE - 1),
+        supported: None,
         next_id: 1,
         ..RequestView::default()
     };
@@ -168,6 +195,7 @@ fn not_enough_storage_is_7_with_both_numbers() {
     for free in [Some(SIZE), None] {
         let view = RequestView {
             free_bytes: free,
+            supported: None,
             ..RequestView::default()
         };
         let t = on_request(&view, valid("MID:a", &md5('a')), t0());
@@ -180,6 +208,7 @@ fn busy_is_decided_before_storage() {
     let view = RequestView {
         active: Some(downloading()),
         free_bytes: Some(0),
+        supported: None,
         ..RequestView::default()
     };
     let t = on_request(&view, valid("MID:b", &md5('b')), t0());

@@ -18,8 +18,8 @@ use super::{Delivered, JobEvent, Request, Transfer, UNCOMMITTED};
 use crate::crash;
 use actix::prelude::*;
 use fwagent_state::{
-    ack_no, on_request, transition, Ack, Command, Event, Incoming, Job, JobId, OutboxEntry,
-    Outcome, Outgoing, Policy, Protocol, Store, StoreError, Transition, OP_UPGRADE,
+    on_request, transition, Ack, Command, Event, Incoming, Job, JobId, OutboxEntry, Outgoing,
+    Policy, Protocol, RequestView, Store, StoreError, Transition,
 };
 use std::collections::HashSet;
 use time::OffsetDateTime;
@@ -310,28 +310,9 @@ impl Upgrade {
         error: String,
         reply: Option<tokio::sync::oneshot::Sender<Ack>>,
     ) {
-        let (operator, session_id, message_id) = match incoming {
-            Incoming::Valid(r) => (
-                OP_UPGRADE.to_string(),
-                r.session_id.clone(),
-                r.message_id.clone(),
-            ),
-            Incoming::Invalid(a) => (
-                a.operator.clone(),
-                a.session_id.clone(),
-                a.message_id.clone(),
-            ),
-        };
         tracing::error!(%error, "the state store failed; request not accepted");
-        let ack = Ack {
-            operator,
-            session_id,
-            message_id: message_id.clone(),
-            result: Outcome::new(
-                ack_no::STORE_FAILED,
-                format!("the state store failed: {error}"),
-            ),
-        };
+        let ack = fwagent_state::store_failed(incoming, &error);
+        let message_id = ack.message_id.clone();
         if let Some(peers) = &self.peers {
             peers.messaging.do_send(Outbound(OutboxEntry {
                 seq: UNCOMMITTED,
@@ -412,27 +393,16 @@ impl Upgrade {
     /// the commit, then the ack to `reply` and the dispatch.
     fn decide(
         &mut self,
-        mut incoming: Incoming,
+        incoming: Incoming,
         free_bytes: Option<u64>,
         reply: Option<tokio::sync::oneshot::Sender<Ack>>,
         ctx: &mut Context<Self>,
     ) {
-        if let Incoming::Valid(req) = &incoming {
-            let protocol = req.source.protocol;
-            if !self.protocols.contains(&protocol) {
-                incoming = Incoming::Invalid(Ack {
-                    operator: OP_UPGRADE.to_string(),
-                    session_id: req.session_id.clone(),
-                    message_id: req.message_id.clone(),
-                    result: Outcome::new(
-                        ack_no::UNSUPPORTED_PROTOCOL,
-                        format!("unsupported protocol: {protocol} is not built into this agent"),
-                    ),
-                });
-            }
-        }
         let view = match self.store.request_view(incoming.message_id(), free_bytes) {
-            Ok(view) => view,
+            Ok(view) => RequestView {
+                supported: Some(self.protocols.clone()),
+                ..view
+            },
             Err(e) => return self.store_failed(&incoming, e.to_string(), reply),
         };
         let t = on_request(&view, incoming.clone(), OffsetDateTime::now_utc());
