@@ -212,10 +212,21 @@ pub enum Event {
         ok: bool,
         detail: String,
     },
+    /// The new image was rejected (as `Booted { ok: false }`), and the
+    /// device runs a slot its bootloader will not boot again: it is rolled
+    /// back and rebooted into the old one.
+    Stranded {
+        detail: String,
+    },
     /// The reboot into the new image has not happened, and the agent does
     /// not ask for it (someone else reboots): this start was no boot check
     /// and does not count towards the bound.
     RebootPending {
+        detail: String,
+    },
+    /// The reboot into the new image has not happened, and the agent asks
+    /// for it (again): the check counted.
+    NotRebooted {
         detail: String,
     },
     /// An operator or the cloud asked to stop.
@@ -240,7 +251,9 @@ impl Event {
             Event::Flashed { .. } => "flashed",
             Event::FlashFailed { .. } => "flash failed",
             Event::Booted { .. } => "booted",
+            Event::Stranded { .. } => "stranded",
             Event::RebootPending { .. } => "reboot pending",
+            Event::NotRebooted { .. } => "not rebooted",
             Event::Cancel => "cancel",
         }
     }
@@ -722,12 +735,23 @@ pub fn transition(
                     "new image booted and committed",
                 ));
             }
-            step.set_last_error(&detail);
-            Ok(step.finish(
-                Phase::RolledBack,
-                Outcome::new(result_no::ROLLED_BACK, detail),
-                "new image rejected; rolled back",
-            ))
+            Ok(step.roll_back(detail))
+        }
+        Event::Stranded { detail } => {
+            if phase != Phase::AwaitingReboot {
+                return Err(wrong());
+            }
+            let mut t = step.roll_back(detail);
+            t.commands.push(Command::Reboot { job: job.id });
+            Ok(t)
+        }
+        Event::NotRebooted { detail } => {
+            if phase != Phase::AwaitingReboot {
+                return Err(wrong());
+            }
+            step.log(format!("not rebooted yet: {detail}; asking again"), None);
+            step.command(Command::Reboot { job: job.id });
+            Ok(step.done())
         }
         Event::RebootPending { detail } => {
             if phase != Phase::AwaitingReboot {
@@ -916,6 +940,16 @@ impl<'a> Step<'a> {
         // carries its passPort, and no download will run again.
         self.job.request.forget_secrets();
         self.done()
+    }
+
+    /// The new image was rejected: `rolled_back`, 51.
+    fn roll_back(mut self, detail: String) -> Transition {
+        self.set_last_error(&detail);
+        self.finish(
+            Phase::RolledBack,
+            Outcome::new(result_no::ROLLED_BACK, detail),
+            "new image rejected; rolled back",
+        )
     }
 
     fn done(mut self) -> Transition {

@@ -346,6 +346,41 @@ fn start_beyond_the_attempt_bound_fails_the_upgrade() {
     }
 }
 
+/// After the reboot: a rejected image on a device that runs a slot it will
+/// not boot again is rolled back and rebooted; one not rebooted into yet is
+/// asked for again. Both are the state machine's commands.
+#[test]
+fn a_stranded_device_is_rebooted_and_a_missing_reboot_asked_again() {
+    let waiting = at_phase(Phase::AwaitingReboot, 1);
+    let t = apply(
+        &waiting,
+        Event::Stranded {
+            detail: "health check failed".into(),
+        },
+        0,
+    );
+    assert_eq!(t.job.as_ref().expect("job").phase, Phase::RolledBack);
+    assert_eq!(
+        t.commands,
+        vec![Command::Cleanup { job: 1 }, Command::Reboot { job: 1 }]
+    );
+    assert_eq!(
+        results(&t.outbox),
+        vec![(PhaseName::RolledBack, result_no::ROLLED_BACK)]
+    );
+    let t = apply(
+        &waiting,
+        Event::NotRebooted {
+            detail: "slot b is next".into(),
+        },
+        0,
+    );
+    let job = t.job.expect("job");
+    assert_eq!((job.phase, job.attempts), (Phase::AwaitingReboot, 1));
+    assert_eq!(t.commands, vec![Command::Reboot { job: 1 }]);
+    assert!(t.outbox.is_empty());
+}
+
 fn start_on(boot: &str) -> Event {
     Event::Start {
         boot: Some(boot.into()),
@@ -1132,7 +1167,13 @@ fn every_event() -> Vec<Event> {
             ok: true,
             detail: String::new(),
         },
+        Event::Stranded {
+            detail: String::new(),
+        },
         Event::RebootPending {
+            detail: String::new(),
+        },
+        Event::NotRebooted {
             detail: String::new(),
         },
         Event::Cancel,
@@ -1153,7 +1194,10 @@ fn applies(event: &Event, phase: Phase) -> bool {
         Event::ImageMissing { .. } => matches!(phase, Phase::Verifying | Phase::Flashing),
         Event::Verified | Event::VerifyFailed { .. } => phase == Phase::Verifying,
         Event::Flashed { .. } | Event::FlashFailed { .. } => phase == Phase::Flashing,
-        Event::Booted { .. } | Event::RebootPending { .. } => phase == Phase::AwaitingReboot,
+        Event::Booted { .. }
+        | Event::Stranded { .. }
+        | Event::RebootPending { .. }
+        | Event::NotRebooted { .. } => phase == Phase::AwaitingReboot,
     }
 }
 

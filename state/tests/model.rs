@@ -47,7 +47,9 @@ enum Ev {
     Booted {
         ok: bool,
     },
+    Stranded,
     RebootPending,
+    NotRebooted,
     Cancel,
 }
 
@@ -89,7 +91,9 @@ fn ev() -> impl Strategy<Value = Ev> {
         2 => any::<bool>().prop_map(|reboot| Ev::Flashed { reboot }),
         1 => Just(Ev::FlashFailed),
         2 => any::<bool>().prop_map(|ok| Ev::Booted { ok }),
+        1 => Just(Ev::Stranded),
         1 => Just(Ev::RebootPending),
+        1 => Just(Ev::NotRebooted),
         1 => Just(Ev::Cancel),
     ]
 }
@@ -391,6 +395,12 @@ impl Model {
                     self.finish(i, PhaseName::RolledBack, result_no::ROLLED_BACK);
                 }
             }
+            // Rolled back, and rebooted into the old slot.
+            Ev::Stranded if phase == PhaseName::AwaitingReboot => {
+                self.finish(i, PhaseName::RolledBack, result_no::ROLLED_BACK);
+            }
+            // The check counted; the reboot is asked for again.
+            Ev::NotRebooted if phase == PhaseName::AwaitingReboot => {}
             // Waiting for someone else's reboot is no boot check.
             Ev::RebootPending if phase == PhaseName::AwaitingReboot => {
                 let j = &mut self.jobs[i];
@@ -444,6 +454,12 @@ fn event_of(ev: &Ev) -> Event {
         Ev::Booted { ok } => Event::Booted {
             ok: *ok,
             detail: "health check".into(),
+        },
+        Ev::Stranded => Event::Stranded {
+            detail: "runs a slot it will not boot again".into(),
+        },
+        Ev::NotRebooted => Event::NotRebooted {
+            detail: "not rebooted".into(),
         },
         Ev::RebootPending => Event::RebootPending {
             detail: "no reboot command".into(),

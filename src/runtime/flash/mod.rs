@@ -146,24 +146,14 @@ pub struct RequestReboot {
     pub md5: String,
 }
 
-/// After a (possible) reboot: which image runs? Answered, not sent as a
-/// [`JobEvent`], so the Upgrade actor knows when the check is over.
+/// After a (possible) reboot: which image runs? Answered with what
+/// happened (`Booted`, `Stranded`, `NotRebooted`, `RebootPending`), not sent
+/// as a [`JobEvent`], so the Upgrade actor knows when the check is over.
 #[derive(Message, Debug)]
-#[rtype(result = "BootCheck")]
+#[rtype(result = "Event")]
 pub struct CheckBoot {
     pub job: JobId,
     pub firmware: Firmware,
-}
-
-/// The answer to [`CheckBoot`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BootCheck {
-    /// `Booted { .. }` once it is decided; `None` while the reboot has not
-    /// happened yet.
-    pub event: Option<Event>,
-    /// Reboot now: the reboot into the new slot is still to come, or the
-    /// device runs a slot it will not boot again (a failed health check).
-    pub reboot: bool,
 }
 
 /// The owner of the flash target: staging, the writes, every write of the
@@ -278,21 +268,23 @@ pub fn flash_ab(
     Ok(target)
 }
 
-/// The boot check's answer when the new slot did not make it (no reboot).
-fn rejected(detail: String) -> BootCheck {
-    BootCheck {
-        event: Some(Event::Booted { ok: false, detail }),
-        reboot: false,
+/// The boot check's answer when the new slot did not make it.
+fn rejected(detail: String) -> Event {
+    Event::Booted { ok: false, detail }
+}
+
+/// The new slot did not make it, as `record` now stands: a device that runs
+/// a slot its bootloader will not boot again is stranded (rebooted).
+fn rejected_by(record: &BootControl, detail: String) -> Event {
+    if record.booted != record.active && record.next != Some(record.booted) {
+        Event::Stranded { detail }
+    } else {
+        rejected(detail)
     }
 }
 
-/// A device that runs a slot its bootloader will not boot again is rebooted.
-fn needs_reboot(record: &BootControl) -> bool {
-    record.booted != record.active && record.next != Some(record.booted)
-}
-
 impl Flash {
-    fn check_ab(&self, dir: &Path, firmware: &Firmware) -> BootCheck {
+    fn check_ab(&self, dir: &Path, firmware: &Firmware) -> Event {
         let record = match BootControl::load(dir) {
             Ok(Some(r)) => r,
             Ok(None) => {
@@ -307,32 +299,21 @@ impl Flash {
         tracing::info!(?verdict, active = %record.active, booted = %record.booted, "boot checked");
         match verdict {
             Verdict::NotRebooted { slot } => match self.options.reboot_command {
-                Some(_) => {
-                    tracing::info!(%slot, "the device has not rebooted into the new slot yet; asking again");
-                    BootCheck {
-                        event: None,
-                        reboot: true,
-                    }
-                }
+                Some(_) => Event::NotRebooted {
+                    detail: format!("the device has not rebooted into slot {slot}"),
+                },
                 // Someone else reboots: waiting is no failed check.
-                None => BootCheck {
-                    event: Some(Event::RebootPending {
-                        detail: format!("slot {slot} is next; no reboot command is configured"),
-                    }),
-                    reboot: false,
+                None => Event::RebootPending {
+                    detail: format!("slot {slot} is next; no reboot command is configured"),
                 },
             },
-            Verdict::Committed { slot } => BootCheck {
-                event: Some(Event::Booted {
-                    ok: true,
-                    detail: format!("slot {slot} is active"),
-                }),
-                reboot: false,
+            Verdict::Committed { slot } => Event::Booted {
+                ok: true,
+                detail: format!("slot {slot} is active"),
             },
-            Verdict::FellBack { detail, .. } | Verdict::Rejected { detail } => BootCheck {
-                reboot: needs_reboot(&record),
-                event: Some(Event::Booted { ok: false, detail }),
-            },
+            Verdict::FellBack { detail, .. } | Verdict::Rejected { detail } => {
+                rejected_by(&record, detail)
+            }
             Verdict::TrialBooted { slot } => self.settle_trial(dir, record, slot, firmware),
         }
     }
@@ -345,7 +326,7 @@ impl Flash {
         mut record: BootControl,
         slot: Slot,
         firmware: &Firmware,
-    ) -> BootCheck {
+    ) -> Event {
         if let Some(health) = &self.options.health_command {
             let envs = [
                 ("FWAGENT_SLOT", slot.to_string()),
@@ -368,10 +349,7 @@ impl Flash {
                     ),
                     Err(e) => format!("slot {slot} booted but its health check failed: {why}; and {e}"),
                 };
-                return BootCheck {
-                    reboot: needs_reboot(&record),
-                    event: Some(Event::Booted { ok: false, detail }),
-                };
+                return rejected_by(&record, detail);
             }
         }
         record.active = slot;
@@ -383,12 +361,9 @@ impl Flash {
         }
         crash::point("after-boot-commit");
         tracing::info!(%slot, "new slot committed");
-        BootCheck {
-            event: Some(Event::Booted {
-                ok: true,
-                detail: format!("slot {slot} booted and committed"),
-            }),
-            reboot: false,
+        Event::Booted {
+            ok: true,
+            detail: format!("slot {slot} booted and committed"),
         }
     }
 }
@@ -477,16 +452,10 @@ impl Handler<CheckBoot> for Flash {
     fn handle(&mut self, msg: CheckBoot, _ctx: &mut Context<Self>) -> Self::Result {
         let check = match &self.spec {
             FlashSpec::Ab(dir) => self.check_ab(dir, &msg.firmware),
-            FlashSpec::File(_) | FlashSpec::Command(_) => BootCheck {
-                event: Some(Event::Booted {
-                    ok: false,
-                    detail: format!(
-                        "the flash backend {} cannot check which image booted",
-                        self.spec
-                    ),
-                }),
-                reboot: false,
-            },
+            FlashSpec::File(_) | FlashSpec::Command(_) => rejected(format!(
+                "the flash backend {} cannot check which image booted",
+                self.spec
+            )),
         };
         tracing::info!(job = msg.job, ?check, "boot check done");
         MessageResult(check)

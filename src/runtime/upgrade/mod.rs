@@ -11,7 +11,7 @@
 
 use super::download::{AbortDownload, Drain, FetchJob, StartDownload};
 use super::flash::staging::{EndJob, RemoveStale};
-use super::flash::{BootCheck, CheckBoot, FlashImage, RequestReboot};
+use super::flash::{CheckBoot, FlashImage, RequestReboot};
 use super::messaging::{Listen, Outbound};
 use super::verify::VerifyMsg;
 use super::{Delivered, JobEvent, Request, Transfer, UNCOMMITTED};
@@ -100,23 +100,23 @@ impl Upgrade {
     }
 
     /// Wait for the Flash actor's answer to `call` (the agent does not exit
-    /// before it), then `then`.
+    /// before `then` has run on it).
     fn flash_call<M>(
         &mut self,
         call: actix::dev::RecipientRequest<M>,
         ctx: &mut Context<Self>,
-        then: impl FnOnce(&mut Self, &mut Context<Self>) + 'static,
+        then: impl FnOnce(&mut Self, &mut Context<Self>, Result<M::Result, MailboxError>) + 'static,
     ) where
         M: actix::Message + Send + 'static,
         M::Result: Send,
     {
         self.flash_calls += 1;
         ctx.spawn(call.into_actor(self).map(move |answer, act, ctx| {
-            if let Err(e) = answer {
+            if let Err(e) = &answer {
                 tracing::error!(error = %e, "the flash actor did not answer");
             }
+            then(act, ctx, answer);
             act.flash_calls -= 1;
-            then(act, ctx);
             act.maybe_exit();
         }));
     }
@@ -238,7 +238,7 @@ impl Upgrade {
                     job: *id,
                     firmware: job.request.firmware.clone(),
                 });
-                self.flash_call(end, ctx, |_, _| {});
+                self.flash_call(end, ctx, |_, _, _| {});
                 peers.abort.do_send(AbortDownload {
                     job: *id,
                     discard: true,
@@ -249,36 +249,18 @@ impl Upgrade {
 
     /// Ask the Flash actor which image booted. The answer comes back here
     /// rather than as a JobEvent, so the agent cannot exit between the
-    /// check and its commit.
+    /// check and its commit (and the reboot the transition may ask for).
     fn check_boot(&mut self, id: JobId, job: &Job, peers: &Wire, ctx: &mut Context<Self>) {
-        let md5 = job.request.firmware.md5.clone();
-        self.flash_calls += 1;
         let check = peers.check_boot.send(CheckBoot {
             job: id,
             firmware: job.request.firmware.clone(),
         });
-        ctx.spawn(check.into_actor(self).map(move |answer, act, ctx| {
-            let BootCheck { event, reboot } = match answer {
-                Ok(check) => check,
-                Err(e) => {
-                    tracing::error!(job = id, error = %e, "the flash actor did not answer the boot check");
-                    BootCheck { event: None, reboot: false }
-                }
-            };
-            // Commit the verdict first; this call still counts, so
-            // the agent stays up until the reboot is asked for too.
-            if let Some(event) = event {
+        self.flash_call(check, ctx, move |act, ctx, answer| {
+            if let Ok(event) = answer {
                 <Self as Handler<JobEvent>>::handle(act, JobEvent { job: id, event }, ctx);
             }
-            if reboot {
-                if let Some(peers) = act.peers.clone() {
-                    act.request_reboot(id, md5, &peers, ctx);
-                }
-            }
-            act.flash_calls -= 1;
             act.boot_settled = true;
-            act.maybe_exit();
-        }));
+        });
     }
 
     /// Ask the Flash actor for the reboot; the agent stays up until it is made.
@@ -356,7 +338,7 @@ impl Handler<Wire> for Upgrade {
                     job.id
                 });
                 let removed = wire.remove_stale.send(RemoveStale { active });
-                self.flash_call(removed, ctx, move |act, ctx| {
+                self.flash_call(removed, ctx, move |act, ctx, _| {
                     if let Some(job) = resume {
                         let event = act.start_event();
                         <Self as Handler<JobEvent>>::handle(act, JobEvent { job, event }, ctx);

@@ -91,7 +91,7 @@ ignored! {
     VerifyMsg => () = (),
     FlashImage => () = (),
     RequestReboot => bool = false,
-    CheckBoot => BootCheck = BootCheck { event: None, reboot: false },
+    CheckBoot => Event = Event::RebootPending { detail: String::new() },
     EndJob => () = (),
     RemoveStale => () = (),
 }
