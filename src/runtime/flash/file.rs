@@ -8,7 +8,7 @@ use fwagent_state::{result_no, Failure, Firmware};
 use md5::{Digest, Md5};
 use std::fs::OpenOptions;
 use std::io::{Read, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// What `--flash file:PATH` may name: it must exist (the agent creates
 /// nothing there: a typo'd `/dev/mmcblk0p3` must not become a file in RAM).
@@ -20,29 +20,36 @@ pub enum FileTarget {
     BlockDevice { size: u64 },
 }
 
+/// Why `--flash file:PATH` cannot be flashed.
+#[derive(Debug, thiserror::Error)]
+pub enum FileTargetError {
+    #[error("{0} does not exist: the flash target must be an existing regular file or block device (the agent creates none)")]
+    Missing(PathBuf),
+    #[error("cannot stat {0}: {1}")]
+    Stat(PathBuf, #[source] std::io::Error),
+    #[error("cannot read the size of {0}: {1}")]
+    Size(PathBuf, #[source] std::io::Error),
+    #[error("{0} is neither a regular file nor a block device")]
+    NotFileOrDevice(PathBuf),
+}
+
 /// Check `--flash file:PATH`'s target (symbolic links followed): `run`
 /// refuses to start without one, and every flash checks it again.
-pub fn file_target(path: &Path) -> Result<FileTarget, String> {
+pub fn file_target(path: &Path) -> Result<FileTarget, FileTargetError> {
     use std::os::unix::fs::FileTypeExt;
+    let shown = || path.to_path_buf();
     let meta = std::fs::metadata(path).map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => format!(
-            "{} does not exist: the flash target must be an existing regular file or block device (the agent creates none)",
-            path.display()
-        ),
-        _ => format!("cannot stat {}: {e}", path.display()),
+        std::io::ErrorKind::NotFound => FileTargetError::Missing(shown()),
+        _ => FileTargetError::Stat(shown(), e),
     })?;
     let kind = meta.file_type();
     if kind.is_file() {
         Ok(FileTarget::Regular)
     } else if kind.is_block_device() {
-        let size = ab::device_size(path)
-            .map_err(|e| format!("cannot read the size of {}: {e}", path.display()))?;
+        let size = ab::device_size(path).map_err(|e| FileTargetError::Size(shown(), e))?;
         Ok(FileTarget::BlockDevice { size })
     } else {
-        Err(format!(
-            "{} is neither a regular file nor a block device",
-            path.display()
-        ))
+        Err(FileTargetError::NotFileOrDevice(shown()))
     }
 }
 
@@ -51,7 +58,8 @@ pub fn file_target(path: &Path) -> Result<FileTarget, String> {
 /// `firmware.md5`.
 pub fn write_file(image: &Path, target: &Path, firmware: &Firmware) -> Result<(), Failure> {
     let refused = |why: String| Failure::new(result_no::FLASH_FAILED, why, false);
-    if let FileTarget::BlockDevice { size } = file_target(target).map_err(refused)? {
+    let checked = file_target(target).map_err(|e| refused(e.to_string()))?;
+    if let FileTarget::BlockDevice { size } = checked {
         if size < firmware.size {
             return Err(refused(format!(
                 "the block device {} has {size} bytes, fewer than the image's {}",
