@@ -829,6 +829,43 @@ fn password_and_client_certificate() {
         is_ack_of(v, &mid) && v["result"]["errorNo"] == 0
     });
 
+    // The password kept off the command line: from a file, and from the
+    // environment; the process list shows neither.
+    let pw_file = d.join("mqtt-password");
+    fs::write(&pw_file, "pa55-w0rd\n").unwrap();
+    for from_file in [true, false] {
+        let device = unique_name("gw");
+        let cloud = {
+            let mut o = MqttOptions::new(unique_name("cloud"), "127.0.0.1", plain);
+            o.set_credentials("fwagent", "pa55-w0rd");
+            Cloud::with_options(o, &device)
+        };
+        let state = d.join(format!("pw-off-argv-{from_file}"));
+        fs::create_dir_all(&state).unwrap();
+        let mut spec = AgentSpec::new(format!("mqtt://fwagent@127.0.0.1:{plain}"), &device, &state);
+        let file_arg = pw_file.display().to_string();
+        if from_file {
+            spec.extra = vec!["--mqtt-password-file".into(), file_arg];
+        } else {
+            spec.env = vec![("FWAGENT_MQTT_PASSWORD", "pa55-w0rd")];
+        }
+        let agent = Agent::start(&spec);
+        let pid = agent.child.as_ref().expect("running").id();
+        let cmdline = fs::read(format!("/proc/{pid}/cmdline")).expect("cmdline");
+        assert!(
+            !String::from_utf8_lossy(&cmdline).contains("pa55-w0rd"),
+            "the password is not in the process list"
+        );
+        cloud.wait_status("online", Some(&agent));
+        let req = servers.http_request(&fw);
+        let mid = mid_of(&req);
+        cloud.send_json(&req);
+        cloud.wait_response(LONG, "the ack, the password off argv", &agent, |v| {
+            is_ack_of(v, &mid) && v["result"]["errorNo"] == 0
+        });
+        assert!(!agent.log().contains("pa55-w0rd"), "{}", agent.log());
+    }
+
     // The same broker over TLS with the client certificate; its cloud listens on the plain listener.
     let device_cert = unique_name("gw");
     let cloud_cert = {

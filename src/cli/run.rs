@@ -29,9 +29,15 @@ pub struct RunArgs {
     /// Where requests come from and replies go: stdio or mqtt [default: stdio].
     #[arg(long)]
     pub transport: Option<String>,
-    /// mqtt://[user:pass@]host:port or mqtts://... (never logged with its user info).
-    #[arg(long, value_parser = secret_arg)]
+    /// mqtt://[user:pass@]host:port or mqtts://... (never logged with its
+    /// user info). A password here shows in the process list: prefer
+    /// --mqtt-password-file, FWAGENT_MQTT_PASSWORD or FWAGENT_MQTT_URL.
+    #[arg(long, value_parser = secret_arg, env = "FWAGENT_MQTT_URL", hide_env_values = true)]
     pub mqtt_url: Option<Secret>,
+    /// A file whose first line is the MQTT password, for the user in
+    /// --mqtt-url (the environment's FWAGENT_MQTT_PASSWORD does the same).
+    #[arg(long, value_name = "FILE")]
+    pub mqtt_password_file: Option<PathBuf>,
     /// mqtts: the CA certificate(s) (PEM) to trust instead of the web PKI roots.
     #[arg(long, value_name = "FILE")]
     pub mqtt_ca: Option<PathBuf>,
@@ -138,6 +144,7 @@ impl RunArgs {
             state_dir: self.state_dir.or(file.state_dir),
             transport: self.transport.or(file.transport),
             mqtt_url: self.mqtt_url.or(file.mqtt_url),
+            mqtt_password_file: self.mqtt_password_file.or(file.mqtt_password_file),
             mqtt_ca: self.mqtt_ca.or(file.mqtt_ca),
             mqtt_cert: self.mqtt_cert.or(file.mqtt_cert),
             mqtt_key: self.mqtt_key.or(file.mqtt_key),
@@ -264,6 +271,7 @@ fn mqtt_settings(
         "stdio" => Ok(None),
         "mqtt" => MqttSettings::new(MqttArgs {
             url: a.mqtt_url.as_ref(),
+            password: mqtt_password(a)?,
             device_id,
             request_topic: a.request_topic.as_deref(),
             response_topic: a.response_topic.as_deref(),
@@ -277,6 +285,38 @@ fn mqtt_settings(
         .map_err(|e| e.to_string()),
         other => Err(format!("unknown transport `{other}`: use stdio or mqtt")),
     }
+}
+
+/// The environment variable that carries the MQTT password.
+const MQTT_PASSWORD_ENV: &str = "FWAGENT_MQTT_PASSWORD";
+
+/// The MQTT password kept off the command line: `--mqtt-password-file`'s
+/// first line, else `FWAGENT_MQTT_PASSWORD`. Errors never show it.
+fn mqtt_password(a: &RunArgs) -> Result<Option<Secret>, String> {
+    let text = match &a.mqtt_password_file {
+        Some(path) => std::fs::read_to_string(path).map_err(|e| {
+            format!(
+                "cannot read --mqtt-password-file {}: {}",
+                path.display(),
+                e.kind()
+            )
+        })?,
+        None => match std::env::var(MQTT_PASSWORD_ENV) {
+            Ok(text) => text,
+            Err(_) => return Ok(None),
+        },
+    };
+    let password = text.lines().next().unwrap_or_default();
+    if password.is_empty() {
+        return Err(match &a.mqtt_password_file {
+            Some(path) => format!(
+                "--mqtt-password-file {}: the first line is empty",
+                path.display()
+            ),
+            None => format!("{MQTT_PASSWORD_ENV} is empty"),
+        });
+    }
+    Ok(Some(Secret::new(password)))
 }
 
 /// The transfer limits from the flags, the rest from [`Transfer::default`].

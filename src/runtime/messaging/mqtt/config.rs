@@ -39,7 +39,7 @@ pub enum MqttConfigError {
     NoHost,
     #[error("--mqtt-url must name only the broker: no path, query or fragment")]
     Extra,
-    #[error("--mqtt-url has a password but no user name")]
+    #[error("an MQTT password (in --mqtt-url, --mqtt-password-file or FWAGENT_MQTT_PASSWORD) needs a user name in --mqtt-url")]
     PasswordWithoutUser,
     #[error("--mqtt-url: the {0} is not valid percent-encoded UTF-8")]
     UserInfo(&'static str),
@@ -172,6 +172,8 @@ impl fmt::Debug for MqttSettings {
 #[derive(Clone, Debug, Default)]
 pub struct MqttArgs<'a> {
     pub url: Option<&'a Secret>,
+    /// Replaces the URL's password (kept off the command line).
+    pub password: Option<Secret>,
     pub device_id: &'a str,
     pub request_topic: Option<&'a str>,
     pub response_topic: Option<&'a str>,
@@ -184,7 +186,13 @@ pub struct MqttArgs<'a> {
 
 impl MqttSettings {
     pub fn new(a: MqttArgs<'_>) -> Result<MqttSettings, MqttConfigError> {
-        let url = BrokerUrl::parse(a.url.ok_or(MqttConfigError::MissingUrl)?.expose())?;
+        let mut url = BrokerUrl::parse(a.url.ok_or(MqttConfigError::MissingUrl)?.expose())?;
+        if let Some(password) = a.password {
+            if url.user.is_none() {
+                return Err(MqttConfigError::PasswordWithoutUser);
+            }
+            url.password = Some(password);
+        }
         let id = a.device_id;
         if id.is_empty()
             || id
