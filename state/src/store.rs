@@ -98,6 +98,13 @@ const META_SCHEMA: &str = "schema";
 const META_NEXT_SEQ: &str = "next_seq";
 const META_NEXT_LOG: &str = "next_log";
 const META_NEXT_JOB: &str = "next_job";
+/// A random number fixed when the store is created: the high digits of
+/// every report messageId ([`Store::report_message_id`]).
+const META_INSTANCE: &str = "instance";
+
+/// Report messageIds are `MID:<deviceId>-<n>` with
+/// `n = instance × REPORT_ID_SPAN + seq`.
+const REPORT_ID_SPAN: u64 = 1_000_000_000;
 const META_ACTIVE: &str = "active";
 
 /// What can go wrong with the store. Every variant says where.
@@ -438,6 +445,8 @@ struct Inner {
     data_file: std::fs::File,
     data_path: PathBuf,
     device_id: String,
+    /// See [`META_INSTANCE`].
+    instance: u64,
     db: sled::Db,
     jobs: sled::Tree,
     job_index: sled::Tree,
@@ -530,12 +539,23 @@ impl Store {
             data_path,
             path,
             device_id: device_id.to_string(),
+            instance: 0,
             db,
         };
         inner.check_schema(schema)?;
+        let inner = Inner {
+            instance: inner.instance()?,
+            ..inner
+        };
         Ok(Store {
             inner: Arc::new(inner),
         })
+    }
+
+    /// The messageId this store gives the report with outbox number `seq`:
+    /// `MID:<deviceId>-<n>`, `n` unique to this store (see `instance`).
+    pub fn report_message_id(&self, seq: u64) -> String {
+        self.inner.report_message_id(seq)
     }
 
     /// Where the database lives (`state_dir/db`).
@@ -707,7 +727,7 @@ impl Store {
                         let message_id = match message {
                             Outgoing::Ack(ack) => ack.message_id.clone(),
                             Outgoing::Progress { .. } | Outgoing::Result { .. } => {
-                                format!("MID:{}-{seq}", s.device_id)
+                                s.report_message_id(seq)
                             }
                         };
                         let entry = OutboxEntry {
@@ -915,6 +935,30 @@ impl Inner {
     }
 
     /// Accept our schema; stamp a new store with it.
+    /// This store's instance number, made (at random, 1 to 2³²−1) and
+    /// recorded the first time: so report messageIds differ between stores,
+    /// a store created again after a wipe, and gateways that share a host
+    /// name. It is durable before any messageId made from it (the commit
+    /// that first uses it flushes it too).
+    fn instance(&self) -> Result<u64, StoreError> {
+        if let Some(v) = self.meta.get(META_INSTANCE)? {
+            return decode_u64(TREE_META, META_INSTANCE.as_bytes(), &v);
+        }
+        use std::hash::{BuildHasher, Hasher};
+        // std's hasher keys come from the OS's random source.
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u128(OffsetDateTime::now_utc().unix_timestamp_nanos() as u128);
+        let instance = (h.finish() % u64::from(u32::MAX)) + 1;
+        self.meta.insert(META_INSTANCE, &id_key(instance))?;
+        Ok(instance)
+    }
+
+    /// The messageId of the report with outbox number `seq`.
+    fn report_message_id(&self, seq: u64) -> String {
+        let n = self.instance * REPORT_ID_SPAN + seq % REPORT_ID_SPAN;
+        format!("MID:{}-{n}", self.device_id)
+    }
+
     fn check_schema(&self, schema: Option<u64>) -> Result<(), StoreError> {
         let key = || key_name(TREE_META, META_SCHEMA.as_bytes());
         match schema {

@@ -299,7 +299,7 @@ fn verify(dir: &Path, intents: &BTreeMap<u64, Intent>, done_max: u64) -> Result<
             let expected_mid = match &entry.message {
                 Outgoing::Ack(ack) => ack.message_id.clone(),
                 Outgoing::Progress { .. } | Outgoing::Result { .. } => {
-                    format!("MID:{DEVICE}-{}", entry.seq)
+                    store.report_message_id(entry.seq)
                 }
             };
             if entry.message_id != expected_mid {

@@ -175,7 +175,7 @@ impl Model {
         self.next_seq += 1;
         let mid = match &said {
             Said::Ack { mid, .. } => mid.clone(),
-            Said::Progress { .. } | Said::Result { .. } => format!("MID:{DEVICE}-{seq}"),
+            Said::Progress { .. } | Said::Result { .. } => format!("report-{seq}"),
         };
         self.pending.push((seq, mid, said));
     }
@@ -526,7 +526,14 @@ fn check(model: &Model, store: &Store) -> Result<(), TestCaseError> {
         .pending_outbox()
         .expect("read")
         .iter()
-        .map(|e| (e.seq, e.message_id.clone(), said(&e.message)))
+        .map(|e| {
+            // A report's messageId is the store's for its number.
+            let mid = match e.message_id == store.report_message_id(e.seq) {
+                true => format!("report-{}", e.seq),
+                false => e.message_id.clone(),
+            };
+            (e.seq, mid, said(&e.message))
+        })
         .collect();
     prop_assert_eq!(&pending, &model.pending);
 

@@ -152,6 +152,36 @@ fn credentials_survive_for_resuming() {
     );
 }
 
+/// The report `n` of a store, as a number: `MID:gw-7-<n>`.
+fn report_number(id: &str) -> u64 {
+    let n = id.strip_prefix("MID:gw-7-").expect("MID:<deviceId>-<n>");
+    n.parse().expect("<n> is a number")
+}
+
+/// Report messageIds keep the documented form `MID:<deviceId>-<n>`, run in
+/// the outbox's order, stay the same when the store is reopened, and differ
+/// between two stores of one device (a store wiped and created again, two
+/// gateways with one host name), so a cloud that deduplicates by messageId
+/// drops none. Before, every store began at `MID:gw-7-1`.
+#[test]
+fn report_message_ids_differ_between_stores_of_one_device() {
+    let mut firsts = Vec::new();
+    for _ in 0..2 {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let store = open(tmp.path());
+        submit(&store, "MID:a", &md5('a'));
+        let (_, started) = step(&store, Event::START, 0);
+        let (_, downloaded) = step(&store, Event::Downloaded, 1);
+        let first = report_number(&started[0].message_id);
+        assert_eq!(report_number(&downloaded[0].message_id), first + 1);
+        drop(store);
+        let again = open(tmp.path());
+        assert_eq!(again.report_message_id(2), started[0].message_id);
+        firsts.push(first);
+    }
+    assert_ne!(firsts[0], firsts[1]);
+}
+
 #[test]
 fn reports_get_device_message_ids_in_seq_order() {
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -160,28 +190,21 @@ fn reports_get_device_message_ids_in_seq_order() {
     let (_, started) = step(&store, Event::START, 0);
     assert_eq!(started.len(), 1);
     assert_eq!(started[0].seq, 2);
-    assert_eq!(started[0].message_id, "MID:gw-7-2");
+    assert_eq!(started[0].message_id, store.report_message_id(2));
     assert!(matches!(started[0].message, Outgoing::Progress { .. }));
     step(&store, Event::Downloaded, 1);
     step(&store, Event::Verified, 2);
     let (_, done) = step(&store, Event::Flashed { reboot: false }, 3);
     assert_eq!(done.len(), 1);
-    assert_eq!(done[0].message_id, "MID:gw-7-5");
+    assert_eq!(done[0].message_id, store.report_message_id(5));
 
     let pending = store.pending_outbox().expect("read");
     let seqs: Vec<u64> = pending.iter().map(|e| e.seq).collect();
     assert_eq!(seqs, vec![1, 2, 3, 4, 5]);
-    let ids: Vec<&str> = pending.iter().map(|e| e.message_id.as_str()).collect();
-    assert_eq!(
-        ids,
-        vec![
-            "MID:a",
-            "MID:gw-7-2",
-            "MID:gw-7-3",
-            "MID:gw-7-4",
-            "MID:gw-7-5"
-        ]
-    );
+    let ids: Vec<String> = pending.iter().map(|e| e.message_id.clone()).collect();
+    let mut want = vec!["MID:a".to_string()];
+    want.extend((2..=5).map(|seq| store.report_message_id(seq)));
+    assert_eq!(ids, want);
     // The transition log, in order.
     let log: Vec<PhaseName> = store.log(1).expect("read").iter().map(|e| e.to).collect();
     assert_eq!(
