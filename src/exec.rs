@@ -186,6 +186,10 @@ pub fn capture_shell(
 
 /// `/bin/sh -c line` in a process group of its own, killed when the agent
 /// dies; stdout piped.
+/// Environment variables that may hold the agent's credentials: removed
+/// from every command it runs.
+pub const SECRET_ENV: [&str; 2] = ["FWAGENT_MQTT_PASSWORD", "FWAGENT_MQTT_URL"];
+
 fn spawn(line: &str, envs: &[(&str, String)], stdin: Stdio, stderr: Stdio) -> io::Result<Child> {
     let mut cmd = Command::new("/bin/sh");
     cmd.arg("-c")
@@ -194,6 +198,10 @@ fn spawn(line: &str, envs: &[(&str, String)], stdin: Stdio, stderr: Stdio) -> io
         .stdout(Stdio::piped())
         .stderr(stderr)
         .process_group(0);
+    // The agent's own secrets stay with the agent (docs/SECURITY.md).
+    for secret in SECRET_ENV {
+        cmd.env_remove(secret);
+    }
     for (k, v) in envs {
         cmd.env(k, v);
     }

@@ -454,7 +454,6 @@ pub fn on_request(view: &RequestView, incoming: Incoming, now: OffsetDateTime) -
     }
 }
 
-/// Send `ack` and remember it under its messageId (when it has one).
 /// The answer to `incoming` when the store cannot record a decision:
 /// errorNo 8, sent as it is (there is no outbox to put it in) and recorded
 /// nowhere.
@@ -474,6 +473,7 @@ pub fn store_failed(incoming: &Incoming, error: &str) -> Ack {
     }
 }
 
+/// Send `ack` and remember it under its messageId (when it has one).
 fn answer(ack: Ack) -> Transition {
     Transition {
         outbox: vec![Outgoing::Ack(ack.clone())],

@@ -47,6 +47,7 @@
 //! | `meta` | `next_log` | the next log seq (8 bytes; starts at 1) |
 //! | `meta` | `next_job` | the next job id (8 bytes; starts at 1) |
 //! | `meta` | `active` | the id of the non-terminal job (8 bytes); absent when none |
+//! | `meta` | `instance` | a random number, 1 to 2³²−1, drawn when the store is first opened: the high digits of report messageIds (8 bytes) |
 //!
 //! A store whose schema version is newer than [`SCHEMA_VERSION`] is refused
 //! on open with [`StoreError::NewerSchema`] and left untouched.
@@ -934,7 +935,6 @@ impl Inner {
             .transpose()
     }
 
-    /// Accept our schema; stamp a new store with it.
     /// This store's instance number, made (at random, 1 to 2³²−1) and
     /// recorded the first time: so report messageIds differ between stores,
     /// a store created again after a wipe, and gateways that share a host
@@ -942,7 +942,14 @@ impl Inner {
     /// that first uses it flushes it too).
     fn instance(&self) -> Result<u64, StoreError> {
         if let Some(v) = self.meta.get(META_INSTANCE)? {
-            return decode_u64(TREE_META, META_INSTANCE.as_bytes(), &v);
+            let instance = decode_u64(TREE_META, META_INSTANCE.as_bytes(), &v)?;
+            if instance == 0 || instance > u64::from(u32::MAX) {
+                return Err(StoreError::Corrupt {
+                    key: key_name(TREE_META, META_INSTANCE.as_bytes()),
+                    why: format!("instance {instance} is not 1 to 2^32-1"),
+                });
+            }
+            return Ok(instance);
         }
         use std::hash::{BuildHasher, Hasher};
         // std's hasher keys come from the OS's random source.
@@ -953,12 +960,15 @@ impl Inner {
         Ok(instance)
     }
 
-    /// The messageId of the report with outbox number `seq`.
+    /// The messageId of the report with outbox number `seq`: unique in this
+    /// store for ever (`seq` only grows), and apart from other stores'
+    /// for their first 10⁹ messages.
     fn report_message_id(&self, seq: u64) -> String {
-        let n = self.instance * REPORT_ID_SPAN + seq % REPORT_ID_SPAN;
+        let n = self.instance * REPORT_ID_SPAN + seq;
         format!("MID:{}-{n}", self.device_id)
     }
 
+    /// Accept our schema; stamp a new store with it.
     fn check_schema(&self, schema: Option<u64>) -> Result<(), StoreError> {
         let key = || key_name(TREE_META, META_SCHEMA.as_bytes());
         match schema {

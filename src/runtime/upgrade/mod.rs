@@ -168,8 +168,15 @@ impl Upgrade {
         }
         for command in &t.commands {
             // While stopping, no new work starts: every phase's work is
-            // started again by the next start.
-            let starts_work = !matches!(command, Command::Abort { .. } | Command::Cleanup { .. });
+            // started again by the next start. An ended upgrade has no next
+            // start: its clean-up, and the reboot out of a rejected slot
+            // (`Stranded`), run now.
+            let ended = t.job.as_ref().is_some_and(|j| j.phase.is_terminal());
+            let starts_work = match command {
+                Command::Abort { .. } | Command::Cleanup { .. } => false,
+                Command::Reboot { .. } => !ended,
+                _ => true,
+            };
             if self.stopping.is_some() && starts_work {
                 tracing::info!(?command, "stopping; left for the next start");
                 continue;

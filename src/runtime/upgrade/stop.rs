@@ -32,7 +32,8 @@ pub(super) struct Stopping {
 
 impl Upgrade {
     /// One step of a stop: wait for the transfers' checkpoints and for a
-    /// flash under way (at most [`STOP_FLASH_WAIT`]), then for the outbox
+    /// flash, clean-up, boot check or reboot request under way (at most
+    /// [`STOP_FLASH_WAIT`]), then for the outbox
     /// (at most [`STOP_DELIVERY_WAIT`]), then flush and exit 0.
     pub(super) fn continue_stop(&mut self, ctx: &mut Context<Self>) {
         if self.halted {
@@ -42,7 +43,8 @@ impl Upgrade {
             return;
         };
         let now = Instant::now();
-        let flash_busy = self.flashing.is_some() && now < stop.started + STOP_FLASH_WAIT;
+        let flash_busy = (self.flashing.is_some() || self.flash_calls > 0)
+            && now < stop.started + STOP_FLASH_WAIT;
         let pending = || {
             self.store
                 .pending_outbox()
@@ -59,8 +61,8 @@ impl Upgrade {
             ctx.run_later(STOP_POLL, |act, ctx| act.continue_stop(ctx));
             return;
         }
-        if self.flashing.is_some() {
-            tracing::warn!("the flash did not end in time; the next start does it again");
+        if self.flashing.is_some() || self.flash_calls > 0 {
+            tracing::warn!("the flash actor did not answer in time; the next start does it again");
         }
         if let Err(e) = self.store.flush() {
             return self.halt("flushing before the stop", &e);
