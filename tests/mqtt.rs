@@ -254,9 +254,12 @@ fn mid_of(req: &Value) -> String {
 /// The seq in a report's messageId `MID:<device>-<seq>`.
 fn report_seq(v: &Value, device: &str) -> u64 {
     let mid = v["messageId"].as_str().unwrap_or_default();
-    mid.strip_prefix(&format!("MID:{device}-"))
+    let n: u64 = mid
+        .strip_prefix(&format!("MID:{device}-"))
         .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("report messageId {mid:?} is not MID:{device}-<n>"))
+        .unwrap_or_else(|| panic!("report messageId {mid:?} is not MID:{device}-<n>"));
+    // n = the store's instance × 10⁹ + the outbox number (docs/PROTOCOL-NOTES.md).
+    n % 1_000_000_000
 }
 
 // ---------------------------------------------------------------- the agent
