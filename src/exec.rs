@@ -184,12 +184,12 @@ pub fn capture_shell(
     })
 }
 
-/// `/bin/sh -c line` in a process group of its own, killed when the agent
-/// dies; stdout piped.
 /// Environment variables that may hold the agent's credentials: removed
 /// from every command it runs.
 pub const SECRET_ENV: [&str; 2] = ["FWAGENT_MQTT_PASSWORD", "FWAGENT_MQTT_URL"];
 
+/// `/bin/sh -c line` in a process group of its own, killed when the agent
+/// dies; stdout piped, without [`SECRET_ENV`].
 fn spawn(line: &str, envs: &[(&str, String)], stdin: Stdio, stderr: Stdio) -> io::Result<Child> {
     let mut cmd = Command::new("/bin/sh");
     cmd.arg("-c")
