@@ -216,7 +216,7 @@ pub(crate) mod tests {
 
     /// A text as the state machine stores it: the job's secrets redacted.
     fn stored(job: &Job, text: &str) -> String {
-        job.request.redactor().text(text)
+        job.redactor().text(text)
     }
 
     pub(crate) fn job() -> Job {
@@ -252,6 +252,7 @@ pub(crate) mod tests {
             last_progress: None,
             boot: None,
             machine_restarts: 0,
+            joined: Vec::new(),
             created_at: datetime!(2024-05-01 12:00:00 UTC),
             updated_at: datetime!(2024-05-01 12:00:16 UTC),
         };

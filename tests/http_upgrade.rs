@@ -184,6 +184,67 @@ fn same_message_id_twice_gets_the_same_ack_and_one_download() {
     assert_eq!(gets.len(), 1, "one download: {gets:#?}");
 }
 
+/// Issue 16, item 5 (docs/PROTOCOL-NOTES.md): a second messageId for the
+/// active upgrade's image joins it: one download, a result report for each
+/// request, and a replay later gets the join's ack again.
+#[test]
+fn the_same_image_under_another_message_id_joins_and_gets_its_own_result() {
+    let servers = Servers::from_env();
+    let fw = servers.put_http("join", 300_000);
+    let dir = temp_dir();
+    let state = dir.path().join("state");
+    let target = dir.path().join("flash.bin");
+    // 1 MB/s: the second request comes while the first is downloading.
+    let first = upgrade_request("http", servers.nginx_port, "/slow/", &fw, "", "");
+    let mut second = first.clone();
+    second["messageId"] = "MID:join-second".into();
+    second["sessionId"] = "SID:join-second".into();
+    let run = run_stdio_upgrade(
+        &state,
+        &target,
+        &[first.clone(), second.clone()],
+        &no_env(),
+        LONG,
+    );
+    let lines = run.json_lines();
+    let ack = lines
+        .iter()
+        .find(|v| v["messageId"] == "MID:join-second")
+        .expect("the second request's ack");
+    assert_eq!(ack["result"]["errorNo"], 0, "{run}");
+    let joined = format!(
+        "ok: joined upgrade {}",
+        first["messageId"].as_str().unwrap()
+    );
+    assert_eq!(ack["result"]["description"], joined.as_str(), "{run}");
+    let results = results(&lines);
+    let mut answered: Vec<_> = results
+        .iter()
+        .map(|r| {
+            assert_eq!(r["result"]["errorNo"], 0, "{r}");
+            (
+                r["info"]["requestMessageId"].clone(),
+                r["sessionId"].clone(),
+            )
+        })
+        .collect();
+    answered.sort_by_key(|(mid, _)| mid.to_string());
+    let mut expected = vec![
+        (first["messageId"].clone(), first["sessionId"].clone()),
+        (second["messageId"].clone(), second["sessionId"].clone()),
+    ];
+    expected.sort_by_key(|(mid, _)| mid.to_string());
+    assert_eq!(answered, expected, "{run}");
+    assert_eq!(std::fs::read(&target).expect("flashed"), fw.bytes());
+
+    let run = run_stdio_upgrade(&state, &target, &[second], &no_env(), LONG);
+    let again = run.json_lines();
+    assert_eq!(again.len(), 1, "{run}");
+    assert_eq!(&again[0], ack);
+    let gets = servers.nginx_requests(&fw.uri("/slow/"));
+    assert_eq!(gets.len(), 1, "one download: {gets:#?}");
+}
+
 fn twelve_mib_upgrade(servers: &Servers, prefix: &str) -> (Firmware, Value) {
     let fw = servers.put_http(prefix, 12 << 20);
     let req = servers.http_request(&fw);

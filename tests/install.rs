@@ -490,6 +490,57 @@ fn ab_a_reboot_that_never_happens_ends_failed_not_in_a_loop() {
     assert_eq!(gw.power_on(None), "a");
 }
 
+/// Issue 16, item 7: the trial slot boots, but the agent on it dies at
+/// every check and is restarted on the same boot (a service manager's
+/// restart) until the checks run out. The 51 then means rolled back: the
+/// trial is withdrawn and the reboot into the good slot is asked for, and
+/// the next upgrade starts from the good slot.
+#[test]
+fn ab_boot_checks_run_out_on_the_trial_slot_and_it_reboots_into_the_good_one() {
+    let servers = Servers::from_env();
+    let fw = servers.put_http("ab-stuck-on-trial", 1 << 20);
+    let gw = Gateway::new();
+    let args = ["--boot-tries", "1"];
+    let first = gw.run(&[&servers.http_request(&fw)], &args, None);
+    assert_eq!(first.code(), Some(0), "{first}");
+    assert_eq!(gw.reboots(), 1, "{first}");
+    assert_eq!(gw.power_on(None), "b", "the trial boots");
+    let mut runs = 0;
+    let last = loop {
+        let run = gw.run(&[], &args, Some("before-commit-rename"));
+        runs += 1;
+        assert!(runs < 10, "no end after {runs} starts: {}", gw.record());
+        if run.signal() != Some(libc::SIGKILL) {
+            break run;
+        }
+    };
+    assert_eq!(last.code(), Some(0), "{last}");
+    let res = only_result(&last);
+    assert_eq!(res.error_no, 51, "{last}");
+    assert_eq!(
+        gw.reboots(),
+        2,
+        "the reboot out of the rejected slot: {last}"
+    );
+    let r = gw.record();
+    assert_record(&r, "a", None, "b");
+    assert!(r["trial"].is_null(), "{r}");
+    assert_eq!(gw.power_on(None), "a", "back on the good slot");
+
+    // The next upgrade writes the other slot again and completes.
+    let fw2 = servers.put_http("ab-after-stuck", 1 << 20);
+    let run = gw.run(&[&servers.http_request(&fw2)], &args, None);
+    assert_eq!(run.code(), Some(0), "{run}");
+    assert_eq!(gw.power_on(None), "b");
+    let run = gw.run(&[], &args, None);
+    let res = only_result(&run);
+    assert_eq!(
+        (res.error_no, res.phase.as_str()),
+        (0, "completed"),
+        "{run}"
+    );
+}
+
 #[test]
 fn ab_without_a_reboot_command_agent_restarts_before_the_reboot_do_not_count() {
     let servers = Servers::from_env();

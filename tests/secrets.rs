@@ -6,7 +6,9 @@
 //! all of it (stdout, stderr) neither the decoded user name and password nor
 //! their base64 forms (nor the Basic token made of them) may appear, and the
 //! `passPort` only inside the reports of its own upgrade. On disk the store
-//! keeps them, inside the state directory alone, whose mode is 0700.
+//! keeps them sealed, inside the state directory alone (mode 0700), and
+//! once the upgrade has ended no byte sequence of them (plain or base64)
+//! is left anywhere, sled's log included.
 //!
 //! HTTP runs against the test's own server (tests/common/hostile.rs), which
 //! checks the credentials; FTP against the shared pyftpdlib.
@@ -329,20 +331,33 @@ fn http_secrets_never_leave_the_store_except_passport_in_its_own_reports() {
     }
     drop(store);
 
-    // On disk: only in the 0700 state directory (the store needs them to
-    // resume after a crash, and sled's log keeps the bytes of old record
-    // versions until it reuses their space). The search does find them there.
+    // On disk: nowhere, the state directory included (sled's log keeps
+    // old record versions, but only sealed copies of the credentials, and
+    // their keys went with the upgrades).
     let mut all = secrets.clone();
     all.push(PASS_PORT.to_string());
+    all.push(b64(PASS_PORT).trim_end_matches('=').to_string());
     assert_state_dir_private(dir.path(), &state, &all);
-    let in_store = files_outside(&state, Path::new("/nonexistent"))
-        .iter()
-        .any(|f| {
-            std::fs::read(f)
-                .map(|b| String::from_utf8_lossy(&b).contains(PASSWORD))
-                .unwrap_or(false)
-        });
-    assert!(in_store, "the store keeps the password (the search works)");
+    assert_nowhere_in(&state, &all);
+}
+
+/// No file under `state` holds any of `secrets`; the search reads sled's
+/// files (the firmware's request messageId is found there).
+fn assert_nowhere_in(state: &Path, secrets: &[String]) {
+    let files = files_outside(state, Path::new("/nonexistent"));
+    let mut seen_store = false;
+    for file in &files {
+        let bytes = std::fs::read(file).expect("read");
+        seen_store |= bytes.windows(4).any(|w| w == b"MID:");
+        for s in secrets {
+            assert!(
+                !bytes.windows(s.len()).any(|w| w == s.as_bytes()),
+                "{} holds {s:?}",
+                file.display()
+            );
+        }
+    }
+    assert!(seen_store, "the search read the store: {files:?}");
 }
 
 #[test]
@@ -389,4 +404,5 @@ fn ftp_secrets_never_leave_the_store() {
     secrets.extend(forms(&servers.ftp_user, WRONG_PASSWORD));
     printed.assert_clean(&secrets);
     assert_state_dir_private(dir.path(), &state, &secrets);
+    assert_nowhere_in(&state, &secrets);
 }

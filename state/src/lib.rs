@@ -9,6 +9,7 @@ pub mod machine;
 pub mod model;
 pub mod secret;
 pub mod store;
+mod vault;
 
 pub use machine::{
     on_request, store_failed, transition, Command, Event, Failure, Incoming, Policy, Refused,

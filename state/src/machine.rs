@@ -12,7 +12,7 @@
 //! forgotten.
 
 use crate::model::{
-    ack_no, result_no, Ack, Job, JobId, LogEntry, Outcome, Outgoing, Phase, PhaseName,
+    ack_no, result_no, Ack, Job, JobId, Joined, LogEntry, Outcome, Outgoing, Phase, PhaseName,
     ProgressMark, Protocol, UpgradeRequest, OP_UPGRADE,
 };
 use crate::secret::Redactor;
@@ -279,6 +279,12 @@ pub enum Command {
     Flash { job: JobId },
     /// Ask for the reboot into the new image.
     Reboot { job: JobId },
+    /// The upgrade ended in `awaiting_reboot` without a verdict on its image
+    /// (the boot checks ran out): if the device runs a slot its bootloader
+    /// will not boot again, the rejected image, reboot into the good one, so
+    /// that "rolled back" is true and a later upgrade starts from the good
+    /// slot. Comes after the job's [`Command::Cleanup`].
+    LeaveRejected { job: JobId },
     /// Find out which image booted, and commit or roll back.
     CheckBoot { job: JobId },
     /// Stop any work under way for this job.
@@ -402,8 +408,10 @@ pub fn on_request(view: &RequestView, incoming: Incoming, now: OffsetDateTime) -
         )));
     }
     if let Some(active) = &view.active {
-        if active.request.firmware.md5 == req.firmware.md5 {
-            return answer(ack(Outcome::new(ack_no::OK, "ok: already in progress")));
+        let same_image = active.request.firmware.md5 == req.firmware.md5
+            && active.request.firmware.size == req.firmware.size;
+        if same_image && active.joined.len() < Job::MAX_JOINED {
+            return join(active, req, now);
         }
         return answer(ack(Outcome::new(
             ack_no::BUSY,
@@ -436,6 +444,7 @@ pub fn on_request(view: &RequestView, incoming: Incoming, now: OffsetDateTime) -
         last_progress: None,
         boot: None,
         machine_restarts: 0,
+        joined: Vec::new(),
         created_at: now,
         updated_at: now,
     };
@@ -450,6 +459,44 @@ pub fn on_request(view: &RequestView, incoming: Incoming, now: OffsetDateTime) -
         outbox: vec![Outgoing::Ack(accepted.clone())],
         commands: vec![Command::Begin { job: job.id }],
         record_ack: Some(accepted),
+        job: Some(job),
+    }
+}
+
+/// `req` asks for the image of `active` under another messageId: it joins
+/// that upgrade (ack 0) and gets its reports from now on. The ack names the
+/// upgrade, so a replay after it ended claims nothing about the present.
+fn join(active: &Job, req: UpgradeRequest, now: OffsetDateTime) -> Transition {
+    let outcome = Outcome::new(
+        ack_no::OK,
+        format!("ok: joined upgrade {}", active.request.message_id),
+    );
+    let ack = Ack {
+        operator: OP_UPGRADE.to_string(),
+        session_id: req.session_id.clone(),
+        message_id: req.message_id.clone(),
+        result: outcome,
+    };
+    let mut job = active.clone();
+    job.joined.push(Joined {
+        message_id: req.message_id.clone(),
+        session_id: req.session_id,
+        firmware_name: req.firmware.name,
+        pass_port: req.pass_port,
+    });
+    job.updated_at = now;
+    let phase = job.phase.name();
+    Transition {
+        log: Some(LogEntry {
+            at: now,
+            from: Some(phase),
+            to: phase,
+            event: format!("request {} joined", req.message_id),
+            error: None,
+        }),
+        outbox: vec![Outgoing::Ack(ack.clone())],
+        commands: Vec::new(),
+        record_ack: Some(ack),
         job: Some(job),
     }
 }
@@ -536,11 +583,15 @@ pub fn transition(
                         return Err(wrong())
                     }
                 };
-                return Ok(step.finish(
+                let mut t = step.finish(
                     Phase::Failed,
                     Outcome::new(error_no, why),
                     "attempts exhausted",
-                ));
+                );
+                if phase == Phase::AwaitingReboot {
+                    t.commands.push(Command::LeaveRejected { job: job.id });
+                }
+                return Ok(t);
             }
             step.job.machine_restarts = restarts;
             let after = if restarts > job.machine_restarts {
@@ -807,7 +858,7 @@ impl<'a> Step<'a> {
         job.updated_at = now;
         Step {
             from: job.phase.name(),
-            redactor: job.request.redactor(),
+            redactor: job.redactor(),
             job,
             now,
             policy,
@@ -885,13 +936,15 @@ impl<'a> Step<'a> {
             at: self.now,
         });
         if self.policy.reports {
-            self.out.outbox.push(Outgoing::Progress {
-                subject: self.job.subject(),
-                phase: self.job.phase.name(),
-                bytes_done: self.job.bytes_done,
-                total_bytes: self.job.request.firmware.size,
-                percent,
-            });
+            for subject in self.job.subjects() {
+                self.out.outbox.push(Outgoing::Progress {
+                    subject,
+                    phase: self.job.phase.name(),
+                    bytes_done: self.job.bytes_done,
+                    total_bytes: self.job.request.firmware.size,
+                    percent,
+                });
+            }
         }
     }
 
@@ -929,16 +982,18 @@ impl<'a> Step<'a> {
         self.job.result = Some(result.clone());
         self.log(why.to_string(), error);
         if self.policy.reports {
-            self.out.outbox.push(Outgoing::Result {
-                subject: self.job.subject(),
-                phase: phase.name(),
-                result,
-            });
+            for subject in self.job.subjects() {
+                self.out.outbox.push(Outgoing::Result {
+                    subject,
+                    phase: phase.name(),
+                    result: result.clone(),
+                });
+            }
         }
         self.command(Command::Cleanup { job: self.job.id });
         // Nothing needs the credentials any more: the result report above
         // carries its passPort, and no download will run again.
-        self.job.request.forget_secrets();
+        self.job.forget_secrets();
         self.done()
     }
 

@@ -88,23 +88,24 @@ pub struct UpgradeRequest {
 }
 
 impl UpgradeRequest {
-    /// What hides this request's user name, password and passPort in free text.
-    pub fn redactor(&self) -> Redactor {
-        let s = &self.source;
-        Redactor::new(
-            [&s.user, &s.password]
-                .into_iter()
-                .chain(self.pass_port.as_ref()),
-        )
-    }
-
-    /// Drop the user name, password and passPort (an upgrade that has
-    /// ended keeps no credentials).
+    /// Drop the user name, password and passPort.
     pub fn forget_secrets(&mut self) {
         self.source.user = Secret::default();
         self.source.password = Secret::default();
         self.pass_port = None;
     }
+}
+
+/// A request with another messageId for the image of the upgrade under
+/// way (the same md5 and size): it joined that upgrade, and gets each of
+/// its reports too, under its own sessionId, messageId and passPort
+/// (docs/PROTOCOL-NOTES.md, "The same image under another messageId").
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Joined {
+    pub message_id: String,
+    pub session_id: String,
+    pub firmware_name: String,
+    pub pass_port: Option<Secret>,
 }
 
 impl Outgoing {
@@ -358,6 +359,10 @@ pub struct Job {
     /// ([`crate::Policy::machine_restarts`]).
     #[serde(default)]
     pub machine_restarts: u32,
+    /// Requests that joined this upgrade, in order; at most
+    /// [`Job::MAX_JOINED`].
+    #[serde(default)]
+    pub joined: Vec<Joined>,
     #[serde(with = "time::serde::rfc3339")]
     pub created_at: OffsetDateTime,
     #[serde(with = "time::serde::rfc3339")]
@@ -365,6 +370,9 @@ pub struct Job {
 }
 
 impl Job {
+    /// How many requests may join one upgrade; one more is answered busy.
+    pub const MAX_JOINED: usize = 8;
+
     pub fn subject(&self) -> ReportSubject {
         ReportSubject {
             session_id: self.request.session_id.clone(),
@@ -372,6 +380,40 @@ impl Job {
             firmware_name: self.request.firmware.name.clone(),
             md5: self.request.firmware.md5.clone(),
             pass_port: self.request.pass_port.clone(),
+        }
+    }
+
+    /// Whom each report goes to: the upgrade's own request, then every
+    /// request that joined it.
+    pub fn subjects(&self) -> Vec<ReportSubject> {
+        let own = self.subject();
+        let joined = self.joined.iter().map(|j| ReportSubject {
+            session_id: j.session_id.clone(),
+            request_message_id: j.message_id.clone(),
+            firmware_name: j.firmware_name.clone(),
+            md5: own.md5.clone(),
+            pass_port: j.pass_port.clone(),
+        });
+        std::iter::once(own.clone()).chain(joined).collect()
+    }
+
+    /// What hides this upgrade's user name, password and passPorts in free text.
+    pub fn redactor(&self) -> Redactor {
+        let s = &self.request.source;
+        Redactor::new(
+            [&s.user, &s.password]
+                .into_iter()
+                .chain(self.request.pass_port.as_ref())
+                .chain(self.joined.iter().filter_map(|j| j.pass_port.as_ref())),
+        )
+    }
+
+    /// Drop the user name, password and passPorts (an upgrade that has
+    /// ended keeps no credentials).
+    pub fn forget_secrets(&mut self) {
+        self.request.forget_secrets();
+        for j in &mut self.joined {
+            j.pass_port = None;
         }
     }
 

@@ -19,12 +19,14 @@
 //! flush: after a crash an entry may be sent again, with the same messageId,
 //! which the cloud deduplicates.
 //!
-//! The directory is created (or reset to) mode 0700: the records of an
-//! upgrade under way hold the credentials needed to resume its download,
-//! readable by the agent's user alone. An upgrade that ends drops them from
-//! its record, and a delivered message its passPort (sled's log-structured
-//! files may hold the old bytes until sled reuses their space). sled allows
-//! one process per store at a time.
+//! The directory is created (or reset to) mode 0700. An upgrade's user
+//! name, password and passPort never go into its job record or its outbox
+//! entries: they are written once, sealed under a key of the upgrade's own
+//! in `keys/` ([`crate::vault`]), and the key is deleted when the upgrade
+//! has ended and its last report is delivered. sled's log-structured files
+//! keep old bytes until sled reuses their space; of the credentials they
+//! hold only sealed copies, noise once the key is gone. sled allows one
+//! process per store at a time.
 //!
 //! # Key layout
 //!
@@ -35,13 +37,14 @@
 //!
 //! | tree | key | value |
 //! |---|---|---|
-//! | `jobs` | job id | `JobRecord` (a [`Job`]) |
+//! | `jobs` | job id | `JobRecord` (a [`Job`] without its credentials) |
 //! | `job_by_message_id` | request messageId (UTF-8) | job id (8 bytes) |
 //! | `log` | job id ++ log seq | `LogRecord` (a [`LogEntry`]) |
-//! | `outbox` | outbox seq | `OutboxRecord` (an [`OutboxEntry`]), not yet delivered |
+//! | `outbox` | outbox seq | `OutboxRecord` (an [`OutboxEntry`] without its passPort), not yet delivered |
 //! | `outbox_by_job` | job id ++ outbox seq | empty: which entries concern a job |
 //! | `sent` | outbox seq | `SentRecord`: the entry and its delivered-at time |
 //! | `acks` | request messageId (UTF-8) | `AckRecord` (an [`Ack`]): what a repeat gets |
+//! | `secrets` | job id | `SecretsRecord`: the job's credentials, sealed under `keys/<job id>`; gone with the key |
 //! | `meta` | `schema` | schema version (8 bytes); see [`SCHEMA_VERSION`] |
 //! | `meta` | `next_seq` | the next outbox seq (8 bytes; starts at 1) |
 //! | `meta` | `next_log` | the next log seq (8 bytes; starts at 1) |
@@ -54,6 +57,8 @@
 
 use crate::machine::{RequestView, Transition};
 use crate::model::{Ack, Job, JobId, LogEntry, OutboxEntry, Outgoing};
+use crate::secret::Secret;
+use crate::vault::{Credentials, Sealed, Vault};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use sled::transaction::{
@@ -81,7 +86,7 @@ fn is_lock_error(e: &sled::Error) -> bool {
 
 /// The schema this build writes and reads. Bump it (and migrate on open)
 /// whenever the key layout or a record's meaning changes.
-pub const SCHEMA_VERSION: u64 = 1;
+pub const SCHEMA_VERSION: u64 = 2;
 
 /// The file mode of the state directory.
 pub const STATE_DIR_MODE: u32 = 0o700;
@@ -94,6 +99,7 @@ const TREE_OUTBOX_BY_JOB: &str = "outbox_by_job";
 const TREE_SENT: &str = "sent";
 const TREE_ACKS: &str = "acks";
 const TREE_META: &str = "meta";
+const TREE_SECRETS: &str = "secrets";
 
 const META_SCHEMA: &str = "schema";
 const META_NEXT_SEQ: &str = "next_seq";
@@ -345,6 +351,13 @@ enum SentRecord {
 
 #[derive(Serialize, Deserialize)]
 #[serde(tag = "v")]
+enum SecretsRecord {
+    #[serde(rename = "1")]
+    V1(Sealed),
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(tag = "v")]
 enum AckRecord {
     #[serde(rename = "1")]
     V1(Ack),
@@ -385,6 +398,22 @@ fn decode<R: DeserializeOwned>(tree: &str, key: &[u8], bytes: &[u8]) -> Result<R
             why,
         }
     })
+}
+
+/// The job as its record keeps it: without its credentials.
+fn without_credentials(job: &Job) -> Job {
+    let mut job = job.clone();
+    job.forget_secrets();
+    job
+}
+
+fn credentials_of(job: &Job) -> Credentials {
+    Credentials {
+        user: job.request.source.user.clone(),
+        password: job.request.source.password.clone(),
+        pass_port: job.request.pass_port.clone(),
+        joined: job.joined.iter().map(|j| j.pass_port.clone()).collect(),
+    }
 }
 
 fn decode_job(key: &[u8], bytes: &[u8]) -> Result<Job, StoreError> {
@@ -457,6 +486,9 @@ struct Inner {
     sent: sled::Tree,
     acks: sled::Tree,
     meta: sled::Tree,
+    /// Each job's sealed credentials; see [`crate::vault`].
+    secrets: sled::Tree,
+    vault: Vault,
 }
 
 impl fmt::Debug for Store {
@@ -535,6 +567,8 @@ impl Store {
             outbox_by_job: tree(TREE_OUTBOX_BY_JOB)?,
             sent: tree(TREE_SENT)?,
             acks: tree(TREE_ACKS)?,
+            secrets: tree(TREE_SECRETS)?,
+            vault: Vault::open(state_dir)?,
             meta,
             data_file,
             data_path,
@@ -548,9 +582,11 @@ impl Store {
             instance: inner.instance()?,
             ..inner
         };
-        Ok(Store {
+        let store = Store {
             inner: Arc::new(inner),
-        })
+        };
+        store.shred_ended()?;
+        Ok(store)
     }
 
     /// The messageId this store gives the report with outbox number `seq`:
@@ -600,6 +636,11 @@ impl Store {
     pub fn commit(&self, t: &Transition) -> Result<Vec<OutboxEntry>, StoreError> {
         let entries = self.apply(t)?;
         self.inner.flush()?;
+        // Committed whatever happens next: a shred that fails is done
+        // again when the store is next opened.
+        if let Some(job) = t.job.as_ref().filter(|j| j.phase.is_terminal()) {
+            let _ = self.shred_if_ended(job.id);
+        }
         Ok(entries)
     }
 
@@ -632,8 +673,12 @@ impl Store {
             Some(job) => Some(encode(
                 TREE_JOBS,
                 &id_key(job.id),
-                &JobRecord::V1(job.clone()),
+                &JobRecord::V1(without_credentials(job)),
             )?),
+            None => None,
+        };
+        let sealed = match &t.job {
+            Some(job) => self.seal_once(job)?,
             None => None,
         };
         let log_bytes = match &t.log {
@@ -658,9 +703,10 @@ impl Store {
             &s.outbox_by_job,
             &s.acks,
             &s.meta,
+            &s.secrets,
         )
             .transaction(
-                |(jobs, job_index, log, outbox, outbox_by_job, acks, meta)| {
+                |(jobs, job_index, log, outbox, outbox_by_job, acks, meta, secrets)| {
                     if let (Some(job), Some(bytes)) = (&t.job, &job_bytes) {
                         let key = id_key(job.id);
                         let mid = job.request.message_id.as_bytes();
@@ -693,6 +739,14 @@ impl Store {
                             }
                         }
                         jobs.insert(&key, bytes.as_slice())?;
+                        for j in &job.joined {
+                            if job_index.get(j.message_id.as_bytes())?.is_none() {
+                                job_index.insert(j.message_id.as_bytes(), &key)?;
+                            }
+                        }
+                        if let Some(sealed) = &sealed {
+                            secrets.insert(&key, sealed.as_slice())?;
+                        }
                         let active = tx_meta_u64(meta, META_ACTIVE)?;
                         if job.phase.is_terminal() {
                             if active == Some(job.id) {
@@ -738,8 +792,14 @@ impl Store {
                             message: message.clone(),
                         };
                         let key = id_key(seq);
-                        let bytes = encode(TREE_OUTBOX, &key, &OutboxRecord::V1(entry.clone()))
-                            .or_else(abort)?;
+                        // On disk without its passPort: a restart takes it
+                        // from the job's sealed credentials (`pending_outbox`).
+                        let stored = OutboxEntry {
+                            message: entry.message.clone().without_secrets(),
+                            ..entry.clone()
+                        };
+                        let bytes =
+                            encode(TREE_OUTBOX, &key, &OutboxRecord::V1(stored)).or_else(abort)?;
                         outbox.insert(&key, bytes)?;
                         if let Some(id) = job_id {
                             outbox_by_job.insert(&pair_key(id, seq), &[])?;
@@ -760,43 +820,171 @@ impl Store {
         Ok(entries)
     }
 
-    /// Undelivered outbox entries, in seq order.
+    /// Undelivered outbox entries, in seq order; reports carry their
+    /// upgrade's passPort again (from its sealed credentials).
     pub fn pending_outbox(&self) -> Result<Vec<OutboxEntry>, StoreError> {
-        self.inner
-            .outbox
-            .iter()
-            .map(|kv| {
-                let (k, v) = kv?;
-                decode_outbox(&k, &v)
-            })
-            .collect()
+        let mut pass_ports = std::collections::HashMap::new();
+        let mut out = Vec::new();
+        for kv in self.inner.outbox.iter() {
+            let (k, v) = kv?;
+            let mut entry = decode_outbox(&k, &v)?;
+            if let (
+                Some(id),
+                Outgoing::Progress { subject, .. } | Outgoing::Result { subject, .. },
+            ) = (entry.job, &mut entry.message)
+            {
+                if let std::collections::hash_map::Entry::Vacant(e) = pass_ports.entry(id) {
+                    e.insert(self.pass_ports(id)?);
+                }
+                if let Some((_, p)) = pass_ports[&id]
+                    .iter()
+                    .find(|(mid, _)| *mid == subject.request_message_id)
+                {
+                    subject.pass_port = p.clone();
+                }
+            }
+            out.push(entry);
+        }
+        Ok(out)
+    }
+
+    /// Each request of job `id` (its own, then those that joined it) with
+    /// its passPort, while the job's key still opens them.
+    fn pass_ports(&self, id: JobId) -> Result<Vec<(String, Option<Secret>)>, StoreError> {
+        let key = id_key(id);
+        let (Some(c), Some(v)) = (self.credentials(id)?, self.inner.jobs.get(key)?) else {
+            return Ok(Vec::new());
+        };
+        let job = decode_job(&key, &v)?;
+        let joined = job.joined.into_iter().map(|j| j.message_id).zip(c.joined);
+        Ok(std::iter::once((job.request.message_id, c.pass_port))
+            .chain(joined)
+            .collect())
     }
 
     /// The transport confirmed entry `seq`: move it to `sent` with the time
-    /// of delivery, without its passPort. Not flushed: after a crash the entry may be sent again
-    /// with the same messageId. Idempotent.
+    /// of delivery. Not flushed: after a crash the entry may be sent again
+    /// with the same messageId. Idempotent. The last report of an ended
+    /// upgrade shreds its credentials (flushed first, so a resend after a
+    /// crash is not needed).
     pub fn delivered(&self, seq: u64) -> Result<(), StoreError> {
         let s = &*self.inner;
         let key = id_key(seq);
         let at = OffsetDateTime::now_utc();
-        (&s.outbox, &s.sent).transaction(|(outbox, sent)| {
+        let job = (&s.outbox, &s.sent).transaction(|(outbox, sent)| {
             let Some(v) = outbox.remove(&key)? else {
                 if sent.get(key)?.is_some() {
-                    return Ok(());
+                    return Ok(None);
                 }
                 return abort(StoreError::UnknownOutbox { seq });
             };
-            let mut entry = decode_outbox(&key, &v).or_else(abort)?;
-            // Sent: its passPort has reached the cloud and is kept no longer.
-            entry.message = entry.message.without_secrets();
+            let entry = decode_outbox(&key, &v).or_else(abort)?;
+            let job = entry.job;
             let record = SentRecord::V1 {
                 entry,
                 delivered_at: at,
             };
             let bytes = encode(TREE_SENT, &key, &record).or_else(abort)?;
             sent.insert(&key, bytes)?;
-            Ok(())
+            Ok(job)
         })?;
+        match job {
+            Some(id) => self.shred_if_ended(id),
+            None => Ok(()),
+        }
+    }
+
+    /// Seal `job`'s credentials into its `secrets` record when a commit
+    /// first brings them (a new upgrade, one a schema-1 store kept in its
+    /// record, a request that joined it); `None` when there is nothing new.
+    fn seal_once(&self, job: &Job) -> Result<Option<Vec<u8>>, StoreError> {
+        let s = &*self.inner;
+        let credentials = credentials_of(job);
+        let key = id_key(job.id);
+        if job.phase.is_terminal() || credentials.is_empty() {
+            return Ok(None);
+        }
+        if let Some(v) = s.secrets.get(key)? {
+            let SecretsRecord::V1(sealed) = decode(TREE_SECRETS, &key, &v)?;
+            if sealed.joined >= job.joined.len() {
+                return Ok(None);
+            }
+        }
+        let sealed = s.vault.seal(job.id, &credentials)?;
+        encode(TREE_SECRETS, &key, &SecretsRecord::V1(sealed)).map(Some)
+    }
+
+    /// `id`'s credentials, if its key still opens its `secrets` record.
+    fn credentials(&self, id: JobId) -> Result<Option<Credentials>, StoreError> {
+        let s = &*self.inner;
+        let key = id_key(id);
+        let Some(v) = s.secrets.get(key)? else {
+            return Ok(None);
+        };
+        let SecretsRecord::V1(sealed) = decode(TREE_SECRETS, &key, &v)?;
+        s.vault.open_sealed(id, &sealed)
+    }
+
+    /// A job as read from its record, with its credentials back in while
+    /// it is under way (an ended upgrade keeps none).
+    fn load_job(&self, key: &[u8], bytes: &[u8]) -> Result<Job, StoreError> {
+        let mut job = decode_job(key, bytes)?;
+        if !job.phase.is_terminal() {
+            if let Some(c) = self.credentials(job.id)? {
+                job.request.source.user = c.user;
+                job.request.source.password = c.password;
+                job.request.pass_port = c.pass_port;
+                for (j, pass_port) in job.joined.iter_mut().zip(c.joined) {
+                    j.pass_port = pass_port;
+                }
+            }
+        }
+        Ok(job)
+    }
+
+    /// Make `id`'s credentials unrecoverable once it has ended and none of
+    /// its reports waits for delivery: flush (so no report of it is sent
+    /// again), delete its key, then its sealed record. Crash-safe in any
+    /// order of cuts: [`Store::open`] finishes what a cut left.
+    fn shred_if_ended(&self, id: JobId) -> Result<(), StoreError> {
+        let s = &*self.inner;
+        let key = id_key(id);
+        if !s.vault.has_key(id) {
+            // Nothing opens it any more.
+            s.secrets.remove(key)?;
+            return Ok(());
+        }
+        if self.meta_u64(META_ACTIVE)? == Some(id) {
+            return Ok(());
+        }
+        for kv in s.outbox_by_job.scan_prefix(key) {
+            let (k, _) = kv?;
+            if k.len() == 16 && s.outbox.contains_key(id_key(be(&k, 8)))? {
+                return Ok(());
+            }
+        }
+        s.flush()?;
+        s.vault.shred(id)?;
+        s.secrets.remove(key)?;
+        Ok(())
+    }
+
+    /// At open: shred what ended (or was never committed) while a cut
+    /// stopped the store before it could.
+    fn shred_ended(&self) -> Result<(), StoreError> {
+        let s = &*self.inner;
+        let mut ids = s.vault.jobs()?;
+        for kv in s.secrets.iter() {
+            let (k, _) = kv?;
+            if k.len() == 8 {
+                ids.push(be(&k, 0));
+            }
+        }
+        ids.sort_unstable();
+        ids.dedup();
+        for id in ids {
+            self.shred_if_ended(id)?;
+        }
         Ok(())
     }
 
@@ -806,7 +994,7 @@ impl Store {
         self.inner
             .jobs
             .get(key)?
-            .map(|v| decode_job(&key, &v))
+            .map(|v| self.load_job(&key, &v))
             .transpose()
     }
 
@@ -841,7 +1029,7 @@ impl Store {
         self.inner
             .jobs
             .last()?
-            .map(|(k, v)| decode_job(&k, &v))
+            .map(|(k, v)| self.load_job(&k, &v))
             .transpose()
     }
 
@@ -854,7 +1042,7 @@ impl Store {
             .take(limit.unwrap_or(usize::MAX))
             .map(|kv| {
                 let (k, v) = kv?;
-                decode_job(&k, &v)
+                self.load_job(&k, &v)
             })
             .collect()
     }
@@ -973,6 +1161,14 @@ impl Inner {
         let key = || key_name(TREE_META, META_SCHEMA.as_bytes());
         match schema {
             Some(SCHEMA_VERSION) => Ok(()),
+            // Schema 1 kept credentials in job records; schema 2 seals them
+            // apart. The active upgrade's move over on its next commit, and
+            // an older fwagent no longer opens the store (it would find no
+            // credentials in a record).
+            Some(1) => {
+                self.meta.insert(META_SCHEMA, &id_key(SCHEMA_VERSION))?;
+                self.flush()
+            }
             Some(found) if found > SCHEMA_VERSION => Err(StoreError::NewerSchema {
                 found,
                 supported: SCHEMA_VERSION,

@@ -117,23 +117,82 @@ fn empty_message_id_is_never_a_duplicate() {
     );
 }
 
+/// Issue 16, item 5: another messageId for the active upgrade's image
+/// joins it (ack 0 naming it) and gets its reports; the ack says nothing a
+/// replay after the end would make untrue.
 #[test]
-fn same_md5_as_active_is_ok_already_in_progress() {
+fn same_image_under_another_message_id_joins_the_active_upgrade() {
     let view = RequestView {
         active: Some(downloading()),
         next_id: 2,
         ..RequestView::default()
     };
-    let t = on_request(&view, valid("MID:b", &md5('a')), t0());
+    let mut second = request("MID:b", &md5('a'));
+    second.pass_port = Some(fwagent_state::Secret::new("pp-b"));
+    let t = on_request(&view, Incoming::Valid(Box::new(second)), t0());
     let ack = only_ack(&t);
     assert_eq!(
         ack.result,
-        Outcome::new(ack_no::OK, "ok: already in progress")
+        Outcome::new(ack_no::OK, "ok: joined upgrade MID:req-1")
     );
     assert_eq!(ack.message_id, "MID:b");
     assert_eq!(t.record_ack.as_ref(), Some(ack));
+    assert!(t.commands.is_empty(), "nothing new starts");
+    let job = t.job.expect("the active upgrade, joined");
+    assert_eq!((job.id, job.phase), (1, Phase::Downloading { offset: 0 }));
+    assert_eq!(job.joined.len(), 1);
+    // Its reports go to both requests, each with its own passPort.
+    let t = transition(&job, Event::Cancel, at_ms(5), &Policy::default()).expect("applies");
+    let results: Vec<_> = t
+        .outbox
+        .iter()
+        .filter_map(|m| match m {
+            Outgoing::Result { subject, .. } => Some((
+                subject.request_message_id.as_str(),
+                subject.pass_port.as_ref().map(|p| p.expose().to_string()),
+            )),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        results,
+        [
+            ("MID:req-1", Some("pass-port-secret".to_string())),
+            ("MID:b", Some("pp-b".to_string()))
+        ]
+    );
+    let ended = t.job.expect("the job");
+    assert!(ended.joined.iter().all(|j| j.pass_port.is_none()));
+}
+
+/// The same size is part of the same image; and joins are bounded.
+#[test]
+fn another_size_or_one_join_too_many_is_busy() {
+    let mut active = downloading();
+    let mut other_size = request("MID:b", &md5('a'));
+    other_size.firmware.size += 1;
+    let view = RequestView {
+        active: Some(active.clone()),
+        next_id: 2,
+        ..RequestView::default()
+    };
+    let t = on_request(&view, Incoming::Valid(Box::new(other_size)), t0());
+    assert_eq!(only_ack(&t).result.error_no, ack_no::BUSY);
+    for i in 0..Job::MAX_JOINED {
+        let view = RequestView {
+            active: Some(active.clone()),
+            ..RequestView::default()
+        };
+        let t = on_request(&view, valid(&format!("MID:j{i}"), &md5('a')), t0());
+        active = t.job.expect("joined");
+    }
+    let view = RequestView {
+        active: Some(active),
+        ..RequestView::default()
+    };
+    let t = on_request(&view, valid("MID:late", &md5('a')), t0());
+    assert_eq!(only_ack(&t).result.error_no, ack_no::BUSY);
     assert_eq!(t.job, None);
-    assert!(t.commands.is_empty());
 }
 
 #[test]
@@ -342,7 +401,13 @@ fn start_beyond_the_attempt_bound_fails_the_upgrade() {
         assert_eq!(job.phase, Phase::Failed, "{phase:?}");
         assert_eq!(job.result.as_ref().map(|r| r.error_no), Some(error_no));
         assert_eq!(results(&t.outbox), vec![(PhaseName::Failed, error_no)]);
-        assert_eq!(t.commands, vec![Command::Cleanup { job: 1 }]);
+        // Out of checks in awaiting_reboot, the device may run the
+        // rejected slot: the runtime leaves it if so (issue 16, item 7).
+        let mut commands = vec![Command::Cleanup { job: 1 }];
+        if phase == Phase::AwaitingReboot {
+            commands.push(Command::LeaveRejected { job: 1 });
+        }
+        assert_eq!(t.commands, commands, "{phase:?}");
     }
 }
 

@@ -138,6 +138,8 @@ struct MJob {
     result: Option<u32>,
     /// The last progress report: percent, phase, when (ms).
     mark: Option<(u8, PhaseName, i64)>,
+    /// Its own request and those that joined it: each report goes to each.
+    requesters: usize,
 }
 
 #[derive(Debug, Default)]
@@ -199,8 +201,12 @@ impl Model {
             return;
         }
         if let Some(i) = self.active() {
-            let same = self.jobs[i].md5 == md5;
-            self.ack(mid, if same { ack_no::OK } else { ack_no::BUSY });
+            let j = &mut self.jobs[i];
+            let joins = j.md5 == md5 && j.requesters <= fwagent_state::Job::MAX_JOINED;
+            if joins {
+                j.requesters += 1;
+            }
+            self.ack(mid, if joins { ack_no::OK } else { ack_no::BUSY });
             return;
         }
         if small_disk {
@@ -220,6 +226,7 @@ impl Model {
             restarts: 0,
             result: None,
             mark: None,
+            requesters: 1,
         });
         self.ack(mid, ack_no::OK);
     }
@@ -238,9 +245,11 @@ impl Model {
         let j = &mut self.jobs[i];
         let p = percent(j.bytes, SIZE);
         j.mark = Some((p, j.phase, self.now));
-        let phase = j.phase;
+        let (phase, requesters) = (j.phase, j.requesters);
         if self.reports {
-            self.say(Said::Progress { phase, percent: p });
+            for _ in 0..requesters {
+                self.say(Said::Progress { phase, percent: p });
+            }
         }
     }
 
@@ -268,7 +277,9 @@ impl Model {
         self.jobs[i].phase = phase;
         self.jobs[i].result = Some(error_no);
         if self.reports {
-            self.say(Said::Result { phase, error_no });
+            for _ in 0..self.jobs[i].requesters {
+                self.say(Said::Result { phase, error_no });
+            }
         }
     }
 
@@ -551,14 +562,17 @@ fn check(model: &Model, store: &Store) -> Result<(), TestCaseError> {
         if let Phase::Downloading { offset } = job.phase {
             prop_assert_eq!(offset, m.offset);
         }
-        // Exactly one result report per finished upgrade, none before.
+        // One result report per request of a finished upgrade, none before.
         let results = store
             .outbox_of(job.id)
             .expect("read")
             .iter()
             .filter(|(e, _)| matches!(e.message, Outgoing::Result { .. }))
             .count();
-        let expected = usize::from(model.reports && terminal(m.phase));
+        let expected = match model.reports && terminal(m.phase) {
+            true => m.requesters,
+            false => 0,
+        };
         prop_assert_eq!(results, expected);
     }
     for mid in MIDS {

@@ -639,3 +639,307 @@ fn an_ended_upgrade_and_its_delivered_reports_keep_no_credentials() {
         }
     }
 }
+
+/// Every file under `dir` (sled's log, the key files, anything else),
+/// searched for each of `needles`: the ones found.
+fn found_on_disk(dir: &Path, needles: &[String]) -> Vec<String> {
+    let mut found = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for entry in std::fs::read_dir(&d).expect("read_dir").flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                todo.push(path);
+                continue;
+            }
+            let bytes = std::fs::read(&path).expect("read");
+            for n in needles {
+                if bytes.windows(n.len()).any(|w| w == n.as_bytes()) {
+                    found.push(format!("{n:?} in {}", path.display()));
+                }
+            }
+        }
+    }
+    found
+}
+
+/// The forms a credential could be found in: plain, and base64 as the
+/// request carried it (unpadded, so a padded copy matches too).
+fn plain_and_base64(secret: &str) -> Vec<String> {
+    const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut b64 = String::new();
+    for chunk in secret.as_bytes().chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, b)| n | u32::from(*b) << (16 - 8 * i));
+        for i in 0..=chunk.len() {
+            b64.push(B64[(n >> (18 - 6 * i) & 63) as usize] as char);
+        }
+    }
+    vec![secret.to_string(), b64]
+}
+
+/// Issue 16, item 2: many commits of an upgrade (lazy progress ones too)
+/// and a restart in the middle; once it has ended and its reports are
+/// delivered, no byte sequence of its user name, password or passPort is
+/// left anywhere under the state directory, while the restart still
+/// resumed with all three.
+#[test]
+fn no_copy_of_an_ended_upgrades_credentials_is_left_on_disk() {
+    const USER: &str = "op-Qz81-gw-user";
+    const PASSWORD: &str = "pw-Lk29-zz!Tq";
+    const PASS_PORT: &str = "pp-Hx55-token-W";
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let store = open(tmp.path());
+    let mut req = request("MID:s", &md5('a'));
+    req.source.user = fwagent_state::Secret::new(USER);
+    req.source.password = fwagent_state::Secret::new(PASSWORD);
+    req.pass_port = Some(fwagent_state::Secret::new(PASS_PORT));
+    let view = store.request_view("MID:s", None).expect("view");
+    store
+        .commit(&on_request(&view, Incoming::Valid(Box::new(req)), t0()))
+        .expect("commit");
+    step(&store, Event::START, 0);
+    let progress = |store: &Store, from: u64, ms: i64| {
+        for i in from..from + 10 {
+            let job = store.active().expect("read").expect("active");
+            let bytes_done = i * 40;
+            let t = transition(
+                &job,
+                Event::Progress { bytes_done },
+                at_ms(ms),
+                &Policy::default(),
+            )
+            .expect("applies");
+            store.commit_lazily(&job, &t).expect("lazy commit");
+            let job = store.active().expect("read").expect("active");
+            let checkpoint = Event::Checkpoint {
+                offset: bytes_done,
+                validator: None,
+            };
+            let t = transition(&job, checkpoint, at_ms(ms), &Policy::default()).expect("applies");
+            store.commit(&t).expect("commit");
+        }
+    };
+    progress(&store, 1, 1);
+    drop(store);
+
+    // A restart: the upgrade resumes with its credentials, and its reports
+    // still to be sent carry their passPort.
+    let store = open(tmp.path());
+    let job = store.active().expect("read").expect("active");
+    assert_eq!(job.request.source.user.expose(), USER);
+    assert_eq!(job.request.source.password.expose(), PASSWORD);
+    assert_eq!(
+        job.request.pass_port.as_ref().map(|s| s.expose()),
+        Some(PASS_PORT)
+    );
+    let pending = store.pending_outbox().expect("read");
+    assert!(
+        pending
+            .iter()
+            .any(|e| matches!(e.message, Outgoing::Progress { .. })),
+        "reports wait: {pending:?}"
+    );
+    for e in &pending {
+        if let Outgoing::Progress { subject, .. } | Outgoing::Result { subject, .. } = &e.message {
+            assert_eq!(
+                subject.pass_port.as_ref().map(|s| s.expose()),
+                Some(PASS_PORT)
+            );
+        }
+    }
+    progress(&store, 11, 2);
+    step(&store, Event::Cancel, 3);
+    for e in store.pending_outbox().expect("read") {
+        store.delivered(e.seq).expect("delivered");
+    }
+    drop(store);
+
+    let mut needles = Vec::new();
+    for s in [USER, PASSWORD, PASS_PORT] {
+        needles.extend(plain_and_base64(s));
+    }
+    assert_eq!(found_on_disk(tmp.path(), &needles), Vec::<String>::new());
+    // The search reads sled's files: the request's messageId is there.
+    assert!(!found_on_disk(tmp.path(), &["SID:MID:s".to_string()]).is_empty());
+}
+
+/// The store keeps an upgrade's key until its last report is delivered:
+/// a result still waiting after a restart carries its passPort; its
+/// delivery shreds the key.
+#[test]
+fn an_ended_upgrades_key_lives_until_its_last_report_is_delivered() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let store = open(tmp.path());
+    submit(&store, "MID:a", &md5('a'));
+    step(&store, Event::START, 0);
+    step(&store, Event::Cancel, 1);
+    let key = tmp.path().join("keys/1");
+    assert!(key.exists(), "reports wait: the key stays");
+    drop(store);
+    let store = open(tmp.path());
+    let pending = store.pending_outbox().expect("read");
+    let result = pending.last().expect("the result waits");
+    match &result.message {
+        Outgoing::Result { subject, .. } => assert_eq!(
+            subject.pass_port.as_ref().map(|s| s.expose()),
+            Some("pass-port-secret")
+        ),
+        other => panic!("not a result: {other:?}"),
+    }
+    let job = store.job(1).expect("read").expect("the job");
+    assert!(
+        job.request.source.password.is_empty(),
+        "an ended job keeps none"
+    );
+    for e in &pending {
+        assert!(key.exists(), "before the last delivery");
+        store.delivered(e.seq).expect("delivered");
+    }
+    assert!(!key.exists(), "the last delivery shreds the key");
+}
+
+/// What a cut can leave behind is finished on open: a key whose job was
+/// never committed, a half-written key, and a sealed record whose key is
+/// already gone.
+#[test]
+fn open_shreds_what_a_cut_left() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let store = open(tmp.path());
+    submit(&store, "MID:a", &md5('a'));
+    step(&store, Event::START, 0);
+    step(&store, Event::Cancel, 1);
+    drop(store);
+    let keys = tmp.path().join("keys");
+    // A cut between the key's deletion and its record's.
+    std::fs::remove_file(keys.join("1")).expect("rm");
+    // A key written for a job whose commit a cut lost, and one cut short.
+    std::fs::write(keys.join("7"), [1u8; 32]).expect("write");
+    std::fs::write(keys.join("8.new"), [1u8; 5]).expect("write");
+    let store = open(tmp.path());
+    let left: Vec<_> = std::fs::read_dir(&keys)
+        .expect("read_dir")
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(left, Vec::<std::ffi::OsString>::new());
+    drop(store);
+    let db = sled::open(tmp.path().join("db")).expect("sled opens");
+    let secrets = db.open_tree("secrets").expect("tree");
+    assert_eq!(secrets.len(), 0, "the sealed record went with its key");
+}
+
+/// A schema-1 store kept an active upgrade's credentials in its record: it
+/// is stamped 2, the upgrade resumes with them, and its next commit seals
+/// them apart.
+#[test]
+fn a_schema_1_store_moves_the_active_credentials_into_the_vault() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    drop(open(tmp.path()));
+    let mut job = job_in(Phase::Accepted);
+    job.request.source.password = fwagent_state::Secret::new("pw-from-schema-1");
+    let mut record = serde_json::to_value(&job).expect("json");
+    record["v"] = "1".into();
+    {
+        let db = sled::open(tmp.path().join("db")).expect("sled opens");
+        let tree = |name: &str| db.open_tree(name).expect("tree");
+        tree("meta")
+            .insert("schema", &1u64.to_be_bytes())
+            .expect("insert");
+        tree("meta")
+            .insert("active", &1u64.to_be_bytes())
+            .expect("insert");
+        let record = record.to_string();
+        tree("jobs")
+            .insert(1u64.to_be_bytes(), record.as_bytes())
+            .expect("insert");
+        tree("job_by_message_id")
+            .insert("MID:req-1", &1u64.to_be_bytes())
+            .expect("insert");
+        db.flush().expect("flush");
+    }
+    let store = open(tmp.path());
+    let active = store.active().expect("read").expect("active");
+    assert_eq!(active.request.source.password.expose(), "pw-from-schema-1");
+    step(&store, Event::START, 0);
+    drop(store);
+    let store = open(tmp.path());
+    let job = store.active().expect("read").expect("active");
+    assert_eq!(job.request.source.password.expose(), "pw-from-schema-1");
+    drop(store);
+    let db = sled::open(tmp.path().join("db")).expect("sled opens");
+    let meta = db.open_tree("meta").expect("tree");
+    assert_eq!(
+        &meta.get("schema").expect("read").expect("stamped")[..],
+        &2u64.to_be_bytes()
+    );
+    let stored = db.open_tree("jobs").expect("tree").get(1u64.to_be_bytes());
+    let stored =
+        String::from_utf8(stored.expect("read").expect("the job").to_vec()).expect("utf-8");
+    assert!(!stored.contains("pw-from-schema-1"), "{stored}");
+    assert_eq!(db.open_tree("secrets").expect("tree").len(), 1);
+}
+
+/// Issue 16, item 5, through the store: a request that joined the active
+/// upgrade is indexed to it, its waiting reports keep its passPort over a
+/// restart, both requests get a result, and a replay of it after the end
+/// gets its first ack again, which claims nothing is in progress.
+#[test]
+fn a_joined_request_gets_the_reports_over_a_restart_and_its_ack_on_replay() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let store = open(tmp.path());
+    submit(&store, "MID:a", &md5('a'));
+    step(&store, Event::START, 0);
+    let mut second = request("MID:b", &md5('a'));
+    second.pass_port = Some(fwagent_state::Secret::new("pp-of-b"));
+    let view = store.request_view("MID:b", None).expect("view");
+    let t = on_request(&view, Incoming::Valid(Box::new(second.clone())), t0());
+    store.commit(&t).expect("commit");
+    let first_ack = store.pending_outbox().expect("read").last().cloned();
+    assert_eq!(
+        store
+            .job_by_message_id("MID:b")
+            .expect("read")
+            .map(|j| j.id),
+        Some(1)
+    );
+    drop(store);
+
+    let store = open(tmp.path());
+    step(&store, Event::Cancel, 5);
+    let results: Vec<(String, Option<String>)> = store
+        .pending_outbox()
+        .expect("read")
+        .into_iter()
+        .filter_map(|e| match e.message {
+            Outgoing::Result { subject, .. } => Some((
+                subject.request_message_id,
+                subject.pass_port.map(|p| p.expose().to_string()),
+            )),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        results,
+        [
+            ("MID:a".to_string(), Some("pass-port-secret".to_string())),
+            ("MID:b".to_string(), Some("pp-of-b".to_string()))
+        ]
+    );
+    for e in store.pending_outbox().expect("read") {
+        store.delivered(e.seq).expect("delivered");
+    }
+    let view = store.request_view("MID:b", None).expect("view");
+    let replay = on_request(&view, Incoming::Valid(Box::new(second)), at_ms(10));
+    let Some(Outgoing::Ack(ack)) = replay.outbox.first() else {
+        panic!("an ack: {replay:?}");
+    };
+    assert_eq!(ack.result.description, "ok: joined upgrade MID:a");
+    assert_eq!(
+        first_ack.map(|e| e.message),
+        Some(Outgoing::Ack(ack.clone()))
+    );
+    assert!(replay.job.is_none() && replay.commands.is_empty());
+}

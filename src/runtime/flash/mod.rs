@@ -138,12 +138,15 @@ pub struct FlashImage {
 /// Reboot into the new image `md5` (answered once the reboot command has
 /// run). Answers `true`, without rebooting, when the device already runs it
 /// (power was lost between the switch and its commit, and the bootloader
-/// took the trial): check the boot now instead.
+/// took the trial): check the boot now instead. With `leave_rejected`, the
+/// upgrade has ended: reboot only if the device runs a slot its bootloader
+/// will not boot again (answers `false`).
 #[derive(Message, Debug)]
 #[rtype(result = "bool")]
 pub struct RequestReboot {
     pub job: JobId,
     pub md5: String,
+    pub leave_rejected: bool,
 }
 
 /// After a (possible) reboot: which image runs? Answered with what
@@ -273,10 +276,15 @@ fn rejected(detail: String) -> Event {
     Event::Booted { ok: false, detail }
 }
 
+/// Does the device run a slot its bootloader will not boot again?
+fn stranded(record: &BootControl) -> bool {
+    record.booted != record.active && record.next != Some(record.booted)
+}
+
 /// The new slot did not make it, as `record` now stands: a device that runs
 /// a slot its bootloader will not boot again is stranded (rebooted).
 fn rejected_by(record: &BootControl, detail: String) -> Event {
-    if record.booted != record.active && record.next != Some(record.booted) {
+    if stranded(record) {
         Event::Stranded { detail }
     } else {
         rejected(detail)
@@ -413,14 +421,24 @@ impl Handler<RequestReboot> for Flash {
     type Result = bool;
 
     fn handle(&mut self, msg: RequestReboot, _ctx: &mut Context<Self>) -> bool {
-        if let FlashSpec::Ab(dir) = &self.spec {
-            if let Ok(Some(record)) = BootControl::load(dir) {
-                if let Verdict::TrialBooted { slot } | Verdict::Committed { slot } =
-                    ab::decide(&record, &msg.md5)
-                {
-                    tracing::info!(job = msg.job, %slot, "the device already runs the new slot; no reboot needed");
-                    return true;
-                }
+        let record = match &self.spec {
+            FlashSpec::Ab(dir) => BootControl::load(dir).ok().flatten(),
+            FlashSpec::File(_) | FlashSpec::Command(_) => None,
+        };
+        if msg.leave_rejected {
+            if !record.as_ref().is_some_and(stranded) {
+                return false;
+            }
+            tracing::warn!(
+                job = msg.job,
+                "the device runs the rejected slot; rebooting into the good one"
+            );
+        } else if let Some(record) = &record {
+            if let Verdict::TrialBooted { slot } | Verdict::Committed { slot } =
+                ab::decide(record, &msg.md5)
+            {
+                tracing::info!(job = msg.job, %slot, "the device already runs the new slot; no reboot needed");
+                return true;
             }
         }
         let Some(cmd) = &self.options.reboot_command else {

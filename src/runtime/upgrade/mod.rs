@@ -173,7 +173,9 @@ impl Upgrade {
             // (`Stranded`), run now.
             let ended = t.job.as_ref().is_some_and(|j| j.phase.is_terminal());
             let starts_work = match command {
-                Command::Abort { .. } | Command::Cleanup { .. } => false,
+                Command::Abort { .. } | Command::Cleanup { .. } | Command::LeaveRejected { .. } => {
+                    false
+                }
                 Command::Reboot { .. } => !ended,
                 _ => true,
             };
@@ -230,7 +232,10 @@ impl Upgrade {
                 })
             }
             Command::Reboot { job: id } => {
-                self.request_reboot(*id, job.request.firmware.md5.clone(), peers, ctx)
+                self.request_reboot(*id, job.request.firmware.md5.clone(), false, peers, ctx)
+            }
+            Command::LeaveRejected { job: id } => {
+                self.request_reboot(*id, job.request.firmware.md5.clone(), true, peers, ctx)
             }
             Command::CheckBoot { job: id } => self.check_boot(*id, job, peers, ctx),
             Command::Abort { job: id } => peers.abort.do_send(AbortDownload {
@@ -272,10 +277,22 @@ impl Upgrade {
 
     /// Ask the Flash actor for the reboot; the agent stays up until it is made.
     /// If the device already runs the new image, its boot is checked at once
-    /// instead (a start of `awaiting_reboot`).
-    fn request_reboot(&mut self, id: JobId, md5: String, peers: &Wire, ctx: &mut Context<Self>) {
+    /// instead (a start of `awaiting_reboot`). `leave_rejected`: the reboot
+    /// out of a rejected slot, made only if the device runs one.
+    fn request_reboot(
+        &mut self,
+        id: JobId,
+        md5: String,
+        leave_rejected: bool,
+        peers: &Wire,
+        ctx: &mut Context<Self>,
+    ) {
         self.flash_calls += 1;
-        let request = peers.reboot.send(RequestReboot { job: id, md5 });
+        let request = peers.reboot.send(RequestReboot {
+            job: id,
+            md5,
+            leave_rejected,
+        });
         ctx.spawn(request.into_actor(self).map(move |answer, act, ctx| {
             let booted = answer.unwrap_or_else(|e| {
                 tracing::error!(job = id, error = %e, "the flash actor did not answer the reboot request");

@@ -73,6 +73,7 @@ pub fn job_in(phase: Phase) -> Job {
         last_progress: None,
         boot: None,
         machine_restarts: 0,
+        joined: Vec::new(),
         created_at: t0(),
         updated_at: t0(),
     }
