@@ -476,7 +476,7 @@ mod tests {
         let d = detail_of(&job());
         let text = render_show(&d, datetime!(2024-05-01 12:01:00 UTC), Paint(false));
         assert!(text.contains(
-            "2024-05-01 12:00:08.000 UTC  downloading → downloading  retry 1 from byte 4194304"
+            "2024-05-01 12:00:08.000 UTC  downloading → downloading  retry 1 from byte 4194304 (attempt 2)"
         ));
         assert!(text.contains("error: connection reset; user <redacted>"));
         assert!(!text.contains("operator7"));
