@@ -344,6 +344,16 @@ fn live_status_cancel_submit_then_history_and_show_offline() {
 
     // 5. The agent goes; the store answers.
     assert!(agent.stop().success(), "agent exit\n{}", agent.stderr());
+    // The cancel stopped a download; the completed upgrade stopped none.
+    let stderr = agent.stderr();
+    let aborted: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("download aborted"))
+        .collect();
+    assert!(
+        aborted.len() == 1 && aborted[0].contains("job=1"),
+        "one download aborted, the cancelled one's: {aborted:#?}"
+    );
     let history = t.cli(&state, &["history", "--json"]);
     assert_eq!(history.code(), Some(0), "{history}");
     assert!(
@@ -452,6 +462,11 @@ fn show_lists_retries_and_errors() {
     assert_eq!(missing.code(), Some(1), "{missing}");
 
     assert!(agent.stop().success(), "{}", agent.stderr());
+    assert!(
+        !agent.stderr().contains("download aborted"),
+        "a download that ended is aborted by nobody:\n{}",
+        agent.stderr()
+    );
     let human = t.cli(&state, &["status"]);
     assert_eq!(human.code(), Some(0), "{human}");
     let lines: Vec<&str> = human.stdout.lines().collect();
