@@ -287,7 +287,7 @@ pub(crate) mod tests {
                     at: datetime!(2024-05-01 12:00:08 UTC),
                     from: Some(PhaseName::Downloading),
                     to: PhaseName::Downloading,
-                    event: "retry 1 from byte 4194304".into(),
+                    event: "retry 1 from byte 4194304 (attempt 2)".into(),
                     error: Some(stored(job, "connection reset; user operator7")),
                 }),
             ],

@@ -389,3 +389,69 @@ fn limit_flags_the_agent_refuses_are_refused_by_check_too() {
         }
     }
 }
+
+/// `fwagent run` with `args` (and `--state-dir DIR/state`, `--flash
+/// file:DIR/target`), stdin closed: with no request it exits at once.
+fn run_agent(dir: &Path, args: &[&str]) -> Output {
+    let target = dir.join("target");
+    std::fs::write(&target, b"").expect("the flash target");
+    Command::new(env!("CARGO_BIN_EXE_fwagent"))
+        .args(["run", "--transport", "stdio"])
+        .arg("--state-dir")
+        .arg(dir.join("state"))
+        .arg("--flash")
+        .arg(format!("file:{}", target.display()))
+        .args(args)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .output()
+        .expect("fwagent run")
+}
+
+/// Every numeric flag of `run` where 0 would mean nothing is refused as a
+/// usage error naming the flag, on the command line and as a config key;
+/// the zeros that mean something (documented in `--help`) are taken.
+#[test]
+fn meaningless_zeros_are_usage_errors_naming_the_flag() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    for flag in [
+        "--download-attempts",
+        "--checkpoint-bytes",
+        "--connect-timeout",
+        "--idle-timeout",
+        "--install-timeout",
+        "--boot-tries",
+        "--max-image-size",
+    ] {
+        let run = run_agent(dir.path(), &[flag, "0"]);
+        let err = String::from_utf8_lossy(&run.stderr);
+        assert_eq!(run.status.code(), Some(2), "{flag} 0: {err}");
+        assert!(
+            err.contains(flag) && err.contains("must be at least 1"),
+            "{flag} 0: {err}"
+        );
+        let key = flag.trim_start_matches("--");
+        let config = dir.path().join("fwagent.toml");
+        std::fs::write(&config, format!("{key} = 0\n")).expect("write the config");
+        let run = run_agent(dir.path(), &["--config", &config.display().to_string()]);
+        let err = String::from_utf8_lossy(&run.stderr);
+        assert_eq!(run.status.code(), Some(2), "{key} = 0: {err}");
+        assert!(
+            err.contains(key) && err.contains("nonzero"),
+            "{key} = 0: {err}"
+        );
+    }
+    let check = fwagent(&["--max-image-size", "0", "-"], Some(b"{}"));
+    assert_exit(&check, 2);
+    assert!(String::from_utf8_lossy(&check.stderr).contains("--max-image-size"));
+    // 0 = no minimum rate, follow no redirect, retry at once: meant.
+    for (flag, value) in [
+        ("--min-rate", "0"),
+        ("--max-redirects", "0"),
+        ("--retry-base-ms", "0"),
+    ] {
+        let run = run_agent(dir.path(), &[flag, value]);
+        let err = String::from_utf8_lossy(&run.stderr);
+        assert_eq!(run.status.code(), Some(0), "{flag} {value}: {err}");
+    }
+}

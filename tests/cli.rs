@@ -128,6 +128,18 @@ impl Agent {
     /// Close stdin (EOF: finish and exit) and wait for the exit.
     fn stop(&mut self) -> ExitStatus {
         drop(self.stdin.take());
+        self.wait_exit()
+    }
+
+    /// SIGTERM (stop where it is: the upgrade stays under way) and wait for the exit.
+    fn terminate(&mut self) -> ExitStatus {
+        let pid = i32::try_from(self.child.id()).expect("a pid");
+        // SAFETY: kill(2) on our own child, which has not been waited for.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        self.wait_exit()
+    }
+
+    fn wait_exit(&mut self) -> ExitStatus {
         let deadline = Instant::now() + WAIT;
         loop {
             if let Some(status) = self.child.try_wait().expect("wait for the agent") {
@@ -135,7 +147,7 @@ impl Agent {
             }
             assert!(
                 Instant::now() < deadline,
-                "the agent did not exit after EOF\n{}",
+                "the agent did not exit\n{}",
                 self.stderr()
             );
             thread::sleep(Duration::from_millis(50));
@@ -344,6 +356,16 @@ fn live_status_cancel_submit_then_history_and_show_offline() {
 
     // 5. The agent goes; the store answers.
     assert!(agent.stop().success(), "agent exit\n{}", agent.stderr());
+    // The cancel stopped a download; the completed upgrade stopped none.
+    let stderr = agent.stderr();
+    let aborted: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("download aborted"))
+        .collect();
+    assert!(
+        aborted.len() == 1 && aborted[0].contains("job=1"),
+        "one download aborted, the cancelled one's: {aborted:#?}"
+    );
     let history = t.cli(&state, &["history", "--json"]);
     assert_eq!(history.code(), Some(0), "{history}");
     assert!(
@@ -452,6 +474,11 @@ fn show_lists_retries_and_errors() {
     assert_eq!(missing.code(), Some(1), "{missing}");
 
     assert!(agent.stop().success(), "{}", agent.stderr());
+    assert!(
+        !agent.stderr().contains("download aborted"),
+        "a download that ended is aborted by nobody:\n{}",
+        agent.stderr()
+    );
     let human = t.cli(&state, &["status"]);
     assert_eq!(human.code(), Some(0), "{human}");
     let lines: Vec<&str> = human.stdout.lines().collect();
@@ -468,6 +495,74 @@ fn show_lists_retries_and_errors() {
         human.stdout.contains("retry 1") && human.stdout.contains("error: "),
         "{human}"
     );
+}
+
+/// A speed and an ETA are figures of a running download: live `status` and
+/// `show` give them; once the agent is gone (stopped mid-download, the
+/// upgrade still under way in the store) they give neither, and `--json`
+/// keeps the shape of INTERFACE.md either way.
+#[test]
+fn offline_status_shows_no_speed_or_eta() {
+    let servers = Servers::from_env();
+    let tmp = common::temp_dir();
+    let mut t = Transcript::default();
+    let mut agent = Agent::start(tmp.path(), &["--checkpoint-bytes", "262144"]);
+    let state = agent.state.clone();
+    let fw = servers.put_http("cli-offline", 16 << 20);
+    let request = common::upgrade_request("http", servers.nginx_port, "/slow/", &fw, "", "");
+    let mid = message_id(&request);
+    agent.send(&request);
+    wait_status(&mut t, &mut agent, "a second of download", |v| {
+        v["phase"] == "downloading" && v["bytesDone"].as_u64() > Some(3 << 19)
+    });
+    let live = t.cli(&state, &["status"]);
+    let headline = live.stdout.lines().next().unwrap_or_default().to_string();
+    assert!(
+        headline.contains("/s average") && headline.contains("left"),
+        "live: a speed and an ETA\n{live}"
+    );
+
+    assert!(agent.terminate().success(), "{}", agent.stderr());
+    let keys = |v: &Value| {
+        let mut k: Vec<String> = v.as_object().expect("an object").keys().cloned().collect();
+        k.sort_unstable();
+        k
+    };
+    let offline = t.json(&state, &["status", "--json"], 0);
+    assert_eq!(offline["phase"], "downloading", "{offline}");
+    assert_eq!(keys(&offline), {
+        let mut k: Vec<String> = [
+            "messageId",
+            "sessionId",
+            "firmwareName",
+            "md5sum",
+            "totalBytes",
+            "bytesDone",
+            "phase",
+            "attempts",
+            "result",
+            "createdAt",
+            "updatedAt",
+        ]
+        .map(String::from)
+        .to_vec();
+        k.sort_unstable();
+        k
+    });
+    for args in [vec!["status"], vec!["show", &mid]] {
+        let run = t.cli(&state, &args);
+        assert_eq!(run.code(), Some(0), "{run}");
+        let headline = run.stdout.lines().next().unwrap_or_default();
+        assert!(
+            headline.starts_with("downloading") && headline.contains("MiB of"),
+            "{args:?}: how far it got\n{run}"
+        );
+        assert!(
+            !headline.contains("/s") && !headline.contains("left"),
+            "{args:?}: no speed or ETA offline\n{run}"
+        );
+        assert!(run.stdout.contains("no agent is running"), "{run}");
+    }
 }
 
 /// A `fwagent watch` running in the background, its stdout read line by line.

@@ -8,6 +8,7 @@ pub mod run;
 pub mod view;
 
 use clap::{Args, Parser, Subcommand};
+use std::num::{IntErrorKind, NonZeroU64, ParseIntError};
 use std::path::PathBuf;
 
 /// Exit codes of spec/INTERFACE.md.
@@ -66,8 +67,8 @@ pub struct CheckArgs {
     #[arg(long, value_name = "CMD")]
     pub credentials_decoder: Option<String>,
     /// Larger images are refused with errorNo 4.
-    #[arg(long, value_name = "BYTES")]
-    pub max_image_size: Option<u64>,
+    #[arg(long, value_name = "BYTES", value_parser = at_least_one::<NonZeroU64>)]
+    pub max_image_size: Option<NonZeroU64>,
     /// Larger requests are refused with errorNo 1 (as the agent's flag).
     #[arg(long, value_name = "BYTES")]
     pub max_request_bytes: Option<usize>,
@@ -76,10 +77,25 @@ pub struct CheckArgs {
     pub max_id_bytes: Option<usize>,
 }
 
+/// The value parser of a count, size or time in which 0 would mean nothing
+/// (no attempt, no byte, no time): a `NonZero` integer, so clap refuses 0 as
+/// a usage error naming the flag (`invalid value '0' for '--idle-timeout
+/// <SECS>': must be at least 1`), and so does the config file's serde.
+/// Flags whose 0 means something ("0 = no minimum") keep their plain type.
+pub fn at_least_one<T>(s: &str) -> Result<T, String>
+where
+    T: std::str::FromStr<Err = ParseIntError>,
+{
+    s.parse().map_err(|e: ParseIntError| match e.kind() {
+        IntErrorKind::Zero => "must be at least 1".to_string(),
+        _ => e.to_string(),
+    })
+}
+
 /// The request parser's options from the flags `run` and `check` both take,
 /// refused the same way by both (`check` parses exactly as the agent would).
 pub fn parse_options(
-    max_image_size: Option<u64>,
+    max_image_size: Option<NonZeroU64>,
     credentials_decoder: Option<String>,
     max_request_bytes: Option<usize>,
     max_id_bytes: Option<usize>,
@@ -94,7 +110,7 @@ pub fn parse_options(
         return Err("--max-id-bytes must be at least 1".into());
     }
     Ok(crate::protocol::ParseOptions {
-        max_image_size,
+        max_image_size: max_image_size.map(NonZeroU64::get),
         credentials_decoder,
         max_request_bytes,
         max_id_bytes,

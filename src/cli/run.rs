@@ -1,7 +1,7 @@
 //! `fwagent run`: the agent. Flags, an optional TOML file with the same keys
 //! (flags win), and the actix system that runs until stopped.
 
-use super::{exit, DEFAULT_STATE_DIR};
+use super::{at_least_one, exit, DEFAULT_STATE_DIR};
 use crate::runtime::agent::{self, AgentConfig};
 use crate::runtime::flash::{FlashOptions, FlashSpec};
 use crate::runtime::http::HttpFetcher;
@@ -10,6 +10,7 @@ use crate::runtime::{Paths, Transfer};
 use actix::prelude::*;
 use fwagent_state::{Policy, Secret, Store};
 use serde::Deserialize;
+use std::num::{NonZeroU32, NonZeroU64};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -78,15 +79,15 @@ pub struct RunArgs {
     pub health_command: Option<String>,
     /// Seconds the installer (command:), the health check and the reboot
     /// command may run before they are killed [default: 1800].
-    #[arg(long, value_name = "SECS")]
-    pub install_timeout: Option<u64>,
+    #[arg(long, value_name = "SECS", value_parser = at_least_one::<NonZeroU64>)]
+    pub install_timeout: Option<NonZeroU64>,
     /// ab: trial boots of a new slot before the bootloader falls back
     /// [default: 3].
-    #[arg(long, value_name = "N")]
-    pub boot_tries: Option<u32>,
+    #[arg(long, value_name = "N", value_parser = at_least_one::<NonZeroU32>)]
+    pub boot_tries: Option<NonZeroU32>,
     /// Larger images are refused with errorNo 4 [default: 1 GiB].
-    #[arg(long, value_name = "BYTES")]
-    pub max_image_size: Option<u64>,
+    #[arg(long, value_name = "BYTES", value_parser = at_least_one::<NonZeroU64>)]
+    pub max_image_size: Option<NonZeroU64>,
     /// Larger requests are refused with errorNo 1 [default: 65536; at most 524288].
     #[arg(long, value_name = "BYTES")]
     pub max_request_bytes: Option<usize>,
@@ -101,22 +102,23 @@ pub struct RunArgs {
     #[serde(default)]
     pub no_reports: bool,
     /// Bytes between durable download checkpoints [default: 4 MiB].
-    #[arg(long, value_name = "BYTES")]
-    pub checkpoint_bytes: Option<u64>,
+    #[arg(long, value_name = "BYTES", value_parser = at_least_one::<NonZeroU64>)]
+    pub checkpoint_bytes: Option<NonZeroU64>,
     /// Seconds to wait for a connection [default: 10].
-    #[arg(long, value_name = "SECS")]
-    pub connect_timeout: Option<u64>,
+    #[arg(long, value_name = "SECS", value_parser = at_least_one::<NonZeroU64>)]
+    pub connect_timeout: Option<NonZeroU64>,
     /// Seconds without data before an attempt fails [default: 30].
-    #[arg(long, value_name = "SECS")]
-    pub idle_timeout: Option<u64>,
+    #[arg(long, value_name = "SECS", value_parser = at_least_one::<NonZeroU64>)]
+    pub idle_timeout: Option<NonZeroU64>,
     /// Download attempts, retries and restarts together [default: 6].
-    #[arg(long)]
-    pub download_attempts: Option<u32>,
-    /// First retry delay in milliseconds, doubled per retry [default: 1000].
+    #[arg(long, value_name = "N", value_parser = at_least_one::<NonZeroU32>)]
+    pub download_attempts: Option<NonZeroU32>,
+    /// First retry delay in milliseconds, doubled per retry; 0 = retry at
+    /// once [default: 1000].
     #[arg(long, value_name = "MS")]
     pub retry_base_ms: Option<u64>,
-    /// Redirects followed per attempt [default: 5].
-    #[arg(long)]
+    /// Redirects followed per attempt; 0 = follow none [default: 5].
+    #[arg(long, value_name = "N")]
     pub max_redirects: Option<u32>,
     /// A host that HTTP redirects may lead to besides the request's own
     /// (repeatable; credentials are never sent to it) [default: none].
@@ -213,7 +215,7 @@ impl AgentConfig {
         let device_id = a.device_id.clone().unwrap_or_else(host_name);
         let connect_timeout = a
             .connect_timeout
-            .map(Duration::from_secs)
+            .map(|s| Duration::from_secs(s.get()))
             .unwrap_or(Transfer::default().connect_timeout);
         let http =
             HttpFetcher::new(connect_timeout, a.https_ca.as_deref()).map_err(|e| {
@@ -244,8 +246,7 @@ impl AgentConfig {
             policy: Policy {
                 download_attempts: a
                     .download_attempts
-                    .unwrap_or(defaults.download_attempts)
-                    .max(1),
+                    .map_or(defaults.download_attempts, NonZeroU32::get),
                 backoff_base: a
                     .retry_base_ms
                     .map(Duration::from_millis)
@@ -330,11 +331,13 @@ fn transfer(a: &RunArgs, connect_timeout: Duration) -> Result<Transfer, String> 
         .collect::<Result<Vec<_>, _>>()?;
     let defaults = Transfer::default();
     Ok(Transfer {
-        checkpoint_bytes: a.checkpoint_bytes.unwrap_or(defaults.checkpoint_bytes),
+        checkpoint_bytes: a
+            .checkpoint_bytes
+            .map_or(defaults.checkpoint_bytes, NonZeroU64::get),
         connect_timeout,
         idle_timeout: a
             .idle_timeout
-            .map(Duration::from_secs)
+            .map(|s| Duration::from_secs(s.get()))
             .unwrap_or(defaults.idle_timeout),
         max_redirects: a.max_redirects.unwrap_or(defaults.max_redirects),
         redirect_allow,
@@ -358,9 +361,9 @@ fn flash_options(a: &RunArgs) -> FlashOptions {
             .filter(|cmd| !cmd.trim().is_empty()),
         command_timeout: a
             .install_timeout
-            .map(|s| Duration::from_secs(s.max(1)))
+            .map(|s| Duration::from_secs(s.get()))
             .unwrap_or(defaults.command_timeout),
-        boot_tries: a.boot_tries.unwrap_or(defaults.boot_tries).max(1),
+        boot_tries: a.boot_tries.map_or(defaults.boot_tries, NonZeroU32::get),
     }
 }
 

@@ -235,11 +235,20 @@ fn fields(out: &mut String, rows: &[(&str, String)], paint: Paint) {
     }
 }
 
-/// `status` (and the top of `show`): the phase and the last error first.
-pub fn render_status(d: &DetailView, now: OffsetDateTime, paint: Paint) -> String {
+/// The average rate `status` shows: from a running agent, or for an upgrade
+/// that has ended (how fast it went). Read from the store while no agent
+/// runs, an upgrade under way is not moving: it gets no rate, nor the ETA
+/// that would follow from one.
+fn shown_rate(d: &DetailView, live: bool) -> Option<f64> {
+    average_rate(d).filter(|_| live || d.job.is_terminal())
+}
+
+/// `status` (and the top of `show`): the phase and the last error first;
+/// `live` when the view came from the running agent.
+pub fn render_status(d: &DetailView, now: OffsetDateTime, live: bool, paint: Paint) -> String {
     let v = &d.job;
     let mut out = String::new();
-    let _ = writeln!(out, "{}", headline(v, average_rate(d), paint));
+    let _ = writeln!(out, "{}", headline(v, shown_rate(d, live), paint));
     let mut rows: Vec<(&str, String)> = Vec::new();
     if let Some(err) = &d.last_error {
         let at = d.log.iter().rev().find(|e| e.error.is_some()).map(|e| e.at);
@@ -328,8 +337,8 @@ pub fn render_history(jobs: &[JobView], now: OffsetDateTime, paint: Paint) -> St
 }
 
 /// `show`: the status block, the transition log and the messages.
-pub fn render_show(d: &DetailView, now: OffsetDateTime, paint: Paint) -> String {
-    let mut out = render_status(d, now, paint);
+pub fn render_show(d: &DetailView, now: OffsetDateTime, live: bool, paint: Paint) -> String {
+    let mut out = render_status(d, now, live, paint);
     let _ = writeln!(out, "\n{}", paint.bold("transitions"));
     let from_w = d
         .log
@@ -455,7 +464,7 @@ mod tests {
     #[test]
     fn status_puts_phase_and_last_error_first() {
         let d = detail_of(&job());
-        let text = render_status(&d, datetime!(2024-05-01 12:01:00 UTC), Paint(false));
+        let text = render_status(&d, datetime!(2024-05-01 12:01:00 UTC), true, Paint(false));
         let lines: Vec<&str> = text.lines().collect();
         // 16 MiB in 15.5 s since the download started: about 1.03 MiB/s.
         assert_eq!(
@@ -472,11 +481,27 @@ mod tests {
     }
 
     #[test]
+    fn offline_an_upgrade_under_way_has_no_speed_or_eta() {
+        let d = detail_of(&job());
+        let now = datetime!(2024-05-01 12:01:00 UTC);
+        let text = render_status(&d, now, false, Paint(false));
+        assert_eq!(
+            text.lines().next(),
+            Some("downloading  ·  25%  16.00 MiB of 64.00 MiB")
+        );
+        let mut done = detail_of(&job());
+        done.job.phase = PhaseName::Completed;
+        done.job.result = Some(Outcome::ok());
+        let text = render_status(&done, now, false, Paint(false));
+        assert!(text.contains("average"), "how fast it went: {text}");
+    }
+
+    #[test]
     fn show_lists_transitions_with_their_errors() {
         let d = detail_of(&job());
-        let text = render_show(&d, datetime!(2024-05-01 12:01:00 UTC), Paint(false));
+        let text = render_show(&d, datetime!(2024-05-01 12:01:00 UTC), true, Paint(false));
         assert!(text.contains(
-            "2024-05-01 12:00:08.000 UTC  downloading → downloading  retry 1 from byte 4194304"
+            "2024-05-01 12:00:08.000 UTC  downloading → downloading  retry 1 from byte 4194304 (attempt 2)"
         ));
         assert!(text.contains("error: connection reset; user <redacted>"));
         assert!(!text.contains("operator7"));

@@ -30,6 +30,10 @@ pub enum Rejection {
     /// errorNo 3: a required field is missing (absent or `null`).
     #[error("missing required field {0}")]
     Missing(&'static str),
+    /// errorNo 3: a required field that has two names (PROTOCOL.md's
+    /// aliases) is missing under both; the description names both paths.
+    #[error("missing required field {0} or {1}")]
+    MissingBoth(&'static str, &'static str),
     /// errorNo 4: a field is there but invalid.
     #[error("invalid field {path}: {why}")]
     Invalid { path: &'static str, why: String },
@@ -45,7 +49,7 @@ impl Rejection {
         match self {
             Rejection::Malformed(_) => ack_no::MALFORMED,
             Rejection::UnsupportedOperator(_) => ack_no::UNSUPPORTED_OPERATOR,
-            Rejection::Missing(_) => ack_no::MISSING_FIELD,
+            Rejection::Missing(_) | Rejection::MissingBoth(..) => ack_no::MISSING_FIELD,
             Rejection::Invalid { .. } => ack_no::INVALID_FIELD,
             Rejection::UnsupportedProtocol(_) => ack_no::UNSUPPORTED_PROTOCOL,
         }
@@ -352,7 +356,7 @@ fn host_field(server: &Map<String, Value>) -> Result<String, Rejection> {
         }
     };
     match (one("host", HOST)?, one("hostIp", HOST_IP)?) {
-        (None, None) => Err(Rejection::Missing(HOST)),
+        (None, None) => Err(Rejection::MissingBoth(HOST, HOST_IP)),
         (Some(h), None) | (None, Some(h)) => Ok(h),
         (Some(h), Some(ip)) if h == ip => Ok(h),
         (Some(_), Some(_)) => Err(invalid(HOST_IP, format!("differs from {HOST}"))),
@@ -422,7 +426,7 @@ fn size_field(file: &Map<String, Value>, max: u64) -> Result<u64, Rejection> {
         }
     };
     match (one("upgradeFileSize", SIZE)?, one("totalSize", TOTAL)?) {
-        (None, None) => Err(Rejection::Missing(SIZE)),
+        (None, None) => Err(Rejection::MissingBoth(SIZE, TOTAL)),
         (Some(n), None) | (None, Some(n)) => Ok(n),
         (Some(a), Some(b)) if a == b => Ok(a),
         (Some(_), Some(_)) => Err(invalid(TOTAL, format!("differs from {SIZE}"))),
@@ -682,17 +686,12 @@ mod tests {
             ("/info/serverConfig", "info.serverConfig"),
             ("/info/fileInfo", "info.fileInfo"),
             ("/info/serverConfig/port", "info.serverConfig.port"),
-            ("/info/serverConfig/host", "info.serverConfig.host"),
             ("/info/serverConfig/userName", "info.serverConfig.userName"),
             ("/info/serverConfig/password", "info.serverConfig.password"),
             ("/info/serverConfig/protocol", "info.serverConfig.protocol"),
             ("/info/serverConfig/path", "info.serverConfig.path"),
             ("/info/fileInfo/firmwareName", "info.fileInfo.firmwareName"),
             ("/info/fileInfo/md5sum", "info.fileInfo.md5sum"),
-            (
-                "/info/fileInfo/upgradeFileSize",
-                "info.fileInfo.upgradeFileSize",
-            ),
         ] {
             let ack = assert_rejects(&remove(seed1(), ptr), MISSING_FIELD, path);
             assert_eq!(
@@ -777,6 +776,31 @@ mod tests {
         assert_rejects(&bad_ip, INVALID_FIELD, "info.serverConfig.hostIp");
         let null_host = set(by_ip, "/info/serverConfig/host", Value::Null);
         valid(parse(&null_host));
+    }
+
+    /// Either alias would do, so a request with neither is told of both:
+    /// errorNo 3, each by its path.
+    #[test]
+    fn a_field_with_an_alias_is_missing_under_both_names() {
+        for (ptr, other, both) in [
+            (
+                "/info/serverConfig/host",
+                "/info/serverConfig/hostIp",
+                "info.serverConfig.host or info.serverConfig.hostIp",
+            ),
+            (
+                "/info/fileInfo/upgradeFileSize",
+                "/info/fileInfo/totalSize",
+                "info.fileInfo.upgradeFileSize or info.fileInfo.totalSize",
+            ),
+        ] {
+            let neither = set(remove(seed1(), ptr), other, Value::Null);
+            let ack = assert_rejects(&neither, MISSING_FIELD, both);
+            assert_eq!(
+                ack.result.description,
+                format!("missing required field {both}")
+            );
+        }
     }
 
     #[test]

@@ -596,7 +596,7 @@ pub fn transition(
             step.job.machine_restarts = restarts;
             let after = if restarts > job.machine_restarts {
                 format!(
-                    "after a restart of the machine ({restarts} of {})",
+                    "after a restart of the machine ({restarts} of {}; still attempt {attempts})",
                     policy.machine_restarts
                 )
             } else {
@@ -648,14 +648,6 @@ pub fn transition(
                 return Err(wrong());
             };
             let offset = offset.min(job.request.firmware.size);
-            if offset > job.high_water {
-                // Durable progress: the attempts so far were not a loop.
-                // Only starts without progress count towards the bound; a
-                // restart from zero that reaches the old offsets again is
-                // none.
-                step.job.attempts = 1;
-                step.job.machine_restarts = 0;
-            }
             step.durable(before, offset);
             step.job.phase = Phase::Downloading { offset };
             step.job.bytes_done = job.bytes_done.max(offset);
@@ -664,6 +656,9 @@ pub fn transition(
             }
             if let Some(failure) = step.over_budget() {
                 return Ok(step.fail(failure));
+            }
+            if offset > job.high_water {
+                step.progressed(job.high_water);
             }
             step.maybe_progress();
             Ok(step.done())
@@ -718,7 +713,7 @@ pub fn transition(
                 step.job.attempts += 1;
                 step.job.phase = Phase::Downloading { offset };
                 step.log(
-                    format!("retry {retry} from byte {offset}"),
+                    format!("retry {retry} from byte {offset} (attempt {})", retry + 1),
                     Some(failure.description.clone()),
                 );
                 step.command(download(&step.job, offset, policy.backoff(retry)));
@@ -809,7 +804,14 @@ pub fn transition(
                 return Err(wrong());
             }
             step.job.attempts = job.attempts.saturating_sub(1);
-            step.log(format!("still waiting for the reboot: {detail}"), None);
+            step.log(
+                format!(
+                    "still waiting for the reboot: {detail}; that start was no boot check \
+                     (check {})",
+                    step.job.attempts
+                ),
+                None,
+            );
             Ok(step.done())
         }
         Event::Cancel => match phase {
@@ -889,6 +891,26 @@ impl<'a> Step<'a> {
             .fetched
             .saturating_add(offset.saturating_sub(before));
         self.job.high_water = self.job.high_water.max(offset);
+    }
+
+    /// Durable progress past `high_water`, the furthest offset before: the
+    /// attempts so far were not a loop. Only starts without progress count
+    /// towards the bound (a restart from zero that reaches the old offsets
+    /// again makes none), so the count starts again, and the log says so
+    /// when it had moved: `attempts` is always the count the log names last.
+    fn progressed(&mut self, high_water: u64) {
+        let moved = self.job.attempts != 1 || self.job.machine_restarts != 0;
+        self.job.attempts = 1;
+        self.job.machine_restarts = 0;
+        if moved {
+            self.log(
+                format!(
+                    "durable progress past byte {high_water}, the furthest before: \
+                     counted from here (attempt 1)"
+                ),
+                None,
+            );
+        }
     }
 
     /// The upgrade fetched more than its budget allows: the failure to end it with.

@@ -5,8 +5,8 @@ mod common;
 
 use common::*;
 use fwagent_state::{
-    ack_no, on_request, result_no, transition, Ack, Command, Event, Incoming, Job, Outcome,
-    Outgoing, Phase, PhaseName, Policy, ProgressMark, Refused, RequestView, Transition,
+    ack_no, on_request, result_no, transition, Ack, Command, Event, Failure, Incoming, Job,
+    Outcome, Outgoing, Phase, PhaseName, Policy, ProgressMark, Refused, RequestView, Transition,
 };
 use std::time::Duration;
 
@@ -1457,4 +1457,64 @@ fn what_servers_say_reaches_no_record_or_report_with_a_credential_in_it() {
         t.job.expect("job").last_error.as_deref(),
         Some("health check printed <redacted>")
     );
+}
+
+// ---- the attempt count and the log ------------------------------------------------
+
+/// `attempts` (what `status` and `show` print) is what the log says:
+/// every change of the count is logged with the new count, and a start
+/// that does not count says so. Before, durable progress set the count back
+/// to 1 without a word (the log's last "attempt 4" stood beside 1), and a
+/// start that found the reboot still to come took its check back while the
+/// log still said "check 2".
+#[test]
+fn the_log_names_every_change_of_the_attempt_count() {
+    let steps: Vec<(Event, u32)> = vec![
+        (Event::START, 1),
+        (failed_retryable(0), 2),
+        (start_on("boot-0"), 3),
+        (start_on("boot-1"), 3),
+        (failed_retryable(10), 4),
+        (
+            Event::Checkpoint {
+                offset: 50,
+                validator: None,
+            },
+            1,
+        ),
+        (failed_retryable(50), 2),
+        (Event::Downloaded, 1),
+        (Event::Verified, 1),
+        (Event::Flashed { reboot: true }, 0),
+        (start_on("boot-1"), 1),
+        (start_on("boot-1"), 2),
+        (
+            Event::RebootPending {
+                detail: "slot b is next".into(),
+            },
+            1,
+        ),
+    ];
+    let mut job = job_in(Phase::Accepted);
+    let mut log = Vec::new();
+    for (i, (event, attempts)) in steps.into_iter().enumerate() {
+        let what = format!("{event:?}");
+        let t = apply(&job, event, i as i64 * 1000);
+        log.extend(t.log.clone());
+        job = t.job.expect("a job");
+        assert_eq!(job.attempts, attempts, "after {what}");
+        assert_eq!(
+            logged_attempts(&log),
+            job.attempts,
+            "after {what}, the log says:\n{:#?}",
+            log.iter().map(|e| &e.event).collect::<Vec<_>>()
+        );
+    }
+}
+
+fn failed_retryable(durable_offset: u64) -> Event {
+    Event::DownloadFailed {
+        failure: Failure::new(result_no::TRANSFER, "connection reset", true),
+        durable_offset,
+    }
 }

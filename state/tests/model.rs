@@ -7,9 +7,10 @@
 //! reopened) drive the real `on_request`/`transition` + `Store::commit`, the
 //! way the runtime does. The model below is written from PROTOCOL.md and
 //! ARCHITECTURE.md, not from the machine's code; after every step the store
-//! must agree with it on every job's phase, result, attempts and offsets, on
-//! the active job, on the pending outbox (messageIds and content, in order)
-//! and on the ack each messageId would get again.
+//! must agree with it on every job's phase, result, attempts (which the job's
+//! log must name too) and offsets, on the active job, on the pending outbox
+//! (messageIds and content, in order) and on the ack each messageId would
+//! get again.
 
 mod common;
 
@@ -336,19 +337,21 @@ impl Model {
             Ev::Checkpoint(pc) if downloading => {
                 let offset = u64::from(*pc) * SIZE / 100;
                 let j = &mut self.jobs[i];
-                if offset > j.high {
-                    // Only durable progress beyond the highest offset ever
-                    // reached resets the attempt count.
-                    j.attempts = 1;
-                    j.restarts = 0;
-                }
+                let progressed = offset > j.high;
                 j.fetched += offset.saturating_sub(j.offset);
                 j.high = j.high.max(offset);
                 j.offset = offset;
                 j.bytes = j.bytes.max(offset);
                 if j.fetched > p.fetch_budget * SIZE {
+                    // Over the budget: it ends with the count it had.
                     self.finish(i, PhaseName::Failed, result_no::TRANSFER);
                 } else {
+                    if progressed {
+                        // Only durable progress beyond the highest offset
+                        // ever reached resets the attempt count.
+                        j.attempts = 1;
+                        j.restarts = 0;
+                    }
                     self.maybe_progress(i);
                 }
             }
@@ -557,6 +560,9 @@ fn check(model: &Model, store: &Store) -> Result<(), TestCaseError> {
         prop_assert_eq!(job.phase.name(), m.phase);
         prop_assert_eq!(job.result.as_ref().map(|r| r.error_no), m.result);
         prop_assert_eq!(job.attempts, m.attempts);
+        // What `show` prints agrees with itself: the log names the count.
+        let log = store.log(job.id).expect("read");
+        prop_assert_eq!(logged_attempts(&log), job.attempts, "log: {:#?}", log);
         prop_assert_eq!(job.machine_restarts, m.restarts);
         prop_assert_eq!(job.bytes_done, m.bytes);
         if let Phase::Downloading { offset } = job.phase {

@@ -325,7 +325,7 @@ fn status_(a: &StateArgs) -> Result<u8, Failure> {
             None => "no upgrade recorded yet\n".to_string(),
             Some(v) => {
                 let d = src.detail(&v.message_id)?.unwrap_or_else(|| bare(v));
-                view::render_status(&d, now(), paint)
+                view::render_status(&d, now(), src.is_live(), paint)
             }
         }
     };
@@ -367,7 +367,7 @@ fn show_(a: &ShowArgs) -> Result<u8, Failure> {
     let text = if a.state.json {
         json_line(&d)?
     } else {
-        view::render_show(&d, now(), paint)
+        view::render_show(&d, now(), src.is_live(), paint)
     };
     out(&(text + &src.footer("show", a.state.json, paint)));
     Ok(exit::OK)

@@ -117,9 +117,13 @@ struct Running {
 
 impl Running {
     /// Abort the task; once this returns, its writer writes nothing more.
-    fn abort(self) {
+    /// Whether it was still running: a task that reported how it ended
+    /// (its last act) has finished, and aborting it stops nothing.
+    fn abort(self) -> bool {
+        let was_running = !self.task.is_finished();
         self.task.abort();
         self.gate.close();
+        was_running
     }
 }
 
@@ -209,9 +213,12 @@ impl Handler<AbortDownload> for Download {
     type Result = ();
 
     fn handle(&mut self, msg: AbortDownload, _ctx: &mut Context<Self>) {
+        // The clean-up of an ended upgrade comes here too, after its
+        // transfer has finished: only a transfer still running is aborted.
         if let Some(running) = self.running.remove(&msg.job) {
-            running.abort();
-            tracing::info!(job = msg.job, "download aborted");
+            if running.abort() {
+                tracing::info!(job = msg.job, "download aborted");
+            }
         }
         self.verifier.do_send(VerifyMsg::Forget { job: msg.job });
         if msg.discard {

@@ -106,3 +106,32 @@ pub fn progress(out: &[Outgoing]) -> Vec<(fwagent_state::PhaseName, u8)> {
         })
         .collect()
 }
+
+/// The attempt count a job's log shows (ARCHITECTURE.md's `show`): the
+/// count the latest entry names (`(attempt N)`, `(check N)` in
+/// `awaiting_reboot`), else what the phase it entered starts at (0 for
+/// `accepted` and `awaiting_reboot`, 1 for working phases). The entry that
+/// ends an upgrade changes no count, so terminal entries are skipped.
+pub fn logged_attempts(log: &[fwagent_state::LogEntry]) -> u32 {
+    use fwagent_state::PhaseName;
+    for e in log.iter().rev().filter(|e| !e.to.is_terminal()) {
+        if let Some(n) = named_count(&e.event) {
+            return n;
+        }
+        if e.from != Some(e.to) {
+            return match e.to {
+                PhaseName::Accepted | PhaseName::AwaitingReboot => 0,
+                _ => 1,
+            };
+        }
+    }
+    0
+}
+
+/// `N` of a text ending in `(... attempt N)` or `(... check N)`.
+fn named_count(text: &str) -> Option<u32> {
+    let inner = text.strip_suffix(')')?.rsplit_once('(')?.1;
+    let mut words = inner.rsplit(' ');
+    let n = words.next()?.parse().ok()?;
+    matches!(words.next()?, "attempt" | "check").then_some(n)
+}
