@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: all build test test-only lint fmt servers servers-stop servers-status clean-servers demo bench powercut help
+.PHONY: all build test test-only lint fmt servers servers-stop servers-status clean-servers demo bench powercut soak help
 
 all: build
 
@@ -17,6 +17,7 @@ help:
 	@echo "make servers-stop   stop them; make clean-servers also deletes target/test-servers"
 	@echo "make demo           run the demo"
 	@echo "make bench          run the benchmarks"
+	@echo "make soak           the store over years: 10,000 upgrades and 100,000 refused requests, its size as it goes"
 	@echo "make powercut       real power cuts: the agent in a QEMU VM, qemu SIGKILLed (CUTS=100, SEED=S to replay)"
 
 build:
@@ -53,6 +54,11 @@ demo:
 
 bench:
 	@scripts/bench.sh
+
+soak:
+	$(CARGO) build --release -p fwagent-state --example store_soak
+	@dir=$$(mktemp -d /dev/shm/fwagent-soak.XXXXXX) && trap 'rm -rf "$$dir"' EXIT && \
+		target/release/examples/store_soak "$$dir/state" $(or $(UPGRADES),10000) $(or $(REFUSED),100000)
 
 powercut:
 	@CUTS="$(or $(CUTS),10)" scripts/powercut.sh

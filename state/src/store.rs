@@ -44,6 +44,7 @@
 //! | `outbox_by_job` | job id ++ outbox seq | empty: which entries concern a job |
 //! | `sent` | outbox seq | `SentRecord`: the entry and its delivered-at time |
 //! | `acks` | request messageId (UTF-8) | `AckRecord` (an [`Ack`]): what a repeat gets |
+//! | `acks_order` | outbox seq ++ 0 (schema-1 answers: 0 ++ n) | request messageId: the answers oldest first, for pruning |
 //! | `secrets` | job id | `SecretsRecord`: the job's credentials, sealed under `keys/<job id>`; gone with the key |
 //! | `meta` | `schema` | schema version (8 bytes); see [`SCHEMA_VERSION`] |
 //! | `meta` | `next_seq` | the next outbox seq (8 bytes; starts at 1) |
@@ -59,6 +60,10 @@ use crate::machine::{RequestView, Transition};
 use crate::model::{Ack, Job, JobId, LogEntry, OutboxEntry, Outgoing};
 use crate::secret::Secret;
 use crate::vault::{Credentials, Sealed, Vault};
+pub use prune::{Limits, Pruned};
+
+mod compact;
+mod prune;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use sled::transaction::{
@@ -100,6 +105,7 @@ const TREE_SENT: &str = "sent";
 const TREE_ACKS: &str = "acks";
 const TREE_META: &str = "meta";
 const TREE_SECRETS: &str = "secrets";
+const TREE_ACKS_ORDER: &str = "acks_order";
 
 const META_SCHEMA: &str = "schema";
 const META_NEXT_SEQ: &str = "next_seq";
@@ -489,6 +495,11 @@ struct Inner {
     /// Each job's sealed credentials; see [`crate::vault`].
     secrets: sled::Tree,
     vault: Vault,
+    /// The answered messageIds in the order they were answered.
+    acks_order: sled::Tree,
+    limits: Limits,
+    /// Commits since the store was opened ([`Limits::prune_every`]).
+    commits: std::sync::atomic::AtomicU64,
 }
 
 impl fmt::Debug for Store {
@@ -505,6 +516,15 @@ impl Store {
     /// with mode 0700 (and set to 0700 if it exists), the database lives in
     /// `state_dir/db`. `device_id` goes into report messageIds.
     pub fn open(state_dir: &Path, device_id: &str) -> Result<Store, StoreError> {
+        Store::open_with_limits(state_dir, device_id, Limits::default())
+    }
+
+    /// [`Store::open`] keeping what has ended within `limits`.
+    pub fn open_with_limits(
+        state_dir: &Path,
+        device_id: &str,
+        limits: Limits,
+    ) -> Result<Store, StoreError> {
         let io = |source| StoreError::Io {
             path: state_dir.to_path_buf(),
             source,
@@ -527,7 +547,17 @@ impl Store {
                 10 * LOCK_WAIT
             }
         };
+        // Best effort: a store that cannot be copied is used as it is. Once
+        // copied, give sled's threads of the copy time to let go.
+        let wait = match wait == LOCK_WAIT
+            && compact::compact_if_large(state_dir, limits.compact_above).unwrap_or(false)
+        {
+            true => 10 * LOCK_WAIT,
+            false => wait,
+        };
         let db = open_sled(&path, wait)?;
+        // Ours now: what a cut left of a compaction goes.
+        compact::remove_leftover(&state_dir.join("db.new"))?;
         // sled 0.34 keeps its log in `db/db`; see the module doc for why the
         // store syncs it itself. sled rewrites `conf` (unsynced) when it
         // finds it empty: make it and the entries durable on every open.
@@ -569,6 +599,9 @@ impl Store {
             acks: tree(TREE_ACKS)?,
             secrets: tree(TREE_SECRETS)?,
             vault: Vault::open(state_dir)?,
+            acks_order: tree(TREE_ACKS_ORDER)?,
+            limits,
+            commits: Default::default(),
             meta,
             data_file,
             data_path,
@@ -586,6 +619,8 @@ impl Store {
             inner: Arc::new(inner),
         };
         store.shred_ended()?;
+        // Best effort: what a prune leaves is pruned by the next one.
+        let _ = store.prune();
         Ok(store)
     }
 
@@ -641,6 +676,7 @@ impl Store {
         if let Some(job) = t.job.as_ref().filter(|j| j.phase.is_terminal()) {
             let _ = self.shred_if_ended(job.id);
         }
+        self.maybe_prune();
         Ok(entries)
     }
 
@@ -704,9 +740,10 @@ impl Store {
             &s.acks,
             &s.meta,
             &s.secrets,
+            &s.acks_order,
         )
             .transaction(
-                |(jobs, job_index, log, outbox, outbox_by_job, acks, meta, secrets)| {
+                |(jobs, job_index, log, outbox, outbox_by_job, acks, meta, secrets, acks_order)| {
                     if let (Some(job), Some(bytes)) = (&t.job, &job_bytes) {
                         let key = id_key(job.id);
                         let mid = job.request.message_id.as_bytes();
@@ -777,6 +814,9 @@ impl Store {
                     }
 
                     let mut seq = tx_meta_u64(meta, META_NEXT_SEQ)?.unwrap_or(1);
+                    // The answer's place in [`TREE_ACKS_ORDER`]: its first
+                    // outbox number, unique to this commit.
+                    let answered_at = pair_key(seq, 0);
                     let mut entries = Vec::with_capacity(t.outbox.len());
                     for message in &t.outbox {
                         let message_id = match message {
@@ -812,7 +852,10 @@ impl Store {
                     }
 
                     if let (Some(ack), Some(bytes)) = (&t.record_ack, &ack_bytes) {
-                        acks.insert(ack.message_id.as_bytes(), bytes.as_slice())?;
+                        let mid = ack.message_id.as_bytes();
+                        if acks.insert(mid, bytes.as_slice())?.is_none() {
+                            acks_order.insert(&answered_at, mid)?;
+                        }
                     }
                     Ok(entries)
                 },
@@ -954,19 +997,25 @@ impl Store {
             s.secrets.remove(key)?;
             return Ok(());
         }
-        if self.meta_u64(META_ACTIVE)? == Some(id) {
+        if self.meta_u64(META_ACTIVE)? == Some(id) || self.awaits_delivery(id)? {
             return Ok(());
-        }
-        for kv in s.outbox_by_job.scan_prefix(key) {
-            let (k, _) = kv?;
-            if k.len() == 16 && s.outbox.contains_key(id_key(be(&k, 8)))? {
-                return Ok(());
-            }
         }
         s.flush()?;
         s.vault.shred(id)?;
         s.secrets.remove(key)?;
         Ok(())
+    }
+
+    /// Does a report of job `id` wait in the outbox?
+    fn awaits_delivery(&self, id: JobId) -> Result<bool, StoreError> {
+        let s = &*self.inner;
+        for kv in s.outbox_by_job.scan_prefix(id_key(id)) {
+            let (k, _) = kv?;
+            if k.len() == 16 && s.outbox.contains_key(id_key(be(&k, 8)))? {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     /// At open: shred what ended (or was never committed) while a cut
@@ -1166,6 +1215,12 @@ impl Inner {
             // an older fwagent no longer opens the store (it would find no
             // credentials in a record).
             Some(1) => {
+                // Its answers get an order, oldest first, so they can be
+                // pruned like any.
+                for (i, kv) in self.acks.iter().enumerate() {
+                    let (mid, _) = kv?;
+                    self.acks_order.insert(pair_key(0, i as u64), mid)?;
+                }
                 self.meta.insert(META_SCHEMA, &id_key(SCHEMA_VERSION))?;
                 self.flush()
             }

@@ -25,6 +25,7 @@
 mod common;
 
 use common::*;
+use fwagent_state::store::Limits;
 use fwagent_state::{
     on_request, result_no, transition, Event, Failure, Job, LogEntry, Outgoing, Phase, Policy,
     Store, Transition,
@@ -187,7 +188,10 @@ fn crash_child() {
         .expect("FWAGENT_CRASH_NEXT");
     let mut rng = Rng::new(time_seed() ^ u64::from(std::process::id()));
     let policy = Policy::default();
-    let store = Store::open(Path::new(&dir), DEVICE).expect("child opens the store");
+    // The whole history is checked: nothing is pruned (`prune_child`
+    // checks pruning under kill -9).
+    let store = Store::open_with_limits(Path::new(&dir), DEVICE, Limits::KEEP_ALL)
+        .expect("child opens the store");
     // libtest may have left "test crash_child ... " without a newline.
     say("");
     say("ready");
@@ -264,7 +268,8 @@ fn parse_intent(line: &str) -> Option<(u64, Intent)> {
 
 /// Check the store against the intents; returns N, the last commit in it.
 fn verify(dir: &Path, intents: &BTreeMap<u64, Intent>, done_max: u64) -> Result<u64, String> {
-    let store = Store::open(dir, DEVICE).map_err(|e| format!("reopen: {e}"))?;
+    let store = Store::open_with_limits(dir, DEVICE, Limits::KEEP_ALL)
+        .map_err(|e| format!("reopen: {e}"))?;
     let jobs = store.history(None).map_err(|e| e.to_string())?;
     let mut logged: BTreeMap<u64, u64> = BTreeMap::new(); // commit -> job
     let mut outboxed: BTreeMap<u64, Vec<u64>> = BTreeMap::new(); // commit -> seqs
@@ -525,4 +530,178 @@ fn kill_9_at_random_moments_leaves_every_commit_whole_or_absent() {
         u64::from(rounds) / 2 < last,
         "the children made too little progress to mean anything ({last} commits)"
     );
+}
+
+const ENV_PRUNE_DIR: &str = "FWAGENT_PRUNE_DIR";
+
+/// Small limits, a prune after every commit and a compaction on every open:
+/// kill -9 lands in the middle of both often.
+const PRUNE_LIMITS: Limits = Limits {
+    ended_jobs: 3,
+    answered: 10,
+    sent_without_job: 3,
+    prune_every: 1,
+    compact_above: 0,
+};
+
+/// The child of `kill_9_while_pruning_...`: upgrades (some of their reports
+/// left undelivered) and refused requests, for ever.
+#[test]
+fn prune_child() {
+    let Some(dir) = std::env::var_os(ENV_PRUNE_DIR) else {
+        return;
+    };
+    let mut rng = Rng::new(time_seed() ^ u64::from(std::process::id()));
+    let store = Store::open_with_limits(Path::new(&dir), DEVICE, PRUNE_LIMITS).expect("opens");
+    say("");
+    say("ready");
+    let now = time::OffsetDateTime::now_utc();
+    let policy = Policy::default();
+    for i in 0.. {
+        let mid = format!("MID:p{}-{i}", rng.next() % 1_000_000);
+        let view = store.request_view(&mid, None).expect("view");
+        if view.active.is_none() && rng.chance(50) {
+            store
+                .commit(&on_request(&view, valid(&mid, &md5('a')), now))
+                .expect("commit");
+        } else if let Some(job) = view.active {
+            let event = if rng.chance(50) {
+                Event::START
+            } else {
+                Event::Cancel
+            };
+            let t = transition(&job, event, now, &policy).expect("applies");
+            store.commit(&t).expect("commit");
+        } else {
+            let refused = fwagent_state::Ack {
+                operator: "setCloudUpgradeConfig".into(),
+                session_id: "SID:p".into(),
+                message_id: mid.clone(),
+                result: fwagent_state::Outcome::new(4, "info.fileInfo.md5sum: not hex"),
+            };
+            let t = on_request(&view, fwagent_state::Incoming::Invalid(refused), now);
+            store.commit(&t).expect("commit");
+        }
+        for e in store.pending_outbox().expect("read") {
+            if !rng.chance(20) {
+                store.delivered(e.seq).expect("delivered");
+            }
+        }
+    }
+}
+
+/// The store after a kill during pruning and compaction: every record it
+/// holds belongs to a whole upgrade, nothing waiting for delivery lost its
+/// upgrade, and every answer has its place in the answered order.
+fn verify_pruned(dir: &Path) -> Result<(), String> {
+    let e = |e: fwagent_state::StoreError| e.to_string();
+    let store = Store::open_with_limits(dir, DEVICE, PRUNE_LIMITS).map_err(e)?;
+    let jobs: Vec<u64> = store
+        .history(None)
+        .map_err(e)?
+        .iter()
+        .map(|j| j.id)
+        .collect();
+    for job in store.history(None).map_err(e)? {
+        let log = store.log(job.id).map_err(e)?;
+        if log.last().map(|l| l.to) != Some(job.phase.name()) {
+            return Err(format!(
+                "job {}: {:?} with the log {log:?}",
+                job.id, job.phase
+            ));
+        }
+        store.outbox_of(job.id).map_err(e)?;
+    }
+    for entry in store.pending_outbox().map_err(e)? {
+        if entry.job.is_some_and(|j| !jobs.contains(&j)) {
+            return Err(format!("outbox entry {} lost its upgrade", entry.seq));
+        }
+    }
+    store.active().map_err(e)?;
+    drop(store);
+    let db = sled::open(dir.join("db")).map_err(|e| e.to_string())?;
+    let tree = |name: &str| db.open_tree(name).expect("tree");
+    let job_of = |k: &[u8]| u64::from_be_bytes(k[..8].try_into().expect("8 bytes"));
+    for name in ["log", "outbox_by_job", "secrets"] {
+        for kv in tree(name).iter() {
+            let (k, _) = kv.map_err(|e| e.to_string())?;
+            if !jobs.contains(&job_of(&k)) {
+                return Err(format!(
+                    "{name} keeps a record of the pruned job {}",
+                    job_of(&k)
+                ));
+            }
+        }
+    }
+    for kv in tree("job_by_message_id").iter() {
+        let (_, v) = kv.map_err(|e| e.to_string())?;
+        if !jobs.contains(&job_of(&v)) {
+            return Err(format!("the index points at the pruned job {}", job_of(&v)));
+        }
+    }
+    let acks = tree("acks");
+    let order = tree("acks_order");
+    for kv in order.iter() {
+        let (_, mid) = kv.map_err(|e| e.to_string())?;
+        if !acks.contains_key(&mid).map_err(|e| e.to_string())? {
+            return Err(format!("an order entry without its answer: {mid:?}"));
+        }
+    }
+    if acks.len() != order.len() {
+        return Err(format!("{} answers, {} in order", acks.len(), order.len()));
+    }
+    // The open above pruned: within the limit (the active upgrade's own
+    // answer may come on top).
+    if acks.len() > PRUNE_LIMITS.answered + 1 {
+        return Err(format!("{} answers kept", acks.len()));
+    }
+    Ok(())
+}
+
+/// Pruning and compaction are crash-safe: kill -9 at random moments of a
+/// store that prunes after every commit and compacts on every open.
+#[test]
+fn kill_9_while_pruning_and_compacting_leaves_whole_upgrades() {
+    let rounds: u32 = std::env::var("FWAGENT_CRASH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map_or(40, |r: u32| r / 3);
+    let seed = time_seed();
+    eprintln!("prune harness: {rounds} rounds, seed {seed}");
+    let mut rng = Rng::new(seed);
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("state");
+    let exe = std::env::current_exe().expect("the test binary");
+    for round in 0..rounds {
+        let mut child = Command::new(&exe)
+            .args([
+                "--exact",
+                "prune_child",
+                "--nocapture",
+                "--test-threads=1",
+                "-q",
+            ])
+            .env(ENV_PRUNE_DIR, &dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn the child");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let mut lines = BufReader::new(stdout).lines();
+        if rng.chance(25) {
+            // While it opens: sled's recovery, the prune and the compaction.
+            std::thread::sleep(Duration::from_millis(rng.range(0, 30)));
+        } else {
+            while let Some(Ok(line)) = lines.next() {
+                if line == "ready" {
+                    break;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(rng.range(5, 80)));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        verify_pruned(&dir).unwrap_or_else(|e| panic!("round {round} (seed {seed}): {e}"));
+    }
 }

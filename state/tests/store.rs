@@ -943,3 +943,185 @@ fn a_joined_request_gets_the_reports_over_a_restart_and_its_ack_on_replay() {
     );
     assert!(replay.job.is_none() && replay.commands.is_empty());
 }
+
+/// A request refused with 4, its ack delivered.
+fn refuse(store: &Store, mid: &str) {
+    let rejection = Ack {
+        operator: "setCloudUpgradeConfig".into(),
+        session_id: format!("SID:{mid}"),
+        message_id: mid.into(),
+        result: Outcome::new(ack_no::INVALID_FIELD, "info.fileInfo.md5sum: not hex"),
+    };
+    let view = store.request_view(mid, None).expect("view");
+    let entries = store
+        .commit(&on_request(&view, Incoming::Invalid(rejection), t0()))
+        .expect("commit");
+    for e in entries {
+        store.delivered(e.seq).expect("delivered");
+    }
+}
+
+/// Deliver what waits, but the reports of the upgrades in `keep`.
+fn deliver_all_but(store: &Store, keep: &[u64]) {
+    for e in store.pending_outbox().expect("read") {
+        if !e.job.is_some_and(|j| keep.contains(&j)) {
+            store.delivered(e.seq).expect("delivered");
+        }
+    }
+}
+
+/// An upgrade from request to cancelled, its reports delivered (but those
+/// of the upgrades in `keep`).
+fn upgrade_and_cancel(store: &Store, mid: &str, keep: &[u64]) {
+    submit(store, mid, &md5('a'));
+    step(store, Event::START, 0);
+    step(store, Event::Cancel, 1);
+    deliver_all_but(store, keep);
+}
+
+fn tree_len(dir: &Path, tree: &str) -> usize {
+    let db = sled::open(dir.join("db")).expect("sled opens");
+    let tree = db.open_tree(tree).expect("tree");
+    tree.len()
+}
+
+const SMALL: fwagent_state::store::Limits = fwagent_state::store::Limits {
+    ended_jobs: 3,
+    answered: 20,
+    sent_without_job: 5,
+    prune_every: 4,
+    compact_above: u64::MAX,
+};
+
+/// Issue 16, item 1: after many ended upgrades and refused requests the
+/// store holds what its limits keep and no more; a repeat within the
+/// answered window gets its ack again, one beyond it is decided afresh.
+#[test]
+fn the_store_keeps_what_has_ended_within_its_limits() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let store = Store::open_with_limits(tmp.path(), DEVICE, SMALL).expect("opens");
+    for i in 0..30 {
+        upgrade_and_cancel(&store, &format!("MID:u{i}"), &[]);
+    }
+    for i in 0..100 {
+        refuse(&store, &format!("MID:r{i}"));
+    }
+    store.prune().expect("prune");
+    let ids: Vec<u64> = store
+        .history(None)
+        .expect("read")
+        .iter()
+        .map(|j| j.id)
+        .collect();
+    assert_eq!(ids, [30, 29, 28], "the newest ended upgrades");
+    assert!(store.job_by_message_id("MID:u0").expect("read").is_none());
+    assert_eq!(store.log(1).expect("read"), []);
+    assert!(store.outbox_of(1).expect("read").is_empty());
+    assert!(!store.log(30).expect("read").is_empty());
+    let view = store.request_view("MID:r99", None).expect("view");
+    assert_eq!(
+        view.previous.map(|a| a.result.error_no),
+        Some(ack_no::INVALID_FIELD)
+    );
+    let view = store.request_view("MID:r0", None).expect("view");
+    assert_eq!(view.previous, None, "beyond the window");
+    drop(store);
+    assert_eq!(tree_len(tmp.path(), "acks"), 20);
+    assert_eq!(tree_len(tmp.path(), "acks_order"), 20);
+    assert_eq!(tree_len(tmp.path(), "jobs"), 3);
+    assert_eq!(tree_len(tmp.path(), "job_by_message_id"), 3);
+    let per_job = tree_len(tmp.path(), "outbox_by_job") / 3;
+    assert_eq!(tree_len(tmp.path(), "sent"), 3 * per_job + 5);
+    assert_eq!(tree_len(tmp.path(), "outbox"), 0);
+}
+
+/// Pruning never takes the upgrade under way, its requests' answers, or an
+/// ended upgrade whose report still waits for delivery.
+#[test]
+fn pruning_keeps_the_active_upgrade_and_what_waits_for_delivery() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let store = Store::open_with_limits(tmp.path(), DEVICE, SMALL).expect("opens");
+    // Job 1 ends, and its result is never delivered.
+    upgrade_and_cancel(&store, "MID:undelivered", &[1]);
+    for i in 0..10 {
+        upgrade_and_cancel(&store, &format!("MID:u{i}"), &[1]);
+    }
+    // The upgrade under way, answered before 100 other answers.
+    submit(&store, "MID:active", &md5('c'));
+    step(&store, Event::START, 2);
+    deliver_all_but(&store, &[1]);
+    for i in 0..100 {
+        refuse(&store, &format!("MID:r{i}"));
+    }
+    store.prune().expect("prune");
+    let active = store.active().expect("read").expect("still active");
+    assert_eq!(active.request.message_id, "MID:active");
+    let view = store.request_view("MID:active", None).expect("view");
+    assert!(view.previous.is_some(), "its answer is kept");
+    let kept = store.job(1).expect("read").expect("job 1 is kept");
+    assert!(kept.phase.is_terminal());
+    let waiting = store.pending_outbox().expect("read");
+    assert!(!waiting.is_empty() && waiting.iter().all(|e| e.job == Some(1)));
+    let ids: Vec<u64> = store
+        .history(None)
+        .expect("read")
+        .iter()
+        .map(|j| j.id)
+        .collect();
+    assert_eq!(
+        ids,
+        [12, 11, 10, 9, 1],
+        "the active one, three ended, and job 1"
+    );
+    // Delivered at last, job 1 goes with the next prune.
+    deliver_all_but(&store, &[]);
+    store.prune().expect("prune");
+    assert!(store.job(1).expect("read").is_none());
+}
+
+/// A store grown past its threshold is copied whole when it opens: every
+/// record is kept, the data file is smaller, and what a cut left of an
+/// earlier copy is removed.
+#[test]
+fn a_large_store_is_compacted_when_it_opens_and_keeps_every_record() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let limits = fwagent_state::store::Limits {
+        compact_above: 0,
+        ..SMALL
+    };
+    let store = Store::open_with_limits(tmp.path(), DEVICE, SMALL).expect("opens");
+    for i in 0..10 {
+        upgrade_and_cancel(&store, &format!("MID:u{i}"), &[]);
+    }
+    submit(&store, "MID:active", &md5('c'));
+    for i in 0..1000 {
+        refuse(&store, &format!("MID:r{i}"));
+    }
+    let history = store.history(None).expect("read");
+    let pending = store.pending_outbox().expect("read");
+    drop(store);
+    let data = tmp.path().join("db/db");
+    let before = std::fs::metadata(&data).expect("stat").len();
+    std::fs::create_dir(tmp.path().join("db.new")).expect("a leftover");
+    std::fs::write(tmp.path().join("db.new/db"), b"left by a cut").expect("write");
+
+    let store = Store::open_with_limits(tmp.path(), DEVICE, limits).expect("opens");
+    let after = std::fs::metadata(&data).expect("stat").len();
+    assert!(after < before, "compacted: {before} -> {after} bytes");
+    assert!(!tmp.path().join("db.new").exists());
+    assert_eq!(store.history(None).expect("read"), history);
+    assert_eq!(store.pending_outbox().expect("read"), pending);
+    let view = store.request_view("MID:r999", None).expect("view");
+    assert_eq!(
+        view.previous.map(|a| a.result.error_no),
+        Some(ack_no::INVALID_FIELD)
+    );
+    let job = store.active().expect("read").expect("active");
+    assert_eq!(
+        job.request.source.password.expose(),
+        "hunter2",
+        "the key still opens it"
+    );
+    // It works as ever after the copy.
+    step(&store, Event::START, 0);
+}
