@@ -245,6 +245,51 @@ fn the_same_image_under_another_message_id_joins_and_gets_its_own_result() {
     assert_eq!(gets.len(), 1, "one download: {gets:#?}");
 }
 
+/// Issue 16, item 11, on the real binary: the agent is killed mid-download,
+/// sled's files are damaged so that the store no longer opens, and the next
+/// start moves the store aside, says so, resumes from the redundant record
+/// and completes the upgrade; the repeated request still gets its ack.
+#[test]
+fn a_store_that_will_not_open_does_not_end_the_upgrade() {
+    let servers = Servers::from_env();
+    let (fw, req) = twelve_mib_upgrade(&servers, "unopenable");
+    let dir = temp_dir();
+    let state = dir.path().join("state");
+    let target = dir.path().join("flash.bin");
+    let env = HashMap::from([("FWAGENT_CRASH_AT", "after-checkpoint")]);
+    let first = run_stdio_upgrade(&state, &target, std::slice::from_ref(&req), &env, LONG);
+    assert_eq!(first.signal(), Some(libc::SIGKILL), "{first}");
+    std::fs::write(state.join("db/conf"), b"\x00garbage\x01").expect("write");
+    let data = state.join("db/db");
+    let len = std::fs::metadata(&data).expect("stat").len();
+    std::fs::write(&data, vec![0xA5u8; len as usize]).expect("write");
+
+    let second = run_stdio_upgrade(&state, &target, std::slice::from_ref(&req), &no_env(), LONG);
+    assert_eq!(second.code(), Some(0), "{second}");
+    assert!(
+        second.stderr.contains("THE STORE WOULD NOT OPEN"),
+        "{second}"
+    );
+    let lines = second.json_lines();
+    let ack = &lines[0];
+    assert_eq!(operator(ack), "setCloudUpgradeConfig-Ack", "{second}");
+    assert_eq!(ack["result"]["errorNo"], 0, "the first ack again: {second}");
+    let r = results(&lines);
+    assert_eq!(r.len(), 1, "{second}");
+    assert_eq!(r[0]["result"]["errorNo"], 0, "{second}");
+    assert_eq!(std::fs::read(&target).expect("flashed"), fw.bytes());
+    let kept: Vec<_> = std::fs::read_dir(&state)
+        .expect("read_dir")
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("db.unopenable-")
+        })
+        .collect();
+    assert_eq!(kept.len(), 1, "the old store is kept for inspection");
+}
+
 fn twelve_mib_upgrade(servers: &Servers, prefix: &str) -> (Firmware, Value) {
     let fw = servers.put_http(prefix, 12 << 20);
     let req = servers.http_request(&fw);

@@ -391,8 +391,13 @@ pub fn main(args: Box<RunArgs>) -> ExitCode {
         );
         return ExitCode::from(exit::UNREACHABLE);
     }
-    let store = match Store::open(&config.paths.state_dir, &config.device_id) {
-        Ok(s) => s,
+    let store = match Store::open_or_recover(&config.paths.state_dir, &config.device_id) {
+        Ok((store, recovered)) => {
+            if let Some(r) = recovered {
+                say_recovered(&r);
+            }
+            store
+        }
         Err(e) => {
             eprintln!("fwagent run: cannot open the store: {e}");
             return ExitCode::from(exit::UNREACHABLE);
@@ -412,4 +417,25 @@ pub fn main(args: Box<RunArgs>) -> ExitCode {
             ExitCode::from(exit::UNREACHABLE)
         }
     }
+}
+
+/// A store that would not open was moved aside and a fresh one seeded from
+/// its redundant record (docs/DURABILITY.md, "A store that will not open"):
+/// said on stderr and in the log, at error level.
+fn say_recovered(r: &fwagent_state::store::Recovered) {
+    let active = r.active.as_deref().unwrap_or("none");
+    eprintln!(
+        "fwagent run: THE STORE WOULD NOT OPEN ({}); it is kept in {}; a fresh store carries on \
+         from the redundant record: upgrade under way {active}, {} answered messageIds",
+        r.error,
+        r.moved_to.display(),
+        r.answered
+    );
+    tracing::error!(
+        error = %r.error,
+        moved_to = %r.moved_to.display(),
+        upgrade = active,
+        answered = r.answered,
+        "the store would not open; carrying on from its redundant record"
+    );
 }

@@ -61,9 +61,11 @@ use crate::model::{Ack, Job, JobId, LogEntry, OutboxEntry, Outgoing};
 use crate::secret::Secret;
 use crate::vault::{Credentials, Sealed, Vault};
 pub use prune::{Limits, Pruned};
+pub use recovery::Recovered;
 
 mod compact;
 mod prune;
+mod recovery;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use sled::transaction::{
@@ -498,6 +500,9 @@ struct Inner {
     /// The answered messageIds in the order they were answered.
     acks_order: sled::Tree,
     limits: Limits,
+    state_dir: PathBuf,
+    /// Lines in `recovery/answered.log` (see `recovery`).
+    answered_lines: std::sync::atomic::AtomicUsize,
     /// Commits since the store was opened ([`Limits::prune_every`]).
     commits: std::sync::atomic::AtomicU64,
 }
@@ -521,6 +526,25 @@ impl Store {
 
     /// [`Store::open`] keeping what has ended within `limits`.
     pub fn open_with_limits(
+        state_dir: &Path,
+        device_id: &str,
+        limits: Limits,
+    ) -> Result<Store, StoreError> {
+        let store = Store::open_unswept(state_dir, device_id, limits)?;
+        store.sweep()?;
+        Ok(store)
+    }
+
+    /// What a cut or the limits left behind: shredded and pruned.
+    fn sweep(&self) -> Result<(), StoreError> {
+        self.shred_ended()?;
+        // Best effort: what a prune leaves is pruned by the next one.
+        let _ = self.prune();
+        Ok(())
+    }
+
+    /// The store opened, nothing of it removed yet.
+    fn open_unswept(
         state_dir: &Path,
         device_id: &str,
         limits: Limits,
@@ -601,6 +625,8 @@ impl Store {
             vault: Vault::open(state_dir)?,
             acks_order: tree(TREE_ACKS_ORDER)?,
             limits,
+            state_dir: state_dir.to_path_buf(),
+            answered_lines: recovery::answered_lines(state_dir).into(),
             commits: Default::default(),
             meta,
             data_file,
@@ -615,13 +641,9 @@ impl Store {
             instance: inner.instance()?,
             ..inner
         };
-        let store = Store {
+        Ok(Store {
             inner: Arc::new(inner),
-        };
-        store.shred_ended()?;
-        // Best effort: what a prune leaves is pruned by the next one.
-        let _ = store.prune();
-        Ok(store)
+        })
     }
 
     /// The messageId this store gives the report with outbox number `seq`:
@@ -673,6 +695,9 @@ impl Store {
         self.inner.flush()?;
         // Committed whatever happens next: a shred that fails is done
         // again when the store is next opened.
+        // The redundant record is best effort too: a store that opens does
+        // not need it.
+        let _ = self.record_for_recovery(t);
         if let Some(job) = t.job.as_ref().filter(|j| j.phase.is_terminal()) {
             let _ = self.shred_if_ended(job.id);
         }

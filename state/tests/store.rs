@@ -1125,3 +1125,72 @@ fn a_large_store_is_compacted_when_it_opens_and_keeps_every_record() {
     // It works as ever after the copy.
     step(&store, Event::START, 0);
 }
+
+/// Issue 16, item 11: a store sled will not open is moved aside (0700, kept
+/// for inspection) and a fresh one is seeded from the redundant record: the
+/// upgrade under way resumes at its durable offset with its credentials,
+/// and every answered messageId still gets its ack.
+#[test]
+fn a_store_that_will_not_open_is_moved_aside_and_the_upgrade_resumes_from_its_record() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let store = open(tmp.path());
+    for i in 0..3 {
+        refuse(&store, &format!("MID:r{i}"));
+    }
+    submit(&store, "MID:a", &md5('a'));
+    step(&store, Event::START, 0);
+    let checkpoint = Event::Checkpoint {
+        offset: 400,
+        validator: Some("\"etag-1\"".into()),
+    };
+    step(&store, checkpoint, 1);
+    let answers: Vec<_> = ["MID:r0", "MID:r1", "MID:r2", "MID:a"]
+        .iter()
+        .map(|m| store.request_view(m, None).expect("view").previous)
+        .collect();
+    assert!(answers.iter().all(Option::is_some));
+    drop(store);
+    // Damage sled's files the way an abrupt stop can leave them.
+    std::fs::write(tmp.path().join("db/conf"), b"\x00garbage\x01").expect("write");
+    let data = tmp.path().join("db/db");
+    let len = std::fs::metadata(&data).expect("stat").len();
+    std::fs::write(&data, vec![0xA5u8; len as usize]).expect("write");
+    assert!(
+        Store::open(tmp.path(), DEVICE).is_err(),
+        "sled no longer opens it"
+    );
+
+    let (store, recovered) = Store::open_or_recover(tmp.path(), DEVICE).expect("recovers");
+    let r = recovered.expect("it was recovered");
+    assert!(
+        r.moved_to.join("conf").exists(),
+        "kept: {}",
+        r.moved_to.display()
+    );
+    assert_eq!(mode(&r.moved_to), 0o700);
+    assert_eq!(r.active.as_deref(), Some("MID:a"));
+    assert_eq!(r.answered, 4);
+    let job = store.active().expect("read").expect("resumed");
+    assert_eq!(job.phase, Phase::Downloading { offset: 400 });
+    assert_eq!(job.validator.as_deref(), Some("\"etag-1\""));
+    assert_eq!(job.request.source.password.expose(), "hunter2");
+    let again: Vec<_> = ["MID:r0", "MID:r1", "MID:r2", "MID:a"]
+        .iter()
+        .map(|m| store.request_view(m, None).expect("view").previous)
+        .collect();
+    assert_eq!(again, answers);
+    let log = store.log(job.id).expect("read");
+    assert!(
+        log.last().expect("a line").event.contains("would not open"),
+        "{log:?}"
+    );
+    // It carries on, and a healthy store is opened as it is.
+    step(&store, Event::Downloaded, 2);
+    drop(store);
+    let (store, none) = Store::open_or_recover(tmp.path(), DEVICE).expect("opens");
+    assert!(none.is_none());
+    assert_eq!(
+        store.active().expect("read").expect("active").phase,
+        Phase::Verifying
+    );
+}
