@@ -619,7 +619,7 @@ fn verify_pruned(dir: &Path) -> Result<(), String> {
     }
     store.active().map_err(e)?;
     drop(store);
-    let db = sled::open(dir.join("db")).map_err(|e| e.to_string())?;
+    let db = raw_sled(dir);
     let tree = |name: &str| db.open_tree(name).expect("tree");
     let job_of = |k: &[u8]| u64::from_be_bytes(k[..8].try_into().expect("8 bytes"));
     for name in ["log", "outbox_by_job", "secrets"] {

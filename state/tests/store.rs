@@ -393,7 +393,7 @@ fn a_second_process_handle_is_refused_while_the_store_is_open() {
 // ---- schema and corruption ------------------------------------------------------
 
 fn raw_insert(dir: &Path, tree: &str, key: &[u8], value: &[u8]) {
-    let db = sled::open(dir.join("db")).expect("sled opens");
+    let db = raw_sled(dir);
     db.open_tree(tree)
         .expect("tree")
         .insert(key, value)
@@ -427,7 +427,7 @@ fn a_newer_schema_is_refused() {
 fn a_new_store_is_stamped_with_the_schema() {
     let tmp = tempfile::tempdir().expect("tempdir");
     drop(open(tmp.path()));
-    let db = sled::open(tmp.path().join("db")).expect("sled opens");
+    let db = raw_sled(tmp.path());
     let meta = db.open_tree("meta").expect("tree");
     let schema = meta.get("schema").expect("read").expect("stamped");
     assert_eq!(&schema[..], &SCHEMA_VERSION.to_be_bytes());
@@ -826,7 +826,7 @@ fn open_shreds_what_a_cut_left() {
         .collect();
     assert_eq!(left, Vec::<std::ffi::OsString>::new());
     drop(store);
-    let db = sled::open(tmp.path().join("db")).expect("sled opens");
+    let db = raw_sled(tmp.path());
     let secrets = db.open_tree("secrets").expect("tree");
     assert_eq!(secrets.len(), 0, "the sealed record went with its key");
 }
@@ -843,7 +843,7 @@ fn a_schema_1_store_moves_the_active_credentials_into_the_vault() {
     let mut record = serde_json::to_value(&job).expect("json");
     record["v"] = "1".into();
     {
-        let db = sled::open(tmp.path().join("db")).expect("sled opens");
+        let db = raw_sled(tmp.path());
         let tree = |name: &str| db.open_tree(name).expect("tree");
         tree("meta")
             .insert("schema", &1u64.to_be_bytes())
@@ -869,7 +869,7 @@ fn a_schema_1_store_moves_the_active_credentials_into_the_vault() {
     let job = store.active().expect("read").expect("active");
     assert_eq!(job.request.source.password.expose(), "pw-from-schema-1");
     drop(store);
-    let db = sled::open(tmp.path().join("db")).expect("sled opens");
+    let db = raw_sled(tmp.path());
     let meta = db.open_tree("meta").expect("tree");
     assert_eq!(
         &meta.get("schema").expect("read").expect("stamped")[..],
@@ -980,7 +980,7 @@ fn upgrade_and_cancel(store: &Store, mid: &str, keep: &[u64]) {
 }
 
 fn tree_len(dir: &Path, tree: &str) -> usize {
-    let db = sled::open(dir.join("db")).expect("sled opens");
+    let db = raw_sled(dir);
     let tree = db.open_tree(tree).expect("tree");
     tree.len()
 }

@@ -135,3 +135,19 @@ fn named_count(text: &str) -> Option<u32> {
     let n = words.next()?.parse().ok()?;
     matches!(words.next()?, "attempt" | "check").then_some(n)
 }
+
+/// sled opened directly on a store's `db`, waiting (up to 10 s) for the
+/// threads of a store dropped a moment ago to let go of its lock.
+pub fn raw_sled(dir: &std::path::Path) -> sled::Db {
+    let started = std::time::Instant::now();
+    loop {
+        match sled::open(dir.join("db")) {
+            Ok(db) => return db,
+            Err(e) if started.elapsed() < std::time::Duration::from_secs(10) => {
+                let _ = e;
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(e) => panic!("sled opens {}: {e}", dir.display()),
+        }
+    }
+}
