@@ -1018,8 +1018,11 @@ impl Store {
         let s = &*self.inner;
         let key = id_key(id);
         if !s.vault.has_key(id) {
-            // Nothing opens it any more.
-            s.secrets.remove(key)?;
+            // Nothing opens it any more (most upgrades have no credentials
+            // at all, and nothing to remove).
+            if s.secrets.contains_key(key)? {
+                s.secrets.remove(key)?;
+            }
             return Ok(());
         }
         if self.meta_u64(META_ACTIVE)? == Some(id) || self.awaits_delivery(id)? {
