@@ -45,6 +45,11 @@ pub const SOCKET_MODE: u32 = 0o600;
 /// `unavailable` line) and closed.
 pub const MAX_CLIENTS: usize = 8;
 
+/// A client that sends no request line for this long is dropped (its
+/// connection closed). `watch` asks every 250 ms; a `submit` waiting for its
+/// ack is not idle.
+pub const CLIENT_IDLE: Duration = Duration::from_secs(60);
+
 /// The longest request line accepted: a `submit` of the largest request any
 /// `--max-request-bytes` allows, with every byte escaped, and then some.
 pub const MAX_LINE: usize = 6 * protocol::MAX_REQUEST_BYTES_CEILING + 4096;
@@ -284,15 +289,20 @@ async fn connection(stream: tokio::net::UnixStream, peers: Peers, _permit: Owned
     let mut line = Vec::new();
     loop {
         line.clear();
-        match (&mut read)
-            .take(MAX_LINE as u64 + 1)
-            .read_until(b'\n', &mut line)
-            .await
-        {
-            Ok(0) => return,
-            Ok(_) => {}
-            Err(e) => {
+        let mut limited = (&mut read).take(MAX_LINE as u64 + 1);
+        let next = limited.read_until(b'\n', &mut line);
+        match tokio::time::timeout(CLIENT_IDLE, next).await {
+            Ok(Ok(0)) => return,
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
                 tracing::debug!(error = %e, "control connection read failed");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(
+                    idle_secs = CLIENT_IDLE.as_secs(),
+                    "control client idle; dropped"
+                );
                 return;
             }
         }

@@ -836,3 +836,20 @@ fn served(socket: &Path) -> UnixStream {
         thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// A control client that sends nothing for 60 s is dropped: the agent closes
+/// its connection (and so its place among the eight). Before the fix it was
+/// held open for ever (here: no end of stream within 90 s).
+#[test]
+fn an_idle_control_client_is_dropped() {
+    let dir = common::temp_dir();
+    let agent = Agent::start(dir.path(), &[]);
+    let idle = served(&agent.socket());
+    idle.set_read_timeout(Some(Duration::from_secs(90)))
+        .unwrap();
+    let mut line = String::new();
+    let n = BufReader::new(&idle)
+        .read_line(&mut line)
+        .expect("the agent closes an idle client");
+    assert_eq!(n, 0, "closed, nothing said: {line}");
+}
