@@ -30,14 +30,25 @@ use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Read as _, Write};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// The version of this protocol, in `hello`'s answer. Additions keep it.
 pub const PROTOCOL_VERSION: u32 = 1;
 
 /// The socket's file mode.
 pub const SOCKET_MODE: u32 = 0o600;
+
+/// At most this many clients are served at once; one more is told so (an
+/// `unavailable` line) and closed.
+pub const MAX_CLIENTS: usize = 8;
+
+/// A client that sends no request line for this long is dropped (its
+/// connection closed). `watch` asks every 250 ms; a `submit` waiting for its
+/// ack is not idle.
+pub const CLIENT_IDLE: Duration = Duration::from_secs(60);
 
 /// The longest request line accepted: a `submit` of the largest request any
 /// `--max-request-bytes` allows, with every byte escaped, and then some.
@@ -217,6 +228,7 @@ async fn accept_loop(listener: tokio::net::UnixListener, guard: SocketGuard, pee
     let _guard = guard;
     // SAFETY: geteuid has no preconditions and cannot fail.
     let me = unsafe { libc::geteuid() };
+    let clients = Arc::new(Semaphore::new(MAX_CLIENTS));
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
@@ -236,7 +248,14 @@ async fn accept_loop(listener: tokio::net::UnixListener, guard: SocketGuard, pee
                         continue;
                     }
                 }
-                actix_rt::spawn(connection(stream, peers.clone()));
+                match clients.clone().try_acquire_owned() {
+                    Ok(permit) => {
+                        actix_rt::spawn(connection(stream, peers.clone(), permit));
+                    }
+                    Err(_) => {
+                        actix_rt::spawn(turn_away(stream));
+                    }
+                }
             }
             Err(e) => {
                 // Out of file descriptors and the like: wait, then go on.
@@ -247,21 +266,43 @@ async fn accept_loop(listener: tokio::net::UnixListener, guard: SocketGuard, pee
     }
 }
 
-async fn connection(stream: tokio::net::UnixStream, peers: Peers) {
+/// Tell a client beyond [`MAX_CLIENTS`] why it is not served, and close it.
+async fn turn_away(mut stream: tokio::net::UnixStream) {
+    tracing::warn!(
+        max = MAX_CLIENTS,
+        "too many control clients; one more refused"
+    );
+    let response = fail(
+        ErrorCode::Unavailable,
+        format!("too many control clients (at most {MAX_CLIENTS} at once); try again"),
+    );
+    let mut out = response.to_string().into_bytes();
+    out.push(b'\n');
+    let _ = stream.write_all(&out).await;
+}
+
+/// Serve one client until it closes; `_permit` is its place among the
+/// [`MAX_CLIENTS`].
+async fn connection(stream: tokio::net::UnixStream, peers: Peers, _permit: OwnedSemaphorePermit) {
     let (read, mut write) = stream.into_split();
     let mut read = tokio::io::BufReader::new(read);
     let mut line = Vec::new();
     loop {
         line.clear();
-        match (&mut read)
-            .take(MAX_LINE as u64 + 1)
-            .read_until(b'\n', &mut line)
-            .await
-        {
-            Ok(0) => return,
-            Ok(_) => {}
-            Err(e) => {
+        let mut limited = (&mut read).take(MAX_LINE as u64 + 1);
+        let next = limited.read_until(b'\n', &mut line);
+        match tokio::time::timeout(CLIENT_IDLE, next).await {
+            Ok(Ok(0)) => return,
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
                 tracing::debug!(error = %e, "control connection read failed");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(
+                    idle_secs = CLIENT_IDLE.as_secs(),
+                    "control client idle; dropped"
+                );
                 return;
             }
         }

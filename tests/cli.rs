@@ -783,3 +783,73 @@ fn a_locked_store_without_its_socket_is_unreachable() {
     }
     assert!(agent.stop().success(), "{}", agent.stderr());
 }
+
+/// The control socket serves at most 8 clients at once: a ninth is told so
+/// in one `unavailable` line and closed, and once a client leaves, a new
+/// one is served again. Before the cap the ninth was served like the others
+/// (here: it got no such line).
+#[test]
+fn the_control_socket_caps_its_clients() {
+    let dir = common::temp_dir();
+    let agent = Agent::start(dir.path(), &[]);
+    // Each of the eight is served (it answers a `hello`); a place the
+    // start-up probe held may take a moment to come free.
+    let mut held: Vec<UnixStream> = (0..8).map(|_| served(&agent.socket())).collect();
+    let ninth = UnixStream::connect(agent.socket()).expect("connect the ninth");
+    ninth.set_read_timeout(Some(WAIT)).unwrap();
+    let mut reader = BufReader::new(&ninth);
+    let mut line = String::new();
+    reader.read_line(&mut line).expect("the ninth is told");
+    assert!(
+        line.contains(r#""code":"unavailable""#) && line.contains("at most 8"),
+        "{line}"
+    );
+    line.clear();
+    assert_eq!(
+        reader.read_line(&mut line).expect("closed"),
+        0,
+        "then closed"
+    );
+    drop(held.pop());
+    served(&agent.socket());
+}
+
+/// A control connection that answers `hello`, connecting again while the
+/// agent says it has no place (at most [`WAIT`]).
+fn served(socket: &Path) -> UnixStream {
+    let started = Instant::now();
+    loop {
+        let mut c = UnixStream::connect(socket).expect("connect");
+        c.set_read_timeout(Some(WAIT)).unwrap();
+        // A client turned away may be closed before it writes: its answer
+        // is read all the same.
+        let _ = writeln!(c, r#"{{"cmd":"hello"}}"#);
+        let mut line = String::new();
+        BufReader::new(&c).read_line(&mut line).expect("answered");
+        if line.contains(r#""ok":true"#) {
+            return c;
+        }
+        assert!(
+            line.contains(r#""code":"unavailable""#) && started.elapsed() < WAIT,
+            "{line}"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A control client that sends nothing for 60 s is dropped: the agent closes
+/// its connection (and so its place among the eight). Before the fix it was
+/// held open for ever (here: no end of stream within 90 s).
+#[test]
+fn an_idle_control_client_is_dropped() {
+    let dir = common::temp_dir();
+    let agent = Agent::start(dir.path(), &[]);
+    let idle = served(&agent.socket());
+    idle.set_read_timeout(Some(Duration::from_secs(90)))
+        .unwrap();
+    let mut line = String::new();
+    let n = BufReader::new(&idle)
+        .read_line(&mut line)
+        .expect("the agent closes an idle client");
+    assert_eq!(n, 0, "closed, nothing said: {line}");
+}

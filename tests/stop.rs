@@ -119,3 +119,44 @@ fn sigterm_mid_download_checkpoints_and_the_next_start_refetches_nothing() {
         );
     }
 }
+
+/// A stdout that cannot take a write for a reason other than a closed pipe
+/// (here ENOSPC: stdout is /dev/full) stops the agent with exit 3 and a log
+/// line naming stdout, the outbox kept. Before the fix the agent retried the
+/// ack for ever and never exited.
+#[test]
+fn a_full_stdout_stops_the_agent_with_exit_3() {
+    let dir = temp_dir();
+    let mut cmd = stdio_agent(
+        &dir.path().join("state"),
+        &file_flash(&dir.path().join("out.bin")),
+        &[],
+    );
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .expect("open /dev/full");
+    cmd.stdin(Stdio::piped())
+        .stdout(full)
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn fwagent");
+    let mut stdin = child.stdin.take().expect("stdin");
+    // A malformed request: its ack is the first thing written to stdout.
+    writeln!(stdin, "not json").expect("write the request");
+    let started = Instant::now();
+    while child.try_wait().expect("wait").is_none() {
+        if started.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            panic!("the agent did not stop on a full stdout within 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(stdin);
+    let out = child.wait_with_output().expect("output");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "exit 3\n{stderr}");
+    assert!(
+        stderr.contains("cannot write stdout") && stderr.contains("stopping"),
+        "a log line naming stdout\n{stderr}"
+    );
+}

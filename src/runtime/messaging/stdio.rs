@@ -87,16 +87,29 @@ impl Transport for Stdio {
                 .and_then(|_| out.write_all(b"\n"))
                 .and_then(|_| out.flush());
             if let Err(e) = &written {
-                if e.kind() == std::io::ErrorKind::BrokenPipe {
-                    // Nobody reads our replies any more: stop rather than
-                    // retry forever. The outbox stays in the store and goes
-                    // out on the next start.
-                    tracing::error!("stdout is closed; stopping (the outbox is kept)");
-                    System::current().stop_with_code(3);
-                }
+                stop_on_write_error(e);
             }
             written.map_err(TransportError::Stdout)
         })
+    }
+}
+
+/// A stdout that cannot take our replies stops the agent with exit 3 rather
+/// than have it retry for ever: a closed pipe (nobody reads them any more),
+/// a full disk or an I/O error on the file it points at. The outbox stays in
+/// the store and goes out on the next start. Only a write that would block
+/// (a non-blocking stdout that is full for now) is retried.
+fn stop_on_write_error(e: &std::io::Error) {
+    match e.kind() {
+        std::io::ErrorKind::WouldBlock => {}
+        std::io::ErrorKind::BrokenPipe => {
+            tracing::error!("stdout is closed; stopping (the outbox is kept)");
+            System::current().stop_with_code(3);
+        }
+        _ => {
+            tracing::error!(error = %e, "cannot write stdout; stopping (the outbox is kept)");
+            System::current().stop_with_code(3);
+        }
     }
 }
 
