@@ -1,10 +1,11 @@
 //! The real `fwagent` binary against a hostile HTTP server of the test's own
 //! (tests/common/hostile.rs: tokio, on 127.0.0.1:0) that misbehaves on cue.
 //! It sends more bytes than declared, fewer and then closes, drips one byte a
-//! second, answers `Range` with the wrong `Content-Range`, redirects in a loop
-//! or to another host (127.0.0.2, or `localhost` for `127.0.0.1`: loopback
-//! only), and answers 500 before 200. Each run ends in PROTOCOL.md's result within a
-//! bounded time (small `--idle-timeout`, `--download-attempts`,
+//! second, answers `Range` with the wrong `Content-Range` or with a 206 of
+//! another version of the file, redirects in a loop, to another port or to
+//! another host (127.0.0.2, or `localhost` for `127.0.0.1`: loopback only),
+//! and answers 500 before 200. Each run ends in PROTOCOL.md's result within
+//! a bounded time (small `--idle-timeout`, `--download-attempts`,
 //! `--retry-base-ms`); a failed upgrade flashes nothing and leaves no partial
 //! file. Needs no test servers.
 
@@ -17,6 +18,7 @@ use common::*;
 use hostile::{Behaviour, Hostile};
 use serde_json::Value;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 // ---------------------------------------------------------------- the agent
@@ -31,6 +33,33 @@ fn image(dir: &Path, len: u64) -> (Firmware, Vec<u8>) {
 /// A request for `fw` at `http://127.0.0.1:port/`, with Basic credentials.
 fn request(port: u16, fw: &Firmware) -> Value {
     upgrade_request("http", port, "/", fw, "fwuser", "fw-secret-pass")
+}
+
+/// The `Authorization` header of [`request`]'s credentials.
+fn basic_auth() -> String {
+    format!("Basic {}", b64("fwuser:fw-secret-pass"))
+}
+
+/// Another version of `fw`'s image: the same size, other bytes (from
+/// another seed: the generator ignores a seed's lowest bit).
+fn other_version(fw: &Firmware) -> Vec<u8> {
+    firmware_bytes(fw.len as usize, fw.seed ^ 0x5a5a_0000)
+}
+
+/// The ranges the server was asked for, request by request.
+fn ranges(server: &Hostile) -> Vec<Option<String>> {
+    server.seen().into_iter().map(|s| s.range).collect()
+}
+
+/// How often the run entered `verifying` (each entry is reported).
+fn verifications(out: &ShortRun) -> usize {
+    out.run
+        .json_lines()
+        .iter()
+        .filter(|l| {
+            operator(l) == "reportCloudUpgradeProgress" && l["info"]["phase"] == "verifying"
+        })
+        .count()
 }
 
 // ---------------------------------------------------------------- the cases
@@ -188,6 +217,38 @@ fn range_answered_with_the_wrong_content_range_is_never_spliced() {
     assert_eq!(server.seen().len(), 2);
 }
 
+/// A 206 whose ETag is not the one `If-Range` asked for (another one, or
+/// none) is of another version of the file: it is never spliced onto the
+/// partial file. The agent starts again from zero and asks for the whole
+/// file within the same attempt, so no splice is ever verified.
+#[test]
+fn a_206_without_the_validator_asked_for_is_never_spliced() {
+    let dir = temp_dir();
+    let (fw, bytes) = image(dir.path(), 300_000);
+    let other = Arc::new(other_version(&fw));
+    let cut = 120_000;
+    for (name, etag) in [("other-etag", Some("\"v2\"")), ("no-etag", None)] {
+        let behaviour = Behaviour::StaleRanges {
+            cut,
+            other: other.clone(),
+            etag: etag.map(str::to_string),
+        };
+        let server = Hostile::start("127.0.0.1", bytes.clone(), behaviour);
+        let out = run_short(&dir.path().join(name), &request(server.port(), &fw), &[]);
+        out.assert_completed(&fw);
+        assert_eq!(
+            ranges(&server),
+            [None, Some(format!("bytes={cut}-")), None],
+            "{name}: resumed, refused the 206, asked for the whole file"
+        );
+        assert_eq!(
+            verifications(&out),
+            1,
+            "{name}: nothing spliced was verified"
+        );
+    }
+}
+
 #[test]
 fn a_redirect_loop_ends_after_max_redirects() {
     let dir = temp_dir();
@@ -253,6 +314,49 @@ fn a_redirect_to_another_host_is_refused_unless_allowed() {
     assert!(
         at_other[0].authorization.is_none(),
         "no credentials for the other host"
+    );
+}
+
+/// Credentials follow a redirect only within the request's origin (scheme,
+/// host and port): another port of the same host may be redirected to, and
+/// is, without the `Authorization` header; another path on the same server
+/// gets it.
+#[test]
+fn credentials_follow_a_redirect_to_the_same_origin_only() {
+    let dir = temp_dir();
+    let (fw, bytes) = image(dir.path(), 50_000);
+    let other_port = Hostile::start("127.0.0.1", bytes.clone(), Behaviour::Honest);
+    let to_port = format!("http://127.0.0.1:{}/{}", other_port.port(), fw.name);
+    let server = Hostile::start("127.0.0.1", bytes.clone(), Behaviour::RedirectTo(to_port));
+    let out = run_short(
+        &dir.path().join("other-port"),
+        &request(server.port(), &fw),
+        &[],
+    );
+    out.assert_completed(&fw);
+    let auth: Vec<_> = server.seen().into_iter().map(|s| s.authorization).collect();
+    assert_eq!(auth, [Some(basic_auth())], "the request's origin");
+    let at_other = other_port.seen();
+    assert_eq!(at_other.len(), 1, "{at_other:#?}");
+    assert_eq!(
+        at_other[0].authorization, None,
+        "no credentials for another port of the same host"
+    );
+
+    let moved = format!("/moved/{}", fw.name);
+    let within = Hostile::start("127.0.0.1", bytes, Behaviour::RedirectFirst(moved.clone()));
+    let out = run_short(
+        &dir.path().join("within"),
+        &request(within.port(), &fw),
+        &[],
+    );
+    out.assert_completed(&fw);
+    let seen = within.seen();
+    assert_eq!(seen.len(), 2, "{seen:#?}");
+    assert_eq!(seen[1].path, moved);
+    assert!(
+        seen.iter().all(|s| s.authorization == Some(basic_auth())),
+        "the same origin gets the credentials: {seen:#?}"
     );
 }
 

@@ -2,13 +2,16 @@
 //!
 //! Resumes with `Range` plus `If-Range` (a strong ETag, else Last-Modified),
 //! so a file that changed on the server is fetched again from zero instead of
-//! being spliced. Follows at most `max_redirects` redirects, to the request's
-//! own host or to a host in `Transfer::redirect_allow` (`--redirect-allow`),
-//! over http or https only and never from https down to http; credentials go
-//! to the request's own host alone. Every wait is bounded: the
-//! connect by `connect_timeout`, the response head and each body frame by
-//! `idle_timeout`. Status codes map to PROTOCOL.md: 401/403 → 21, 404/410 →
-//! 22, 5xx and timeouts → 23 (retryable), unreachable → 20 (retryable).
+//! being spliced; a 206 is taken only with the validator it was asked for,
+//! else the partial file starts again from zero and the whole file is asked
+//! for. Follows at most `max_redirects` redirects, to the request's own host
+//! or to a host in `Transfer::redirect_allow` (`--redirect-allow`), over
+//! http or https only and never from https down to http; credentials go to
+//! the request's own origin (scheme, host and port) alone. Every wait is
+//! bounded: the connect by `connect_timeout`, the response head and each
+//! body frame by `idle_timeout`. Status codes map to PROTOCOL.md: 401/403 →
+//! 21, 404/410 → 22, 5xx and timeouts → 23 (retryable), unreachable → 20
+//! (retryable).
 //!
 //! https trusts the CA file of `--https-ca` when given, else the web PKI
 //! roots ([`crate::tls`]); a failed handshake is 20 (retryable), its
@@ -127,11 +130,45 @@ fn validator_of(headers: &hyper::HeaderMap) -> Option<String> {
         .map(str::to_string)
 }
 
+/// Is the 206 with `headers` of the version `if_range` asked for? An entity
+/// tag must be the response's ETag, a strong one, byte for byte; a date
+/// its Last-Modified, exactly (RFC 9110, 13.1.5). A 206 without one, or
+/// with another, is never spliced onto the partial file.
+fn same_version(headers: &hyper::HeaderMap, if_range: &str) -> bool {
+    if if_range.starts_with("W/") {
+        // Never sent ([`validator_of`]), and never a match.
+        return false;
+    }
+    let field = if if_range.starts_with('"') {
+        header::ETAG
+    } else {
+        header::LAST_MODIFIED
+    };
+    headers.get(field).and_then(|v| v.to_str().ok()) == Some(if_range)
+}
+
+/// What [`accept`] made of a response.
+#[derive(Debug, PartialEq, Eq)]
+enum Accepted {
+    /// Its body goes into the sink.
+    Body,
+    /// A 206 of another version than the partial file's: the sink starts
+    /// again from zero, and the whole file must be asked for.
+    WholeFile,
+}
+
 impl HttpFetcher {
     async fn fetch_inner(&self, job: &FetchJob, sink: &mut Sink) -> Result<(), Failure> {
         let resume = (sink.offset(), sink.validator().map(str::to_string));
-        let response = self.follow(job, resume).await?;
-        accept(&response, job.firmware.size, sink).await?;
+        let mut response = self.follow(job, &resume).await?;
+        if accept(&response, &resume, job.firmware.size, sink).await? == Accepted::WholeFile {
+            // The sink is at byte 0 now: this GET has no `Range`, and at
+            // byte 0 a response is never refused as another version.
+            drop(response);
+            let whole = (0, None);
+            response = self.follow(job, &whole).await?;
+            accept(&response, &whole, job.firmware.size, sink).await?;
+        }
         stream(response.into_body(), job.transfer.idle_timeout, sink).await
     }
 
@@ -141,15 +178,16 @@ impl HttpFetcher {
     async fn follow(
         &self,
         job: &FetchJob,
-        resume: (u64, Option<String>),
+        resume: &(u64, Option<String>),
     ) -> Result<Response<Incoming>, Failure> {
         let t = &job.transfer;
         let mut url = url::Url::parse(&job.source.url)
             .map_err(|e| transfer(format!("bad URL: {e}"), false))?;
+        let origin = url.clone();
         let origin_host = host_of(&url);
         let mut redirects = 0;
         loop {
-            let req = get(job, &url, origin_host.as_deref(), &resume)?;
+            let req = get(job, &url, &origin, resume)?;
             let wait = t.connect_timeout + t.idle_timeout;
             let resp = match timeout(wait, self.client.request(req)).await {
                 Err(_) => return Err(transfer(format!("no response within {wait:?}"), true)),
@@ -199,21 +237,31 @@ impl HttpFetcher {
     }
 }
 
-/// The GET of `url`: credentials only to the request's own host
-/// (`origin`), as curl does; a range only where it can be proved to be the
-/// same file.
+/// Are `a` and `b` of one origin (RFC 6454): the same scheme, host (as
+/// [`host_of`] normalises it) and port (the scheme's default where none is
+/// given)?
+fn same_origin(a: &url::Url, b: &url::Url) -> bool {
+    a.scheme() == b.scheme()
+        && host_of(a) == host_of(b)
+        && a.port_or_known_default() == b.port_or_known_default()
+}
+
+/// The GET of `url`: credentials only to the request's own origin
+/// (`origin`: scheme, host and port, as curl does), so a redirect to
+/// another port or scheme of the same host goes without them; a range only
+/// where it can be proved to be the same file.
 fn get(
     job: &FetchJob,
     url: &url::Url,
-    origin: Option<&str>,
-    (offset, validator): &(u64, Option<String>),
+    origin: &url::Url,
+    resume: &(u64, Option<String>),
 ) -> Result<Request<Empty<Bytes>>, Failure> {
     let mut req = Request::get(url.as_str()).header(
         header::USER_AGENT,
         concat!("fwagent/", env!("CARGO_PKG_VERSION")),
     );
     let user = job.source.user.expose();
-    if !user.is_empty() && host_of(url).as_deref() == origin {
+    if !user.is_empty() && same_origin(url, origin) {
         let pair = format!("{}:{}", user, job.source.password.expose());
         let token = base64::engine::general_purpose::STANDARD.encode(pair);
         req = req.header(header::AUTHORIZATION, format!("Basic {token}"));
@@ -221,18 +269,29 @@ fn get(
     // Resume only what can be proved to be the same file: without a
     // validator the whole file is asked for (the 200 in `accept` restarts
     // the partial file from zero), never a splice of two versions.
-    if let (true, Some(v)) = (*offset > 0, validator) {
+    if let Some(v) = if_range(resume) {
         req = req
-            .header(header::RANGE, format!("bytes={offset}-"))
+            .header(header::RANGE, format!("bytes={}-", resume.0))
             .header(header::IF_RANGE, v);
     }
     req.body(Empty::new())
         .map_err(|e| transfer(format!("cannot build the request: {e}"), false))
 }
 
-/// Is `response` the image's bytes from the partial file's offset? A 200
-/// restarts the partial file from zero; a 206 must start at its offset.
-async fn accept(response: &Response<Incoming>, size: u64, sink: &mut Sink) -> Result<(), Failure> {
+/// The `If-Range` that [`get`] sends for `resume`, if any.
+fn if_range((offset, validator): &(u64, Option<String>)) -> Option<&str> {
+    validator.as_deref().filter(|_| *offset > 0)
+}
+
+/// Is `response` (to the GET for `resume`) the image's bytes from the
+/// partial file's offset? A 200 restarts the partial file from zero; a 206
+/// must start at its offset and be of the version asked for ([`partial`]).
+async fn accept(
+    response: &Response<Incoming>,
+    resume: &(u64, Option<String>),
+    size: u64,
+    sink: &mut Sink,
+) -> Result<Accepted, Failure> {
     let status = response.status();
     let offset = sink.offset();
     match status {
@@ -247,29 +306,13 @@ async fn accept(response: &Response<Incoming>, size: u64, sink: &mut Sink) -> Re
             }
             let validator = validator_of(response.headers());
             if offset > 0 {
-                sink.restart(validator).await
+                sink.restart(validator).await?;
             } else {
                 sink.set_validator(validator);
-                Ok(())
             }
+            Ok(Accepted::Body)
         }
-        StatusCode::PARTIAL_CONTENT => {
-            let (start, total) = response
-                .headers()
-                .get(header::CONTENT_RANGE)
-                .and_then(content_range)
-                .ok_or_else(|| transfer("206 without a valid Content-Range".into(), true))?;
-            if total != size {
-                return Err(size_mismatch(total, size));
-            }
-            if start != offset {
-                return Err(transfer(
-                    format!("asked for byte {offset}, the server sent from {start}"),
-                    true,
-                ));
-            }
-            Ok(())
-        }
+        StatusCode::PARTIAL_CONTENT => partial(response, if_range(resume), size, sink).await,
         StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Err(Failure::new(
             result_no::AUTH,
             format!("the server refused the credentials ({status})"),
@@ -285,6 +328,48 @@ async fn accept(response: &Response<Incoming>, size: u64, sink: &mut Sink) -> Re
             s.is_server_error(),
         )),
     }
+}
+
+/// A 206: the bytes from the partial file's offset, of the version
+/// `if_range` asked for. One of another version (or of none, or a 206
+/// nobody asked for) is not spliced: the sink starts again from zero, and
+/// the caller asks for the whole file. At byte 0 there is nothing to
+/// splice onto, so none is refused as another version.
+async fn partial(
+    response: &Response<Incoming>,
+    if_range: Option<&str>,
+    size: u64,
+    sink: &mut Sink,
+) -> Result<Accepted, Failure> {
+    let offset = sink.offset();
+    let headers = response.headers();
+    if offset > 0 && !if_range.is_some_and(|v| same_version(headers, v)) {
+        tracing::warn!(
+            job = sink.job(),
+            offset,
+            asked = if_range.unwrap_or("nothing"),
+            "a 206 of another version than the one asked for; not spliced"
+        );
+        sink.restart(None).await?;
+        return Ok(Accepted::WholeFile);
+    }
+    let (start, total) = headers
+        .get(header::CONTENT_RANGE)
+        .and_then(content_range)
+        .ok_or_else(|| transfer("206 without a valid Content-Range".into(), true))?;
+    if total != size {
+        return Err(size_mismatch(total, size));
+    }
+    if start != offset {
+        return Err(transfer(
+            format!("asked for byte {offset}, the server sent from {start}"),
+            true,
+        ));
+    }
+    if offset == 0 {
+        sink.set_validator(validator_of(headers));
+    }
+    Ok(Accepted::Body)
 }
 
 /// The body into the sink, each frame within `idle` of the last.
@@ -408,6 +493,53 @@ mod tests {
         assert_eq!(ok("https://h.example/a", "http://h.example/b"), refused);
         assert_eq!(ok("http://h.example/a", "ftp://h.example/b"), refused);
         assert_eq!(ok("http://h.example/a", "file:///etc/passwd"), refused);
+    }
+
+    #[test]
+    fn a_206_is_of_the_version_asked_for_only_with_that_validator() {
+        let date = "Mon, 01 Jan 2024 00:00:00 GMT";
+        let headers = |pairs: &[(header::HeaderName, &'static str)]| {
+            let mut h = hyper::HeaderMap::new();
+            for (name, value) in pairs {
+                h.insert(name.clone(), HeaderValue::from_static(value));
+            }
+            h
+        };
+        let etag = headers(&[(header::ETAG, "\"v1\""), (header::LAST_MODIFIED, date)]);
+        assert!(same_version(&etag, "\"v1\""));
+        assert!(!same_version(&etag, "\"v2\""));
+        assert!(
+            same_version(&etag, date),
+            "a date is matched on Last-Modified"
+        );
+        assert!(!same_version(&headers(&[]), "\"v1\""), "none is no match");
+        assert!(!same_version(&headers(&[]), date));
+        let weak = headers(&[(header::ETAG, "W/\"v1\"")]);
+        assert!(!same_version(&weak, "\"v1\""), "a weak ETag is no match");
+        assert!(!same_version(&weak, "W/\"v1\""));
+        let other_date = headers(&[(header::LAST_MODIFIED, "Tue, 02 Jan 2024 00:00:00 GMT")]);
+        assert!(!same_version(&other_date, date));
+        assert!(!same_version(&other_date, "\"v1\""));
+    }
+
+    #[test]
+    fn credentials_go_to_the_same_scheme_host_and_port_only() {
+        let u = |s: &str| url::Url::parse(s).unwrap();
+        let origin = u("http://fwuser@Firmware.Example:80/fw/image.bin");
+        for same in [
+            "http://firmware.example/other",
+            "http://FIRMWARE.example.:80/fw/image.bin?x",
+        ] {
+            assert!(same_origin(&u(same), &origin), "{same}");
+        }
+        for other in [
+            "http://firmware.example:8080/fw/image.bin",
+            "https://firmware.example/fw/image.bin",
+            "https://firmware.example:80/fw/image.bin",
+            "http://mirror.example/fw/image.bin",
+        ] {
+            assert!(!same_origin(&u(other), &origin), "{other}");
+        }
     }
 
     #[test]

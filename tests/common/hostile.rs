@@ -41,6 +41,18 @@ pub enum Behaviour {
     RedirectLoop,
     /// 302 to this URL.
     RedirectTo(String),
+    /// 302 to this URL for the first request, then honest.
+    RedirectFirst(String),
+    /// The first answer stops after `cut` bytes (so the agent resumes).
+    /// Every `Range` request gets a 206 from the byte asked for over the
+    /// bytes of `other`, another version of the file (a stale mirror behind
+    /// the same name), with `etag` as its ETag (none where `None`). Later
+    /// requests without `Range` are honest.
+    StaleRanges {
+        cut: usize,
+        other: Arc<Vec<u8>>,
+        etag: Option<String>,
+    },
     /// 500 for the first `n` requests, then honest.
     FailFirst(usize),
     /// 401 unless the `Authorization` header is exactly this, then honest.
@@ -163,6 +175,20 @@ fn range_start(range: &str) -> Option<u64> {
         .ok()
 }
 
+/// A 206 of `other` from byte `start`, with `etag` as its ETag (or none).
+fn stale_range(other: &[u8], start: usize, etag: Option<&str>) -> (String, Vec<u8>) {
+    let len = other.len();
+    let start = start.min(len.saturating_sub(1));
+    let etag = etag.map(|e| format!("ETag: {e}\r\n")).unwrap_or_default();
+    let head = format!(
+        "HTTP/1.1 206 Partial Content\r\nConnection: close\r\n{etag}\
+         Content-Length: {}\r\nContent-Range: bytes {start}-{}/{len}\r\n\r\n",
+        len - start,
+        len - 1
+    );
+    (head, other[start..].to_vec())
+}
+
 /// Answer one request the way `behaviour` says, then close.
 async fn serve(
     mut stream: TcpStream,
@@ -280,6 +306,20 @@ async fn serve(
             ),
             Vec::new(),
         ),
+        Behaviour::RedirectFirst(url) if nth == 0 => (
+            head(
+                "302 Found",
+                &format!("Location: {url}\r\nContent-Length: 0\r\n"),
+            ),
+            Vec::new(),
+        ),
+        Behaviour::StaleRanges { cut, other, etag } => {
+            match req.range.as_deref().and_then(range_start) {
+                Some(start) => stale_range(other, start as usize, etag.as_deref()),
+                None if nth == 0 => (honest(&req).0, image[..(*cut).min(len)].to_vec()),
+                None => (honest(&req).0, image.to_vec()),
+            }
+        }
         Behaviour::Gated { at, gate } if nth == 0 => {
             let (h, _) = honest(&req);
             stream.write_all(h.as_bytes()).await?;
@@ -288,7 +328,7 @@ async fn serve(
             let _ = gate.subscribe().wait_for(|open| *open).await;
             (String::new(), image[*at..].to_vec())
         }
-        Behaviour::Gated { .. } => {
+        Behaviour::Gated { .. } | Behaviour::RedirectFirst(_) => {
             let (h, b) = honest(&req);
             (h, b.to_vec())
         }

@@ -248,6 +248,11 @@ impl Sink {
         })
     }
 
+    /// The job the bytes are for.
+    pub fn job(&self) -> JobId {
+        self.job
+    }
+
     /// Bytes received so far: where the transfer continues.
     pub fn offset(&self) -> u64 {
         self.written + self.buf.len() as u64
