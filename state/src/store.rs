@@ -693,10 +693,9 @@ impl Store {
     pub fn commit(&self, t: &Transition) -> Result<Vec<OutboxEntry>, StoreError> {
         let entries = self.apply(t)?;
         self.inner.flush()?;
-        // Committed whatever happens next: a shred that fails is done
-        // again when the store is next opened.
-        // The redundant record is best effort too: a store that opens does
-        // not need it.
+        // Committed whatever happens next. The redundant record is best
+        // effort (a store that opens does not need it); a shred that fails
+        // is done again when the store is next opened.
         let _ = self.record_for_recovery(t);
         if let Some(job) = t.job.as_ref().filter(|j| j.phase.is_terminal()) {
             let _ = self.shred_if_ended(job.id);
@@ -946,7 +945,9 @@ impl Store {
                 }
                 return abort(StoreError::UnknownOutbox { seq });
             };
-            let entry = decode_outbox(&key, &v).or_else(abort)?;
+            let mut entry = decode_outbox(&key, &v).or_else(abort)?;
+            // A schema-1 store kept the passPort in the entry: not in `sent`.
+            entry.message = entry.message.without_secrets();
             let job = entry.job;
             let record = SentRecord::V1 {
                 entry,
@@ -956,10 +957,12 @@ impl Store {
             sent.insert(&key, bytes)?;
             Ok(job)
         })?;
-        match job {
-            Some(id) => self.shred_if_ended(id),
-            None => Ok(()),
+        // Delivered whatever happens next: a shred that fails is done
+        // again when the store is next opened.
+        if let Some(id) = job {
+            let _ = self.shred_if_ended(id);
         }
+        Ok(())
     }
 
     /// Seal `job`'s credentials into its `secrets` record when a commit

@@ -41,6 +41,20 @@ const DEVICE: &str = "crash";
 const ENV_DIR: &str = "FWAGENT_CRASH_DIR";
 const ENV_NEXT: &str = "FWAGENT_CRASH_NEXT";
 
+/// Open the store, waiting up to 10 s for the lock: the threads of a store
+/// the other process dropped a moment ago may still hold it on a loaded
+/// machine.
+fn open_waiting(dir: &Path, limits: Limits) -> Result<Store, fwagent_state::StoreError> {
+    let started = Instant::now();
+    loop {
+        match Store::open_with_limits(dir, DEVICE, limits) {
+            Err(fwagent_state::StoreError::Locked { .. })
+                if started.elapsed() < Duration::from_secs(10) => {}
+            other => return other,
+        }
+    }
+}
+
 /// xorshift64*: enough randomness for kill times and choices.
 struct Rng(u64);
 
@@ -190,8 +204,7 @@ fn crash_child() {
     let policy = Policy::default();
     // The whole history is checked: nothing is pruned (`prune_child`
     // checks pruning under kill -9).
-    let store = Store::open_with_limits(Path::new(&dir), DEVICE, Limits::KEEP_ALL)
-        .expect("child opens the store");
+    let store = open_waiting(Path::new(&dir), Limits::KEEP_ALL).expect("child opens the store");
     // libtest may have left "test crash_child ... " without a newline.
     say("");
     say("ready");
@@ -268,8 +281,7 @@ fn parse_intent(line: &str) -> Option<(u64, Intent)> {
 
 /// Check the store against the intents; returns N, the last commit in it.
 fn verify(dir: &Path, intents: &BTreeMap<u64, Intent>, done_max: u64) -> Result<u64, String> {
-    let store = Store::open_with_limits(dir, DEVICE, Limits::KEEP_ALL)
-        .map_err(|e| format!("reopen: {e}"))?;
+    let store = open_waiting(dir, Limits::KEEP_ALL).map_err(|e| format!("reopen: {e}"))?;
     let jobs = store.history(None).map_err(|e| e.to_string())?;
     let mut logged: BTreeMap<u64, u64> = BTreeMap::new(); // commit -> job
     let mut outboxed: BTreeMap<u64, Vec<u64>> = BTreeMap::new(); // commit -> seqs
@@ -552,7 +564,7 @@ fn prune_child() {
         return;
     };
     let mut rng = Rng::new(time_seed() ^ u64::from(std::process::id()));
-    let store = Store::open_with_limits(Path::new(&dir), DEVICE, PRUNE_LIMITS).expect("opens");
+    let store = open_waiting(Path::new(&dir), PRUNE_LIMITS).expect("opens");
     say("");
     say("ready");
     let now = time::OffsetDateTime::now_utc();
@@ -595,7 +607,7 @@ fn prune_child() {
 /// upgrade, and every answer has its place in the answered order.
 fn verify_pruned(dir: &Path) -> Result<(), String> {
     let e = |e: fwagent_state::StoreError| e.to_string();
-    let store = Store::open_with_limits(dir, DEVICE, PRUNE_LIMITS).map_err(e)?;
+    let store = open_waiting(dir, PRUNE_LIMITS).map_err(e)?;
     let jobs: Vec<u64> = store
         .history(None)
         .map_err(e)?
