@@ -152,16 +152,21 @@ impl Store {
         state_dir: &Path,
         device_id: &str,
     ) -> Result<(Store, Option<Recovered>), StoreError> {
-        let opened =
-            std::panic::catch_unwind(|| Store::open(state_dir, device_id)).unwrap_or_else(|_| {
-                Err(StoreError::Conflict {
-                    why: "sled panicked while opening the store".into(),
-                })
-            });
+        let opened = std::panic::catch_unwind(|| Store::open(state_dir, device_id));
+        let opened = opened.unwrap_or_else(|_| {
+            Err(StoreError::Corrupt {
+                key: "db".into(),
+                why: "sled panicked while opening the store".into(),
+            })
+        });
+        // Only what says the store itself is damaged; a file system error
+        // (a full or failing card), a lock, a newer schema stay errors.
         let error = match opened {
             Ok(store) => return Ok((store, None)),
-            Err(e @ (StoreError::Locked { .. } | StoreError::NewerSchema { .. })) => return Err(e),
-            Err(e) => e,
+            Err(
+                e @ (StoreError::Open { .. } | StoreError::Corrupt { .. } | StoreError::Sled(_)),
+            ) => e,
+            Err(e) => return Err(e),
         };
         let db = state_dir.join("db");
         if !db.exists() {
