@@ -145,8 +145,8 @@ impl Store {
 
     /// Open the store; if it will not open, move it aside and carry on
     /// with a fresh one seeded from the redundant record (the agent's
-    /// start; inspection commands use [`Store::open`], which changes
-    /// nothing). A store locked by another process, or of a newer schema,
+    /// start; inspection commands use [`Store::open`], which never moves a
+    /// store aside). A store locked by another process, or of a newer schema,
     /// is an error as ever.
     pub fn open_or_recover(
         state_dir: &Path,
