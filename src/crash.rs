@@ -24,6 +24,7 @@
 //! | `before-commit-rename` | the committed boot record is written, not renamed |
 //! | `after-boot-commit` | the boot record is committed; `completed` is not |
 //! | `mid-install` | `command:` the installer runs |
+//! | `mid-commit` | `command:` the commit command runs (after the reboot) |
 
 use std::sync::OnceLock;
 

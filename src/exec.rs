@@ -4,8 +4,12 @@
 //!
 //! Each runs as `/bin/sh -c CMD` in a process group of its own, with a
 //! deadline; on the deadline the whole group is killed (`SIGKILL`). The shell
-//! gets `SIGKILL` when the agent dies (`PR_SET_PDEATHSIG`), so a crash does
-//! not leave it running beside the copy started after the restart. What the
+//! gets `SIGKILL` when the agent dies (`PR_SET_PDEATHSIG`). What the shell
+//! started (the real installer under a wrapper script, a subshell) does not,
+//! so the commands that write a partition run under a [`GroupLock`]: every
+//! process of the group inherits a lock on a file that names the group, and
+//! the next run (or the next start of the agent) that finds it held ends
+//! that group first. Never two installers on one partition. What the
 //! agent reads from a command is bounded: a captured stdout to the caller's
 //! limit (the rest is read and dropped), a log line to [`MAX_LINE_BYTES`].
 //!
@@ -21,8 +25,12 @@
 //!   deadline: the output is the answer, so it must be whole.
 
 use crate::crash;
+use std::fs::{File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::Path;
 use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -44,6 +52,9 @@ const REAP_POLL: Duration = Duration::from_millis(5);
 
 /// How long a logged command's leftover output is waited for after it exited.
 const GRACE: Duration = Duration::from_millis(500);
+
+/// How long [`GroupLock::take`] waits for an ended group to let go of it.
+const RELEASE_WAIT: Duration = Duration::from_secs(5);
 
 /// How a logged command ended ([`run_shell`]).
 #[derive(Debug)]
@@ -112,7 +123,33 @@ pub fn run_shell(
     timeout: Duration,
     crash_at: &str,
 ) -> io::Result<Ran> {
-    let mut child = spawn(line, envs, Stdio::null(), Stdio::piped())?;
+    run_logged(label, line, envs, timeout, crash_at, None)
+}
+
+/// [`run_shell`] under the [`GroupLock`] at `lock`: a group that still holds
+/// it (left by an earlier run, of this agent or of one that died) is ended
+/// first, and every process of this run's group holds it.
+pub fn run_shell_exclusive(
+    lock: &Path,
+    label: &'static str,
+    line: &str,
+    envs: &[(&str, String)],
+    timeout: Duration,
+    crash_at: &str,
+) -> io::Result<Ran> {
+    let held = GroupLock::take(lock)?;
+    run_logged(label, line, envs, timeout, crash_at, Some(&held))
+}
+
+fn run_logged(
+    label: &'static str,
+    line: &str,
+    envs: &[(&str, String)],
+    timeout: Duration,
+    crash_at: &str,
+    lock: Option<&GroupLock>,
+) -> io::Result<Ran> {
+    let mut child = spawn(line, envs, Stdio::null(), Stdio::piped(), lock)?;
     let pid = child.id();
     tracing::info!(command = label, pid, %line, "command started");
     crash::point(crash_at);
@@ -159,7 +196,7 @@ pub fn capture_shell(
     max: usize,
     timeout: Duration,
 ) -> io::Result<Captured> {
-    let mut child = spawn(line, envs, Stdio::piped(), Stdio::null())?;
+    let mut child = spawn(line, envs, Stdio::piped(), Stdio::null(), None)?;
     if let Some(mut stdin) = child.stdin.take() {
         let input = input.to_vec();
         // On a thread of its own: a command that does not read its input
@@ -189,8 +226,15 @@ pub fn capture_shell(
 pub const SECRET_ENV: [&str; 2] = ["FWAGENT_MQTT_PASSWORD", "FWAGENT_MQTT_URL"];
 
 /// `/bin/sh -c line` in a process group of its own, killed when the agent
-/// dies; stdout piped, without [`SECRET_ENV`].
-fn spawn(line: &str, envs: &[(&str, String)], stdin: Stdio, stderr: Stdio) -> io::Result<Child> {
+/// dies; stdout piped, without [`SECRET_ENV`]. With `lock`, the group
+/// inherits it and its file names the group.
+fn spawn(
+    line: &str,
+    envs: &[(&str, String)],
+    stdin: Stdio,
+    stderr: Stdio,
+    lock: Option<&GroupLock>,
+) -> io::Result<Child> {
     let mut cmd = Command::new("/bin/sh");
     cmd.arg("-c")
         .arg(line)
@@ -205,16 +249,132 @@ fn spawn(line: &str, envs: &[(&str, String)], stdin: Stdio, stderr: Stdio) -> io
     for (k, v) in envs {
         cmd.env(k, v);
     }
-    // SAFETY: prctl(2) is async-signal-safe and touches no memory of ours.
+    let agent = libc::pid_t::try_from(std::process::id()).unwrap_or(0);
+    let lock = lock.map(|l| l.file.as_raw_fd());
+    // SAFETY: between fork and exec only async-signal-safe calls (prctl,
+    // getppid, fcntl, getpid, pwrite) on memory of the child's own stack.
     unsafe {
-        cmd.pre_exec(|| {
+        cmd.pre_exec(move || {
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                 return Err(io::Error::last_os_error());
+            }
+            if libc::getppid() != agent {
+                // The agent died before the death signal was armed.
+                return Err(io::Error::from_raw_os_error(libc::ESRCH));
+            }
+            if let Some(fd) = lock {
+                inherit_and_name(fd)?;
             }
             Ok(())
         });
     }
     cmd.spawn()
+}
+
+/// In the child, before exec: keep the lock `fd` open across exec (so
+/// every process of the group holds it) and write the group's id (this
+/// process's pid: it leads the group) into its file.
+///
+/// # Safety
+/// Only async-signal-safe calls: it runs between fork and exec.
+unsafe fn inherit_and_name(fd: RawFd) -> io::Result<()> {
+    if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut digits = [0u8; 24];
+    let mut at = digits.len() - 1;
+    digits[at] = b'\n';
+    let mut n = libc::getpid().unsigned_abs();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    let text = &digits[at..];
+    if libc::pwrite(fd, text.as_ptr().cast(), text.len(), 0) != text.len() as isize {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// An exclusive `flock` on a small file that names the process group of the
+/// command run under it. The command's processes inherit the lock, so it is
+/// held as long as any of them runs, also after the agent died (a crash, a
+/// kill -9: the shell gets `SIGKILL`, what it started does not). Whoever
+/// takes it next ends that group first. A power cut ends every holder.
+pub struct GroupLock {
+    file: File,
+}
+
+impl GroupLock {
+    /// Take the lock at `path` (created 0600): at once when no process
+    /// holds it, else after ending (`SIGKILL`) the group its file names and
+    /// waiting [`RELEASE_WAIT`] for it to let go. An error if a process
+    /// still holds it then (one that left the group, or an unknown holder):
+    /// no command runs beside it.
+    pub fn take(path: &Path) -> io::Result<GroupLock> {
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(path)?;
+        if !try_flock(&file)? {
+            let mut text = String::new();
+            file.read_to_string(&mut text)?;
+            match text.trim().parse::<libc::pid_t>() {
+                Ok(group) if group > 1 => {
+                    tracing::warn!(
+                        group,
+                        lock = %path.display(),
+                        "a command started before is still running; ending its process group"
+                    );
+                    // SAFETY: kill(2) has no memory-safety preconditions.
+                    unsafe {
+                        libc::kill(-group, libc::SIGKILL);
+                    }
+                }
+                _ => {
+                    tracing::warn!(lock = %path.display(), "the command lock is held by an unknown process; waiting for it")
+                }
+            }
+            let deadline = Instant::now() + RELEASE_WAIT;
+            while !try_flock(&file)? {
+                if Instant::now() >= deadline {
+                    return Err(io::Error::new(
+                        io::ErrorKind::WouldBlock,
+                        format!(
+                            "a command started before still runs (it holds {} outside its process group); not starting another beside it",
+                            path.display()
+                        ),
+                    ));
+                }
+                std::thread::sleep(POLL);
+            }
+        }
+        file.set_len(0)?;
+        Ok(GroupLock { file })
+    }
+}
+
+/// `flock(LOCK_EX | LOCK_NB)`: `false` when another open file holds it.
+fn try_flock(file: &File) -> io::Result<bool> {
+    loop {
+        // SAFETY: flock(2) on a descriptor we own.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            return Ok(true);
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EWOULDBLOCK) => return Ok(false),
+            Some(libc::EINTR) => continue,
+            _ => return Err(e),
+        }
+    }
 }
 
 /// What the reader threads tell the runner.
@@ -449,6 +609,93 @@ mod tests {
         let ran =
             run_shell("test", "exec >&- 2>&-; sleep 0.3; exit 4", &[], TEN_S, "").expect("sh runs");
         assert_eq!(ran.describe(Duration::ZERO), "exit status 4");
+    }
+
+    fn pid_in(path: &Path) -> libc::pid_t {
+        std::fs::read_to_string(path)
+            .expect("pid file")
+            .trim()
+            .parse()
+            .expect("a pid")
+    }
+
+    fn gone(pid: libc::pid_t) -> bool {
+        let deadline = Instant::now() + TEN_S;
+        // SAFETY: kill(2) with signal 0 only checks for the process.
+        while unsafe { libc::kill(pid, 0) } == 0 {
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(POLL);
+        }
+        true
+    }
+
+    /// Issue 16, item 6: what an installer left running (here a
+    /// background child, as a wrapper script leaves the real installer
+    /// when the agent dies) still holds the lock; the next taker ends its
+    /// whole group before anything else runs.
+    #[test]
+    fn a_group_left_running_under_the_lock_is_ended_by_the_next_taker() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let lock = dir.path().join("installer.lock");
+        let pid = dir.path().join("child.pid");
+        let line = format!(
+            "sleep 30 & echo $! > {}",
+            shell_quote(&pid.to_string_lossy())
+        );
+        let ran = run_shell_exclusive(&lock, "test", &line, &[], TEN_S, "").expect("sh runs");
+        assert!(ran.success(), "{ran:?}");
+        let child = pid_in(&pid);
+        let named: libc::pid_t = std::fs::read_to_string(&lock)
+            .expect("lock file")
+            .trim()
+            .parse()
+            .expect("the lock names the group");
+        // SAFETY: getpgid(2) has no memory-safety preconditions.
+        assert_eq!(
+            unsafe { libc::getpgid(child) },
+            named,
+            "the child is in the named group"
+        );
+        assert!(
+            !gone_at_once(child),
+            "the child runs on after its shell exited"
+        );
+        let _held = GroupLock::take(&lock).expect("taken after ending the group");
+        assert!(gone(child), "the group was ended");
+    }
+
+    /// A holder outside the named group (it moved to a session of its
+    /// own) cannot be ended by the group: nothing runs beside it.
+    #[test]
+    fn a_holder_that_left_its_group_keeps_the_next_command_from_running() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let lock = dir.path().join("installer.lock");
+        let pid = dir.path().join("child.pid");
+        let line = format!(
+            "setsid sleep 30 & echo $! > {}",
+            shell_quote(&pid.to_string_lossy())
+        );
+        run_shell_exclusive(&lock, "test", &line, &[], TEN_S, "").expect("sh runs");
+        let child = pid_in(&pid);
+        let marker = dir.path().join("ran");
+        let next = format!("touch {}", shell_quote(&marker.to_string_lossy()));
+        let refused = run_shell_exclusive(&lock, "test", &next, &[], TEN_S, "");
+        // SAFETY: kill(2) has no memory-safety preconditions.
+        unsafe {
+            libc::kill(child, libc::SIGKILL);
+        }
+        let e = refused.expect_err("refused while the holder runs");
+        assert!(e.to_string().contains("still runs"), "{e}");
+        assert!(!marker.exists(), "the second command never ran");
+        assert!(gone(child));
+        GroupLock::take(&lock).expect("free once the holder is gone");
+    }
+
+    fn gone_at_once(pid: libc::pid_t) -> bool {
+        // SAFETY: kill(2) with signal 0 only checks for the process.
+        unsafe { libc::kill(pid, 0) != 0 }
     }
 
     #[test]

@@ -253,6 +253,8 @@ pub(crate) mod tests {
             boot: None,
             machine_restarts: 0,
             joined: Vec::new(),
+            installed_on_boot: None,
+            reboot_failures: 0,
             created_at: datetime!(2024-05-01 12:00:00 UTC),
             updated_at: datetime!(2024-05-01 12:00:16 UTC),
         };

@@ -902,16 +902,22 @@ fn run_installer(
     extra: &[&str],
     crash_at: Option<&str>,
 ) -> Run {
-    let mut c = fwagent(["run", "--transport", "stdio", "--state-dir"]);
-    c.arg(state)
-        .arg("--flash")
-        .arg(format!("command:{cmd}"))
-        .args(extra);
+    let mut c = installer_agent(state, cmd, extra);
     if let Some(point) = crash_at {
         c.env("FWAGENT_CRASH_AT", point);
     }
     let input: String = requests.iter().map(|r| format!("{r}\n")).collect();
     run_with_timeout(c, input.as_bytes(), LONG)
+}
+
+/// `fwagent run --flash command:CMD` over stdio, not started yet.
+fn installer_agent(state: &Path, cmd: &str, extra: &[&str]) -> std::process::Command {
+    let mut c = fwagent(["run", "--transport", "stdio", "--state-dir"]);
+    c.arg(state)
+        .arg("--flash")
+        .arg(format!("command:{cmd}"))
+        .args(extra);
+    c
 }
 
 fn q(p: &Path) -> String {
@@ -1072,4 +1078,162 @@ fn command_installer_that_kills_the_agent_ends_failed_not_in_a_loop() {
     let res = only_result(last);
     assert_eq!(res.error_no, 50, "{last}");
     assert_eq!(res.phase, "failed");
+}
+
+/// Issue 16, item 6: an installer whose shell dies with the agent may
+/// leave the real work running (a wrapper script's child, a subshell).
+/// The next start ends it before anything else: never two installers on
+/// one partition. Here the first run's installer forks a slow writer, then
+/// kills the agent; without the installer lock the writer finished after
+/// the second run's installer had already run.
+#[test]
+fn command_installer_left_running_by_a_dead_agent_is_ended_before_the_next_one() {
+    let servers = Servers::from_env();
+    let fw = servers.put_http("cmd-orphan", 100_000);
+    let dir = temp_dir();
+    let state = dir.path().join("state");
+    let log = dir.path().join("installer.log");
+    let marker = dir.path().join("first-run");
+    let cmd = format!(
+        "if [ ! -e {m} ]; then touch {m}; \
+           (sleep 2; echo orphan-wrote >> {log}) & \
+           sleep 0.3; kill -9 $PPID; wait; \
+         fi; echo second-installer >> {log} # {{image}}",
+        m = q(&marker),
+        log = q(&log),
+    );
+    let first = run_installer(&state, &cmd, &[&servers.http_request(&fw)], &[], None);
+    assert_eq!(first.signal(), Some(libc::SIGKILL), "{first}");
+    let second = run_installer(&state, &cmd, &[], &[], None);
+    assert_eq!(second.code(), Some(0), "{second}");
+    let res = only_result(&second);
+    assert_eq!(res.error_no, 0, "{second}");
+    // Past the moment the orphan would have written.
+    std::thread::sleep(Duration::from_secs(3));
+    let text = fs::read_to_string(&log).expect("installer log");
+    assert_eq!(
+        text, "second-installer\n",
+        "the first installer went on beside the second"
+    );
+    assert!(
+        second.stderr.contains("ending its process group"),
+        "the ending is logged: {second}"
+    );
+}
+
+/// `command:` + `--commit-command`: after the installer the agent asks for
+/// the reboot and reports nothing final; a restart on the same boot asks
+/// again; the first start on a new boot runs the commit command, and only
+/// then is the result 0 reported.
+#[test]
+fn command_installer_with_a_commit_command_completes_only_after_the_reboot() {
+    let servers = Servers::from_env();
+    let fw = servers.put_http("cmd-commit", 100_000);
+    let dir = temp_dir();
+    let state = dir.path().join("state");
+    let target = dir.path().join("installed.bin");
+    let commits = dir.path().join("commits");
+    let reboots = dir.path().join("reboots");
+    let cmd = format!("cp {{image}} {}", q(&target));
+    let commit = format!("echo \"$FWAGENT_MD5\" >> {}", q(&commits));
+    let reboot = format!("echo reboot >> {}", q(&reboots));
+    let args = ["--commit-command", &commit, "--reboot-command", &reboot];
+    let on = |boot: &str, requests: &[&Value]| {
+        let mut c = installer_agent(&state, &cmd, &args);
+        c.env("FWAGENT_BOOT_ID", boot);
+        let input: String = requests.iter().map(|r| format!("{r}\n")).collect();
+        run_with_timeout(c, input.as_bytes(), LONG)
+    };
+    let lines = |path: &Path| {
+        fs::read_to_string(path)
+            .map(|s| s.lines().count())
+            .unwrap_or(0)
+    };
+    let first = on("boot-1", &[&servers.http_request(&fw)]);
+    assert_eq!(first.code(), Some(0), "{first}");
+    assert!(
+        results(&first.json_lines()).is_empty(),
+        "no result before the reboot: {first}"
+    );
+    assert_eq!(md5_file(&target), fw.md5, "installed");
+    assert_eq!((lines(&reboots), lines(&commits)), (1, 0), "{first}");
+    assert_eq!(status(&state)["phase"], "awaiting_reboot");
+    // The agent restarted, the machine did not: no commit, the reboot asked again.
+    let again = on("boot-1", &[]);
+    assert!(results(&again.json_lines()).is_empty(), "{again}");
+    assert_eq!((lines(&reboots), lines(&commits)), (2, 0), "{again}");
+    let after = on("boot-2", &[]);
+    assert_eq!(after.code(), Some(0), "{after}");
+    let res = only_result(&after);
+    assert_eq!(
+        (res.error_no, res.phase.as_str()),
+        (0, "completed"),
+        "{after}"
+    );
+    assert_eq!(
+        fs::read_to_string(&commits).expect("commits"),
+        format!("{}\n", fw.md5)
+    );
+    assert_eq!(lines(&reboots), 2, "no reboot after the commit");
+}
+
+#[test]
+fn command_commit_command_that_fails_after_the_reboot_gives_51() {
+    let servers = Servers::from_env();
+    let fw = servers.put_http("cmd-nocommit", 100_000);
+    let dir = temp_dir();
+    let state = dir.path().join("state");
+    let args = [
+        "--commit-command",
+        "echo mark-good-refused >&2; exit 2",
+        "--reboot-command",
+        "true",
+    ];
+    let mut first = installer_agent(&state, "true # {image}", &args);
+    first.env("FWAGENT_BOOT_ID", "boot-1");
+    let input = format!("{}\n", servers.http_request(&fw));
+    let first = run_with_timeout(first, input.as_bytes(), LONG);
+    assert!(results(&first.json_lines()).is_empty(), "{first}");
+    let mut after = installer_agent(&state, "true # {image}", &args);
+    after.env("FWAGENT_BOOT_ID", "boot-2");
+    let after = run_with_timeout(after, b"", LONG);
+    let res = only_result(&after);
+    assert_eq!(
+        (res.error_no, res.phase.as_str()),
+        (51, "failed"),
+        "{after}"
+    );
+    assert!(
+        res.description.contains("exit status 2") && res.description.contains("mark-good-refused"),
+        "{}",
+        res.description
+    );
+}
+
+/// Issue 16, item 6: a reboot command that fails is asked again with a
+/// backoff within the same run, and after the last try the upgrade ends
+/// (51) with the boot switch taken back: the device never boots an image
+/// that was reported failed.
+#[test]
+fn ab_a_failing_reboot_command_is_retried_then_ends_with_the_switch_taken_back() {
+    let servers = Servers::from_env();
+    let fw = servers.put_http("ab-rebootfail", 1 << 20);
+    let gw = Gateway::new();
+    let tries = gw.reboots.display().to_string();
+    let reboot = format!("echo try >> '{tries}'; echo reboot-refused >&2; exit 1");
+    let args = ["--reboot-command", &reboot, "--retry-base-ms", "50"];
+    let run = gw.run(&[&servers.http_request(&fw)], &args, None);
+    assert_eq!(run.code(), Some(0), "{run}");
+    assert_eq!(gw.reboots(), 5, "five tries: {run}");
+    let res = only_result(&run);
+    assert_eq!((res.error_no, res.phase.as_str()), (51, "failed"), "{run}");
+    assert!(
+        res.description.contains("failed 5 times") && res.description.contains("reboot-refused"),
+        "{}",
+        res.description
+    );
+    let r = gw.record();
+    assert_record(&r, "a", None, "a");
+    assert!(r["trial"].is_null(), "{r}");
+    assert_eq!(gw.power_on(None), "a");
 }

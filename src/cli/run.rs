@@ -77,8 +77,15 @@ pub struct RunArgs {
     /// [default: none, booting is enough].
     #[arg(long, value_name = "CMD")]
     pub health_command: Option<String>,
-    /// Seconds the installer (command:), the health check and the reboot
-    /// command may run before they are killed [default: 1800].
+    /// command: after the installer, reboot (--reboot-command) and run this
+    /// on the first start on the new boot; exit 0 = the new image is
+    /// confirmed, else 51 (e.g. `rauc status mark-good`) [default: none,
+    /// the installer's exit status is the result].
+    #[arg(long, value_name = "CMD")]
+    pub commit_command: Option<String>,
+    /// Seconds the installer (command:), the health check, the commit
+    /// command and the reboot command may run before they are killed
+    /// [default: 1800].
     #[arg(long, value_name = "SECS", value_parser = at_least_one::<NonZeroU64>)]
     pub install_timeout: Option<NonZeroU64>,
     /// ab: trial boots of a new slot before the bootloader falls back
@@ -158,6 +165,7 @@ impl RunArgs {
             flash: self.flash.or(file.flash),
             reboot_command: self.reboot_command.or(file.reboot_command),
             health_command: self.health_command.or(file.health_command),
+            commit_command: self.commit_command.or(file.commit_command),
             install_timeout: self.install_timeout.or(file.install_timeout),
             boot_tries: self.boot_tries.or(file.boot_tries),
             max_image_size: self.max_image_size.or(file.max_image_size),
@@ -211,6 +219,11 @@ impl AgentConfig {
                 "--flash is required: where verified images go (file:PATH, ab:DIR or command:CMD)",
             )?
             .parse::<FlashSpec>()?;
+        if a.commit_command.is_some() && !matches!(flash, FlashSpec::Command(_)) {
+            return Err(format!(
+                "--commit-command is for --flash command:CMD, not {flash}"
+            ));
+        }
         let transport = a.transport.clone().unwrap_or_else(|| "stdio".into());
         let device_id = a.device_id.clone().unwrap_or_else(host_name);
         let connect_timeout = a
@@ -357,6 +370,10 @@ fn flash_options(a: &RunArgs) -> FlashOptions {
         },
         health_command: a
             .health_command
+            .clone()
+            .filter(|cmd| !cmd.trim().is_empty()),
+        commit_command: a
+            .commit_command
             .clone()
             .filter(|cmd| !cmd.trim().is_empty()),
         command_timeout: a

@@ -97,6 +97,12 @@ impl Paths {
     pub fn control_socket(&self) -> PathBuf {
         self.state_dir.join("control.sock")
     }
+
+    /// The lock the `command:` backend's commands run under
+    /// ([`crate::exec::GroupLock`]).
+    pub fn installer_lock(&self) -> PathBuf {
+        self.state_dir.join("installer.lock")
+    }
 }
 
 /// Limits of the transfer, all configurable.

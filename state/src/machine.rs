@@ -59,6 +59,10 @@ pub struct Policy {
     /// Trial boots the bootloader gives a new slot (`--boot-tries`); the
     /// boot checks allowed follow from it ([`Policy::boot_checks`]).
     pub boot_tries: u32,
+    /// Runs of the reboot command one upgrade may see fail: each failure
+    /// is retried after [`Policy::backoff`], and the last one ends the
+    /// upgrade (51) with the boot switch taken back.
+    pub reboot_attempts: u32,
     /// First retry delay; doubled on each retry up to `backoff_max`.
     pub backoff_base: Duration,
     pub backoff_max: Duration,
@@ -80,6 +84,7 @@ impl Default for Policy {
             machine_restarts: 10,
             flash_outlives_restarts: true,
             boot_tries: 1,
+            reboot_attempts: 5,
             backoff_base: Duration::from_millis(1000),
             backoff_max: Duration::from_secs(30),
             progress_step: 5,
@@ -229,6 +234,18 @@ pub enum Event {
     NotRebooted {
         detail: String,
     },
+    /// The reboot command failed (or could not run): asked again after a
+    /// backoff, up to [`Policy::reboot_attempts`].
+    RebootFailed {
+        detail: String,
+    },
+    /// After the reboot, the commit step of an installer (`command:` with
+    /// `--commit-command`) failed: the new image is not confirmed (51). The
+    /// agent cannot undo what the installer did, so this is `failed`, not
+    /// `rolled_back`.
+    NotCommitted {
+        detail: String,
+    },
     /// An operator or the cloud asked to stop.
     Cancel,
 }
@@ -254,6 +271,8 @@ impl Event {
             Event::Stranded { .. } => "stranded",
             Event::RebootPending { .. } => "reboot pending",
             Event::NotRebooted { .. } => "not rebooted",
+            Event::RebootFailed { .. } => "reboot failed",
+            Event::NotCommitted { .. } => "not committed",
             Event::Cancel => "cancel",
         }
     }
@@ -277,8 +296,9 @@ pub enum Command {
     Verify { job: JobId },
     /// Write the verified image to the flash target.
     Flash { job: JobId },
-    /// Ask for the reboot into the new image.
-    Reboot { job: JobId },
+    /// Ask for the reboot into the new image, after waiting `delay` (a
+    /// retry of a failed reboot command).
+    Reboot { job: JobId, delay: Duration },
     /// The upgrade ended in `awaiting_reboot` without a verdict on its image
     /// (the boot checks ran out): if the device runs a slot its bootloader
     /// will not boot again, the rejected image, reboot into the good one, so
@@ -445,6 +465,8 @@ pub fn on_request(view: &RequestView, incoming: Incoming, now: OffsetDateTime) -
         boot: None,
         machine_restarts: 0,
         joined: Vec::new(),
+        installed_on_boot: None,
+        reboot_failures: 0,
         created_at: now,
         updated_at: now,
     };
@@ -756,7 +778,8 @@ pub fn transition(
             if reboot {
                 step.enter(Phase::AwaitingReboot, "image installed; reboot requested");
                 step.job.attempts = 0;
-                step.command(Command::Reboot { job: job.id });
+                step.job.installed_on_boot = job.boot.clone();
+                step.command(reboot_now(job.id));
                 return Ok(step.done());
             }
             Ok(step.finish(Phase::Completed, Outcome::ok(), "image installed"))
@@ -788,7 +811,7 @@ pub fn transition(
                 return Err(wrong());
             }
             let mut t = step.roll_back(detail);
-            t.commands.push(Command::Reboot { job: job.id });
+            t.commands.push(reboot_now(job.id));
             Ok(t)
         }
         Event::NotRebooted { detail } => {
@@ -796,8 +819,45 @@ pub fn transition(
                 return Err(wrong());
             }
             step.log(format!("not rebooted yet: {detail}; asking again"), None);
-            step.command(Command::Reboot { job: job.id });
+            step.command(reboot_now(job.id));
             Ok(step.done())
+        }
+        Event::RebootFailed { detail } => {
+            if phase != Phase::AwaitingReboot {
+                return Err(wrong());
+            }
+            let failures = job.reboot_failures.saturating_add(1);
+            step.job.reboot_failures = failures;
+            let of = policy.reboot_attempts;
+            if failures >= of {
+                let why =
+                    format!("the reboot into the new image failed {failures} times: {detail}");
+                return Ok(step.finish(
+                    Phase::Failed,
+                    Outcome::new(result_no::ROLLED_BACK, why),
+                    "reboot failed; boot switch taken back",
+                ));
+            }
+            let delay = policy.backoff(failures);
+            step.log(
+                format!(
+                    "the reboot command failed ({failures} of {of}); asking again in {} s",
+                    delay.as_secs_f64()
+                ),
+                Some(detail),
+            );
+            step.command(Command::Reboot { job: job.id, delay });
+            Ok(step.done())
+        }
+        Event::NotCommitted { detail } => {
+            if phase != Phase::AwaitingReboot {
+                return Err(wrong());
+            }
+            Ok(step.finish(
+                Phase::Failed,
+                Outcome::new(result_no::ROLLED_BACK, detail),
+                "new image not confirmed",
+            ))
         }
         Event::RebootPending { detail } => {
             if phase != Phase::AwaitingReboot {
@@ -828,6 +888,14 @@ pub fn transition(
                 Err(Refused::Ended(phase.name()))
             }
         },
+    }
+}
+
+/// Ask for the reboot now.
+fn reboot_now(job: JobId) -> Command {
+    Command::Reboot {
+        job,
+        delay: Duration::ZERO,
     }
 }
 

@@ -363,6 +363,15 @@ pub struct Job {
     /// [`Job::MAX_JOINED`].
     #[serde(default)]
     pub joined: Vec<Joined>,
+    /// The boot id when the image was installed with a reboot to come: a
+    /// backend that tells the reboot only by the boot id (`command:` with
+    /// `--commit-command`) compares it with the boot of each check.
+    #[serde(default)]
+    pub installed_on_boot: Option<String>,
+    /// Failed runs of the reboot command for this upgrade
+    /// ([`crate::Policy::reboot_attempts`]).
+    #[serde(default)]
+    pub reboot_failures: u32,
     #[serde(with = "time::serde::rfc3339")]
     pub created_at: OffsetDateTime,
     #[serde(with = "time::serde::rfc3339")]

@@ -427,7 +427,13 @@ fn a_stranded_device_is_rebooted_and_a_missing_reboot_asked_again() {
     assert_eq!(t.job.as_ref().expect("job").phase, Phase::RolledBack);
     assert_eq!(
         t.commands,
-        vec![Command::Cleanup { job: 1 }, Command::Reboot { job: 1 }]
+        vec![
+            Command::Cleanup { job: 1 },
+            Command::Reboot {
+                job: 1,
+                delay: Duration::ZERO
+            }
+        ]
     );
     assert_eq!(
         results(&t.outbox),
@@ -442,8 +448,109 @@ fn a_stranded_device_is_rebooted_and_a_missing_reboot_asked_again() {
     );
     let job = t.job.expect("job");
     assert_eq!((job.phase, job.attempts), (Phase::AwaitingReboot, 1));
-    assert_eq!(t.commands, vec![Command::Reboot { job: 1 }]);
+    assert_eq!(
+        t.commands,
+        vec![Command::Reboot {
+            job: 1,
+            delay: Duration::ZERO
+        }]
+    );
     assert!(t.outbox.is_empty());
+}
+
+/// Issue 16, item 6: a failing reboot command is asked again after the
+/// backoff, and the last allowed failure ends the upgrade (51, `failed`),
+/// its boot switch taken back by the clean-up.
+#[test]
+fn a_failing_reboot_command_is_retried_with_backoff_then_ends_the_upgrade() {
+    let policy = policy();
+    let mut job = at_phase(Phase::AwaitingReboot, 1);
+    for failure in 1..policy.reboot_attempts {
+        let t = apply(
+            &job,
+            Event::RebootFailed {
+                detail: "reboot: exit status 1".into(),
+            },
+            0,
+        );
+        assert_eq!(
+            t.commands,
+            vec![Command::Reboot {
+                job: 1,
+                delay: policy.backoff(failure)
+            }],
+            "failure {failure}"
+        );
+        assert!(t.outbox.is_empty(), "no report while retrying");
+        job = t.job.expect("job");
+        assert_eq!(
+            (job.phase, job.reboot_failures),
+            (Phase::AwaitingReboot, failure)
+        );
+    }
+    assert!(policy.backoff(2) > policy.backoff(1), "the delay grows");
+    let t = apply(
+        &job,
+        Event::RebootFailed {
+            detail: "reboot: exit status 1".into(),
+        },
+        0,
+    );
+    let end = t.job.as_ref().expect("job");
+    assert_eq!(end.phase, Phase::Failed);
+    let result = end.result.as_ref().expect("a result");
+    assert_eq!(result.error_no, result_no::ROLLED_BACK);
+    assert!(
+        result.description.contains("failed 5 times")
+            && result.description.contains("exit status 1"),
+        "{}",
+        result.description
+    );
+    assert_eq!(t.commands, vec![Command::Cleanup { job: 1 }]);
+    assert_eq!(
+        results(&t.outbox),
+        vec![(PhaseName::Failed, result_no::ROLLED_BACK)]
+    );
+}
+
+/// Issue 16, item 6: `command:` with `--commit-command` reboots after the
+/// installer, remembers the boot it installed on, and a failed commit is
+/// 51 in `failed` (nothing was rolled back by the agent).
+#[test]
+fn an_installer_with_a_commit_step_waits_for_the_reboot_and_a_failed_commit_is_51() {
+    let flashing = Job {
+        boot: Some("boot-1".into()),
+        ..at_phase(Phase::Flashing, 1)
+    };
+    let t = apply(&flashing, Event::Flashed { reboot: true }, 0);
+    let waiting = t.job.clone().expect("job");
+    assert_eq!(waiting.phase, Phase::AwaitingReboot);
+    assert_eq!(waiting.installed_on_boot.as_deref(), Some("boot-1"));
+    assert_eq!(
+        t.commands,
+        vec![Command::Reboot {
+            job: 1,
+            delay: Duration::ZERO
+        }]
+    );
+    assert!(
+        results(&t.outbox).is_empty(),
+        "no result before the reboot: {:?}",
+        t.outbox
+    );
+    let t = apply(
+        &waiting,
+        Event::NotCommitted {
+            detail: "the commit command failed: exit status 2".into(),
+        },
+        0,
+    );
+    let end = t.job.as_ref().expect("job");
+    assert_eq!(end.phase, Phase::Failed);
+    assert_eq!(
+        results(&t.outbox),
+        vec![(PhaseName::Failed, result_no::ROLLED_BACK)]
+    );
 }
 
 fn start_on(boot: &str) -> Event {
@@ -1078,7 +1185,13 @@ fn flashed_with_reboot_awaits_it() {
         "the boot check after the reboot is attempt 1"
     );
     assert_eq!(job.result, None);
-    assert_eq!(t.commands, vec![Command::Reboot { job: 1 }]);
+    assert_eq!(
+        t.commands,
+        vec![Command::Reboot {
+            job: 1,
+            delay: Duration::ZERO
+        }]
+    );
     assert!(results(&t.outbox).is_empty());
 }
 
@@ -1241,6 +1354,12 @@ fn every_event() -> Vec<Event> {
         Event::NotRebooted {
             detail: String::new(),
         },
+        Event::RebootFailed {
+            detail: String::new(),
+        },
+        Event::NotCommitted {
+            detail: String::new(),
+        },
         Event::Cancel,
     ]
 }
@@ -1262,7 +1381,9 @@ fn applies(event: &Event, phase: Phase) -> bool {
         Event::Booted { .. }
         | Event::Stranded { .. }
         | Event::RebootPending { .. }
-        | Event::NotRebooted { .. } => phase == Phase::AwaitingReboot,
+        | Event::NotRebooted { .. }
+        | Event::RebootFailed { .. }
+        | Event::NotCommitted { .. } => phase == Phase::AwaitingReboot,
     }
 }
 

@@ -51,6 +51,8 @@ enum Ev {
     Stranded,
     RebootPending,
     NotRebooted,
+    RebootFailed,
+    NotCommitted,
     Cancel,
 }
 
@@ -95,6 +97,8 @@ fn ev() -> impl Strategy<Value = Ev> {
         1 => Just(Ev::Stranded),
         1 => Just(Ev::RebootPending),
         1 => Just(Ev::NotRebooted),
+        1 => Just(Ev::RebootFailed),
+        1 => Just(Ev::NotCommitted),
         1 => Just(Ev::Cancel),
     ]
 }
@@ -141,6 +145,8 @@ struct MJob {
     mark: Option<(u8, PhaseName, i64)>,
     /// Its own request and those that joined it: each report goes to each.
     requesters: usize,
+    /// Failed runs of the reboot command.
+    reboot_failures: u32,
 }
 
 #[derive(Debug, Default)]
@@ -228,6 +234,7 @@ impl Model {
             result: None,
             mark: None,
             requesters: 1,
+            reboot_failures: 0,
         });
         self.ack(mid, ack_no::OK);
     }
@@ -420,6 +427,18 @@ impl Model {
                 let j = &mut self.jobs[i];
                 j.attempts = j.attempts.saturating_sub(1);
             }
+            // Asked again after a backoff, until the last allowed failure.
+            Ev::RebootFailed if phase == PhaseName::AwaitingReboot => {
+                let j = &mut self.jobs[i];
+                j.reboot_failures += 1;
+                if j.reboot_failures >= p.reboot_attempts {
+                    self.finish(i, PhaseName::Failed, result_no::ROLLED_BACK);
+                }
+            }
+            // An installer's commit step failed: not confirmed, not rolled back.
+            Ev::NotCommitted if phase == PhaseName::AwaitingReboot => {
+                self.finish(i, PhaseName::Failed, result_no::ROLLED_BACK);
+            }
             Ev::Cancel
                 if matches!(
                     phase,
@@ -477,6 +496,12 @@ fn event_of(ev: &Ev) -> Event {
         },
         Ev::RebootPending => Event::RebootPending {
             detail: "no reboot command".into(),
+        },
+        Ev::RebootFailed => Event::RebootFailed {
+            detail: "reboot: exit status 1".into(),
+        },
+        Ev::NotCommitted => Event::NotCommitted {
+            detail: "mark-good: exit status 1".into(),
         },
         Ev::Cancel => Event::Cancel,
     }

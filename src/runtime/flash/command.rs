@@ -1,16 +1,19 @@
-//! `--flash command:CMD`: an installer run over the verified image.
+//! `--flash command:CMD`: an installer run over the verified image, under
+//! the state directory's installer lock (never two at once, also across a
+//! crash of the agent: [`crate::exec::GroupLock`]).
 
-use crate::exec::{run_shell, shell_quote};
+use crate::exec::{run_shell_exclusive, shell_quote};
 use fwagent_state::{result_no, Failure, Firmware};
 use std::path::Path;
 use std::time::Duration;
 
-/// Run the installer `cmd` over `image`.
+/// Run the installer `cmd` over `image`, under `lock`.
 pub fn install(
     cmd: &str,
     image: &Path,
     firmware: &Firmware,
     timeout: Duration,
+    lock: &Path,
 ) -> Result<(), Failure> {
     let quoted = shell_quote(&image.to_string_lossy());
     let line = if cmd.contains("{image}") {
@@ -23,13 +26,14 @@ pub fn install(
         ("FWAGENT_MD5", firmware.md5.clone()),
         ("FWAGENT_SIZE", firmware.size.to_string()),
     ];
-    let ran = run_shell("installer", &line, &envs, timeout, "mid-install").map_err(|e| {
-        Failure::new(
-            result_no::FLASH_FAILED,
-            format!("cannot run the installer: {e}"),
-            false,
-        )
-    })?;
+    let ran = run_shell_exclusive(lock, "installer", &line, &envs, timeout, "mid-install")
+        .map_err(|e| {
+            Failure::new(
+                result_no::FLASH_FAILED,
+                format!("cannot run the installer: {e}"),
+                false,
+            )
+        })?;
     if ran.success() {
         Ok(())
     } else {

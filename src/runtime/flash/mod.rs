@@ -16,7 +16,13 @@
 //!   health check and commits, or reports the roll-back.
 //! - `--flash command:CMD` (`command`) runs an installer
 //!   (`rauc install {image}`) with a deadline; exit 0 is success
-//!   ([`crate::exec`]).
+//!   ([`crate::exec`]). It and `--commit-command` run under the installer
+//!   lock: a start of the agent, and every run, first ends what an earlier
+//!   run left behind ([`crate::exec::GroupLock`]). With `--commit-command`
+//!   the upgrade waits in `awaiting_reboot` too; the first start on another
+//!   boot (the boot id differs from the one the installer ran on) runs the
+//!   commit command (`rauc status mark-good`): exit 0 completes it, anything
+//!   else is 51.
 //!
 //! Flashing is repeatable: after a crash the image is written (`file:`), the
 //! switch made (`ab:`) or the installer run again. The actor runs on its own
@@ -37,7 +43,7 @@ use file::{sync_parent, write_slot};
 
 use super::JobEvent;
 use crate::crash;
-use crate::exec::run_shell;
+use crate::exec::{run_shell, run_shell_exclusive, GroupLock};
 use ab::{BootControl, Slot, Slots, Trial, Verdict};
 use actix::prelude::*;
 use fwagent_state::{result_no, Event, Failure, Firmware, JobId};
@@ -110,6 +116,10 @@ pub struct FlashOptions {
     pub reboot_command: Option<String>,
     /// Run after a trial boot of the new slot; exit 0 = healthy.
     pub health_command: Option<String>,
+    /// `command:`: run on the first start after the reboot that follows the
+    /// installer; exit 0 = the new image is confirmed. `None`: the
+    /// installer's exit status is the result, no reboot.
+    pub commit_command: Option<String>,
     /// Deadline of every command the backends run.
     pub command_timeout: Duration,
     /// Trial boots of a new slot (the record's `tries`).
@@ -121,6 +131,7 @@ impl Default for FlashOptions {
         FlashOptions {
             reboot_command: Some(DEFAULT_REBOOT_COMMAND.to_string()),
             health_command: None,
+            commit_command: None,
             command_timeout: DEFAULT_INSTALL_TIMEOUT,
             boot_tries: DEFAULT_BOOT_TRIES,
         }
@@ -136,27 +147,44 @@ pub struct FlashImage {
 }
 
 /// Reboot into the new image `md5` (answered once the reboot command has
-/// run). Answers `true`, without rebooting, when the device already runs it
-/// (power was lost between the switch and its commit, and the bootloader
-/// took the trial): check the boot now instead. With `leave_rejected`, the
-/// upgrade has ended: reboot only if the device runs a slot its bootloader
-/// will not boot again (answers `false`).
+/// run). Answers [`Rebooting::AlreadyRuns`], without rebooting, when the
+/// device already runs it (power was lost between the switch and its
+/// commit, and the bootloader took the trial): check the boot now instead.
+/// With `leave_rejected`, the upgrade has ended: reboot only if the device
+/// runs a slot its bootloader will not boot again.
 #[derive(Message, Debug)]
-#[rtype(result = "bool")]
+#[rtype(result = "Rebooting")]
 pub struct RequestReboot {
     pub job: JobId,
     pub md5: String,
     pub leave_rejected: bool,
 }
 
+/// The answer to [`RequestReboot`].
+#[derive(Debug, PartialEq, Eq)]
+pub enum Rebooting {
+    /// The reboot command ran (the reboot is on its way), or there is
+    /// nothing to ask (no command, no rejected slot to leave): wait.
+    Asked,
+    /// The device already runs the new image: check the boot now.
+    AlreadyRuns,
+    /// The reboot command failed or could not run (how, for the log).
+    Failed(String),
+}
+
 /// After a (possible) reboot: which image runs? Answered with what
-/// happened (`Booted`, `Stranded`, `NotRebooted`, `RebootPending`), not sent
-/// as a [`JobEvent`], so the Upgrade actor knows when the check is over.
+/// happened (`Booted`, `Stranded`, `NotRebooted`, `RebootPending`,
+/// `NotCommitted`), not sent as a [`JobEvent`], so the Upgrade actor knows
+/// when the check is over.
 #[derive(Message, Debug)]
 #[rtype(result = "Event")]
 pub struct CheckBoot {
     pub job: JobId,
     pub firmware: Firmware,
+    /// Whether the machine booted since the image was installed, by the
+    /// boot id (`None`: not known). What `command:` goes by; `ab:` reads
+    /// its boot-control record instead.
+    pub rebooted: Option<bool>,
 }
 
 /// The owner of the flash target: staging, the writes, every write of the
@@ -186,6 +214,17 @@ impl Flash {
 
 impl Actor for Flash {
     type Context = Context<Self>;
+
+    /// An installer that outlived an agent that died (kill -9, a crash)
+    /// is ended before anything else happens: whether its upgrade goes on
+    /// or not, it must not write beside the next one.
+    fn started(&mut self, _ctx: &mut Context<Self>) {
+        if let FlashSpec::Command(_) = self.spec {
+            if let Err(e) = GroupLock::take(&self.staging.installer_lock()) {
+                tracing::error!(error = %e, "cannot take the installer lock");
+            }
+        }
+    }
 }
 
 pub(super) fn flash_failure(what: &str, path: &Path, e: impl fmt::Display) -> Failure {
@@ -306,15 +345,9 @@ impl Flash {
         let verdict = ab::decide(&record, &firmware.md5);
         tracing::info!(?verdict, active = %record.active, booted = %record.booted, "boot checked");
         match verdict {
-            Verdict::NotRebooted { slot } => match self.options.reboot_command {
-                Some(_) => Event::NotRebooted {
-                    detail: format!("the device has not rebooted into slot {slot}"),
-                },
-                // Someone else reboots: waiting is no failed check.
-                None => Event::RebootPending {
-                    detail: format!("slot {slot} is next; no reboot command is configured"),
-                },
-            },
+            Verdict::NotRebooted { slot } => {
+                self.not_rebooted(format!("the device has not rebooted into slot {slot}"))
+            }
             Verdict::Committed { slot } => Event::Booted {
                 ok: true,
                 detail: format!("slot {slot} is active"),
@@ -323,6 +356,47 @@ impl Flash {
                 rejected_by(&record, detail)
             }
             Verdict::TrialBooted { slot } => self.settle_trial(dir, record, slot, firmware),
+        }
+    }
+
+    /// No reboot since the new image was put in place: asked for again, or,
+    /// when someone else reboots, waited for (no failed check).
+    fn not_rebooted(&self, detail: String) -> Event {
+        match self.options.reboot_command {
+            Some(_) => Event::NotRebooted { detail },
+            None => Event::RebootPending {
+                detail: format!("{detail}; no reboot command is configured"),
+            },
+        }
+    }
+
+    /// `command:` after the installer: once the machine has booted since,
+    /// the commit command confirms the new image (exit 0) or not (51).
+    fn check_installed(&self, commit: &str, rebooted: Option<bool>, firmware: &Firmware) -> Event {
+        if rebooted == Some(false) {
+            return self
+                .not_rebooted("the machine has not rebooted since the installer ran".into());
+        }
+        let envs = [
+            ("FWAGENT_MD5", firmware.md5.clone()),
+            ("FWAGENT_SIZE", firmware.size.to_string()),
+        ];
+        let timeout = self.options.command_timeout;
+        let lock = self.staging.installer_lock();
+        match run_shell_exclusive(&lock, "commit", commit, &envs, timeout, "mid-commit") {
+            Ok(ran) if ran.success() => Event::Booted {
+                ok: true,
+                detail: "rebooted; the commit command confirmed the new image".into(),
+            },
+            Ok(ran) => Event::NotCommitted {
+                detail: format!(
+                    "rebooted, but the commit command failed: {}",
+                    ran.describe(timeout)
+                ),
+            },
+            Err(e) => Event::NotCommitted {
+                detail: format!("rebooted, but the commit command cannot run: {e}"),
+            },
         }
     }
 
@@ -400,7 +474,10 @@ impl Handler<FlashImage> for Flash {
                 flash_ab(dir, &image, &msg.firmware, self.options.boot_tries).map(|_| true)
             }
             FlashSpec::Command(cmd) => {
-                install(cmd, &image, &msg.firmware, self.options.command_timeout).map(|()| false)
+                let lock = self.staging.installer_lock();
+                let timeout = self.options.command_timeout;
+                install(cmd, &image, &msg.firmware, timeout, &lock)
+                    .map(|()| self.options.commit_command.is_some())
             }
         };
         let event = match done {
@@ -418,16 +495,16 @@ impl Handler<FlashImage> for Flash {
 }
 
 impl Handler<RequestReboot> for Flash {
-    type Result = bool;
+    type Result = MessageResult<RequestReboot>;
 
-    fn handle(&mut self, msg: RequestReboot, _ctx: &mut Context<Self>) -> bool {
+    fn handle(&mut self, msg: RequestReboot, _ctx: &mut Context<Self>) -> Self::Result {
         let record = match &self.spec {
             FlashSpec::Ab(dir) => BootControl::load(dir).ok().flatten(),
             FlashSpec::File(_) | FlashSpec::Command(_) => None,
         };
         if msg.leave_rejected {
             if !record.as_ref().is_some_and(stranded) {
-                return false;
+                return MessageResult(Rebooting::Asked);
             }
             tracing::warn!(
                 job = msg.job,
@@ -438,7 +515,7 @@ impl Handler<RequestReboot> for Flash {
                 ab::decide(record, &msg.md5)
             {
                 tracing::info!(job = msg.job, %slot, "the device already runs the new slot; no reboot needed");
-                return true;
+                return MessageResult(Rebooting::AlreadyRuns);
             }
         }
         let Some(cmd) = &self.options.reboot_command else {
@@ -446,21 +523,21 @@ impl Handler<RequestReboot> for Flash {
                 job = msg.job,
                 "no reboot command is configured; waiting for the device to be rebooted"
             );
-            return false;
+            return MessageResult(Rebooting::Asked);
         };
         crash::point("before-reboot");
         tracing::info!(job = msg.job, command = %cmd, "requesting the reboot");
         let timeout = self.options.command_timeout;
-        match run_shell("reboot", cmd, &[], timeout, "") {
-            Ok(ran) if ran.success() => tracing::info!(job = msg.job, "reboot requested"),
-            Ok(ran) => {
-                tracing::error!(job = msg.job, outcome = %ran.describe(timeout), "the reboot command failed; the next start asks again")
+        let failed = match run_shell("reboot", cmd, &[], timeout, "") {
+            Ok(ran) if ran.success() => {
+                tracing::info!(job = msg.job, "reboot requested");
+                return MessageResult(Rebooting::Asked);
             }
-            Err(e) => {
-                tracing::error!(job = msg.job, error = %e, "cannot run the reboot command; the next start asks again")
-            }
-        }
-        false
+            Ok(ran) => format!("the reboot command failed: {}", ran.describe(timeout)),
+            Err(e) => format!("cannot run the reboot command: {e}"),
+        };
+        tracing::error!(job = msg.job, "{failed}");
+        MessageResult(Rebooting::Failed(failed))
     }
 }
 
@@ -468,9 +545,12 @@ impl Handler<CheckBoot> for Flash {
     type Result = MessageResult<CheckBoot>;
 
     fn handle(&mut self, msg: CheckBoot, _ctx: &mut Context<Self>) -> Self::Result {
-        let check = match &self.spec {
-            FlashSpec::Ab(dir) => self.check_ab(dir, &msg.firmware),
-            FlashSpec::File(_) | FlashSpec::Command(_) => rejected(format!(
+        let check = match (&self.spec, &self.options.commit_command) {
+            (FlashSpec::Ab(dir), _) => self.check_ab(dir, &msg.firmware),
+            (FlashSpec::Command(_), Some(commit)) => {
+                self.check_installed(commit, msg.rebooted, &msg.firmware)
+            }
+            (FlashSpec::File(_) | FlashSpec::Command(_), _) => rejected(format!(
                 "the flash backend {} cannot check which image booted",
                 self.spec
             )),
@@ -727,9 +807,11 @@ mod tests {
         let (img, fw) = image(dir.path(), b"payload");
         let out = dir.path().join("installed");
         let cmd = format!("cp {{image}} {}", shell_quote(&out.to_string_lossy()));
-        install(&cmd, &img, &fw, Duration::from_secs(10)).expect("installs");
+        let lock = dir.path().join("installer.lock");
+        install(&cmd, &img, &fw, Duration::from_secs(10), &lock).expect("installs");
         assert_eq!(std::fs::read(&out).expect("copied"), b"payload");
-        let failure = install("false", &img, &fw, Duration::from_secs(10)).expect_err("fails");
+        let failure =
+            install("false", &img, &fw, Duration::from_secs(10), &lock).expect_err("fails");
         assert_eq!(failure.error_no, result_no::FLASH_FAILED);
         assert!(
             failure.description.contains("exit status 1"),

@@ -56,6 +56,11 @@ impl Staging {
         Staging { paths, slots }
     }
 
+    /// The lock of the `command:` backend's commands, in the state directory.
+    pub fn installer_lock(&self) -> PathBuf {
+        self.paths.installer_lock()
+    }
+
     /// The partial file of `job` in the state directory.
     pub fn part(&self, job: JobId) -> PathBuf {
         self.paths.part(job)

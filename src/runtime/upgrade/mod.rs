@@ -11,7 +11,7 @@
 
 use super::download::{AbortDownload, Drain, FetchJob, StartDownload};
 use super::flash::staging::{EndJob, RemoveStale};
-use super::flash::{CheckBoot, FlashImage, RequestReboot};
+use super::flash::{CheckBoot, FlashImage, Rebooting, RequestReboot};
 use super::messaging::{Listen, Outbound};
 use super::verify::VerifyMsg;
 use super::{Delivered, JobEvent, Request, Transfer, UNCOMMITTED};
@@ -22,6 +22,7 @@ use fwagent_state::{
     Policy, Protocol, RequestView, Store, StoreError, Transition,
 };
 use std::collections::HashSet;
+use std::time::Duration;
 use time::OffsetDateTime;
 
 mod control;
@@ -73,6 +74,9 @@ pub struct Upgrade {
     /// The machine's boot id, so the state machine tells a start after a
     /// restart of the machine from one after a restart of the agent.
     boot: Option<String>,
+    /// A retry of a failed reboot command, waiting out its backoff: the
+    /// agent does not exit on its own before it ran; a stop cancels it.
+    reboot_retry: Option<SpawnHandle>,
 }
 
 impl Upgrade {
@@ -96,6 +100,7 @@ impl Upgrade {
             halted: false,
             flashing: None,
             stopping: None,
+            reboot_retry: None,
         }
     }
 
@@ -231,11 +236,13 @@ impl Upgrade {
                     firmware: job.request.firmware.clone(),
                 })
             }
-            Command::Reboot { job: id } => {
-                self.request_reboot(*id, job.request.firmware.md5.clone(), false, peers, ctx)
+            Command::Reboot { job: id, delay } => {
+                let md5 = job.request.firmware.md5.clone();
+                self.request_reboot(*id, md5, *delay, false, peers, ctx)
             }
             Command::LeaveRejected { job: id } => {
-                self.request_reboot(*id, job.request.firmware.md5.clone(), true, peers, ctx)
+                let md5 = job.request.firmware.md5.clone();
+                self.request_reboot(*id, md5, Duration::ZERO, true, peers, ctx)
             }
             Command::CheckBoot { job: id } => self.check_boot(*id, job, peers, ctx),
             Command::Abort { job: id } => peers.abort.do_send(AbortDownload {
@@ -263,9 +270,15 @@ impl Upgrade {
     /// rather than as a JobEvent, so the agent cannot exit between the
     /// check and its commit (and the reboot the transition may ask for).
     fn check_boot(&mut self, id: JobId, job: &Job, peers: &Wire, ctx: &mut Context<Self>) {
+        let rebooted = job
+            .installed_on_boot
+            .as_ref()
+            .zip(self.boot.as_ref())
+            .map(|(installed, now)| installed != now);
         let check = peers.check_boot.send(CheckBoot {
             job: id,
             firmware: job.request.firmware.clone(),
+            rebooted,
         });
         self.flash_call(check, ctx, move |act, ctx, answer| {
             if let Ok(event) = answer {
@@ -275,37 +288,57 @@ impl Upgrade {
         });
     }
 
-    /// Ask the Flash actor for the reboot; the agent stays up until it is made.
-    /// If the device already runs the new image, its boot is checked at once
-    /// instead (a start of `awaiting_reboot`). `leave_rejected`: the reboot
-    /// out of a rejected slot, made only if the device runs one.
+    /// Ask the Flash actor for the reboot (after `delay`: a retry of a
+    /// failed reboot command, which a stop cancels, the next start asking
+    /// again). The agent stays up until it is made, or has failed: that is
+    /// an event, and the state machine retries it with a backoff. If the
+    /// device already runs the new image, its boot is checked at once
+    /// instead (a start of `awaiting_reboot`). `leave_rejected`: the
+    /// reboot out of a rejected slot, made only if the device runs one.
     fn request_reboot(
         &mut self,
         id: JobId,
         md5: String,
+        delay: Duration,
         leave_rejected: bool,
         peers: &Wire,
         ctx: &mut Context<Self>,
     ) {
-        self.flash_calls += 1;
-        let request = peers.reboot.send(RequestReboot {
+        let request = RequestReboot {
             job: id,
             md5,
             leave_rejected,
+        };
+        if delay.is_zero() {
+            return self.send_reboot(request, peers, ctx);
+        }
+        let peers = peers.clone();
+        let retry = ctx.run_later(delay, move |act, ctx| {
+            act.reboot_retry = None;
+            act.send_reboot(request, &peers, ctx);
         });
-        ctx.spawn(request.into_actor(self).map(move |answer, act, ctx| {
-            let booted = answer.unwrap_or_else(|e| {
-                tracing::error!(job = id, error = %e, "the flash actor did not answer the reboot request");
-                false
+        if let Some(earlier) = self.reboot_retry.replace(retry) {
+            ctx.cancel_future(earlier);
+        }
+    }
+
+    fn send_reboot(&mut self, request: RequestReboot, peers: &Wire, ctx: &mut Context<Self>) {
+        let id = request.job;
+        let asked = peers.reboot.send(request);
+        self.flash_call(asked, ctx, move |act, ctx, answer| {
+            let answer = answer.unwrap_or_else(|e| {
+                Rebooting::Failed(format!("the flash actor did not answer: {e}"))
             });
-            act.flash_calls -= 1;
-            if booted {
-                <Self as Handler<JobEvent>>::handle(act, JobEvent { job: id, event: act.start_event() }, ctx);
-            } else {
-                act.boot_settled = true;
+            let event = match answer {
+                Rebooting::Asked => None,
+                Rebooting::AlreadyRuns => Some(act.start_event()),
+                Rebooting::Failed(detail) => Some(Event::RebootFailed { detail }),
+            };
+            if let Some(event) = event {
+                <Self as Handler<JobEvent>>::handle(act, JobEvent { job: id, event }, ctx);
             }
-            act.maybe_exit();
-        }));
+            act.boot_settled = true;
+        });
     }
 
     /// The answer when the store cannot record a decision: errorNo 8, sent

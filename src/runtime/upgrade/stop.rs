@@ -76,7 +76,8 @@ impl Upgrade {
 
     /// With stdin closed: stop once nothing is under way and the outbox is empty.
     pub(super) fn maybe_exit(&mut self) {
-        if self.halted || !self.input_closed || self.flash_calls > 0 {
+        if self.halted || !self.input_closed || self.flash_calls > 0 || self.reboot_retry.is_some()
+        {
             return;
         }
         let idle = match self.store.active() {
@@ -109,6 +110,10 @@ impl Handler<Shutdown> for Upgrade {
             return;
         }
         tracing::info!("signal received; checkpointing, then delivering the outbox, then stopping");
+        if let Some(retry) = self.reboot_retry.take() {
+            // The next start asks for the reboot again.
+            ctx.cancel_future(retry);
+        }
         self.stopping = Some(Stopping {
             started: Instant::now(),
             draining: true,

@@ -90,7 +90,7 @@ ignored! {
     Drain => () = (),
     VerifyMsg => () = (),
     FlashImage => () = (),
-    RequestReboot => bool = false,
+    RequestReboot => Rebooting = Rebooting::Asked,
     CheckBoot => Event = Event::RebootPending { detail: String::new() },
     EndJob => () = (),
     RemoveStale => () = (),

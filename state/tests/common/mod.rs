@@ -74,6 +74,8 @@ pub fn job_in(phase: Phase) -> Job {
         boot: None,
         machine_restarts: 0,
         joined: Vec::new(),
+        installed_on_boot: None,
+        reboot_failures: 0,
         created_at: t0(),
         updated_at: t0(),
     }
