@@ -255,6 +255,7 @@ pub(crate) mod tests {
             joined: Vec::new(),
             installed_on_boot: None,
             reboot_failures: 0,
+            pieces: fwagent_state::Pieces::One,
             created_at: datetime!(2024-05-01 12:00:00 UTC),
             updated_at: datetime!(2024-05-01 12:00:16 UTC),
         };

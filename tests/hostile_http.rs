@@ -249,6 +249,60 @@ fn a_206_without_the_validator_asked_for_is_never_spliced() {
     }
 }
 
+/// A mirror that changed its file but kept its ETag splices two versions
+/// into one image, however careful the resume. A wrong md5 of an image
+/// joined from resumed transfers is therefore fetched once more, whole,
+/// before it counts: the honest server's image then completes, the lying
+/// mirror's ends in 31 after that one fresh download.
+#[test]
+fn an_md5_mismatch_after_a_resume_gets_one_fresh_download_before_31() {
+    let dir = temp_dir();
+    let (fw, bytes) = image(dir.path(), 300_000);
+    let other = Arc::new(other_version(&fw));
+    let cut = 120_000;
+
+    let stale = Behaviour::StaleRanges {
+        cut,
+        other: other.clone(),
+        etag: Some("\"v1\"".into()),
+    };
+    let server = Hostile::start("127.0.0.1", bytes.clone(), stale);
+    let out = run_short(&dir.path().join("stale"), &request(server.port(), &fw), &[]);
+    out.assert_completed(&fw);
+    assert_eq!(
+        ranges(&server),
+        [None, Some(format!("bytes={cut}-")), None],
+        "resumed, spliced, then fetched whole"
+    );
+    assert_eq!(verifications(&out), 2, "the splice, then the fresh image");
+
+    let lying = Behaviour::LyingMirror { cut, other };
+    let server = Hostile::start("127.0.0.1", bytes, lying);
+    let out = run_short(&dir.path().join("lying"), &request(server.port(), &fw), &[]);
+    let why = out.assert_failed(31, Duration::from_secs(20));
+    assert!(why.contains("md5 mismatch"), "{why}");
+    assert_eq!(
+        ranges(&server),
+        [None, Some(format!("bytes={cut}-")), None],
+        "one fresh download, no more"
+    );
+    assert_eq!(verifications(&out), 2);
+}
+
+/// An image fetched in one transfer from byte 0 is not fetched again: its
+/// wrong md5 is the server's file's own.
+#[test]
+fn an_md5_mismatch_of_one_whole_transfer_is_31_at_once() {
+    let dir = temp_dir();
+    let (fw, _) = image(dir.path(), 300_000);
+    let server = Hostile::start("127.0.0.1", other_version(&fw), Behaviour::Honest);
+    let out = run_short(dir.path(), &request(server.port(), &fw), &[]);
+    let why = out.assert_failed(31, Duration::from_secs(20));
+    assert!(why.contains("md5 mismatch"), "{why}");
+    assert_eq!(ranges(&server), [None]);
+    assert_eq!(verifications(&out), 1);
+}
+
 #[test]
 fn a_redirect_loop_ends_after_max_redirects() {
     let dir = temp_dir();

@@ -13,7 +13,7 @@
 
 use crate::model::{
     ack_no, result_no, Ack, Job, JobId, Joined, LogEntry, Outcome, Outgoing, Phase, PhaseName,
-    ProgressMark, Protocol, UpgradeRequest, OP_UPGRADE,
+    Pieces, ProgressMark, Protocol, UpgradeRequest, OP_UPGRADE,
 };
 use crate::secret::Redactor;
 use std::collections::HashSet;
@@ -467,6 +467,7 @@ pub fn on_request(view: &RequestView, incoming: Incoming, now: OffsetDateTime) -
         joined: Vec::new(),
         installed_on_boot: None,
         reboot_failures: 0,
+        pieces: Pieces::One,
         created_at: now,
         updated_at: now,
     };
@@ -630,11 +631,11 @@ pub fn transition(
                 Phase::Accepted => {
                     step.enter(Phase::Downloading { offset: 0 }, "download started");
                     step.job.attempts = 1;
-                    step.command(download(job, 0, Duration::ZERO));
+                    step.download(0, Duration::ZERO);
                 }
                 Phase::Downloading { offset } => {
                     step.log(format!("download resumed at byte {offset} {after}"), None);
-                    step.command(download(job, offset, Duration::ZERO));
+                    step.download(offset, Duration::ZERO);
                 }
                 Phase::Verifying => {
                     step.log(format!("verification restarted {after}"), None);
@@ -692,6 +693,10 @@ pub fn transition(
             step.job.phase = Phase::Downloading { offset: 0 };
             step.job.bytes_done = 0;
             step.job.validator = validator;
+            // The transfer starts again from byte 0: one piece again.
+            if step.job.pieces == Pieces::Resumed {
+                step.job.pieces = Pieces::One;
+            }
             step.log(
                 "the file on the server changed; starting again from byte 0".into(),
                 None,
@@ -738,7 +743,7 @@ pub fn transition(
                     format!("retry {retry} from byte {offset} (attempt {})", retry + 1),
                     Some(failure.description.clone()),
                 );
-                step.command(download(&step.job, offset, policy.backoff(retry)));
+                step.download(offset, policy.backoff(retry));
                 return Ok(step.done());
             }
             Ok(step.fail(failure))
@@ -754,7 +759,7 @@ pub fn transition(
                 Phase::Downloading { offset: 0 },
                 "the downloaded image is gone; downloading it again from byte 0",
             );
-            step.command(download(&step.job, 0, Duration::ZERO));
+            step.download(0, Duration::ZERO);
             Ok(step.done())
         }
         Event::Verified => {
@@ -768,6 +773,22 @@ pub fn transition(
         Event::VerifyFailed { failure } => {
             if phase != Phase::Verifying {
                 return Err(wrong());
+            }
+            if failure.error_no == result_no::MD5_MISMATCH && job.pieces == Pieces::Resumed {
+                // Maybe a bad splice, not a bad image: fetch it once more,
+                // whole, with a budget of its own; a wrong md5 now is final.
+                step.set_last_error(&failure.description);
+                step.job.pieces = Pieces::Refetched;
+                step.job.bytes_done = 0;
+                step.job.high_water = 0;
+                step.job.fetched = 0;
+                step.job.validator = None;
+                step.enter(
+                    Phase::Downloading { offset: 0 },
+                    "md5 mismatch of an image joined from resumed transfers; downloading it once more from byte 0",
+                );
+                step.download(0, Duration::ZERO);
+                return Ok(step.done());
             }
             Ok(step.fail(failure))
         }
@@ -899,15 +920,6 @@ fn reboot_now(job: JobId) -> Command {
     }
 }
 
-fn download(job: &Job, offset: u64, delay: Duration) -> Command {
-    Command::Download {
-        job: job.id,
-        offset,
-        validator: job.validator.clone(),
-        delay,
-    }
-}
-
 /// A transition being built from one job.
 struct Step<'a> {
     from: PhaseName,
@@ -937,6 +949,22 @@ impl<'a> Step<'a> {
     }
 
     /// Remember what went wrong (redacted, as every text the step stores).
+    /// Fetch from `offset` after `delay`, and note whether the partial file
+    /// now joins more than one transfer ([`Pieces`]).
+    fn download(&mut self, offset: u64, delay: Duration) {
+        self.job.pieces = match (self.job.pieces, offset) {
+            (Pieces::One, 1..) => Pieces::Resumed,
+            (Pieces::Resumed, 0) => Pieces::One,
+            (pieces, _) => pieces,
+        };
+        self.command(Command::Download {
+            job: self.job.id,
+            offset,
+            validator: self.job.validator.clone(),
+            delay,
+        });
+    }
+
     fn set_last_error(&mut self, text: &str) {
         self.job.last_error = Some(self.redactor.text(text));
     }

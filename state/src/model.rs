@@ -325,6 +325,26 @@ pub struct ProgressMark {
     pub at: OffsetDateTime,
 }
 
+/// How a downloaded image was put together. A transfer that resumed at a
+/// checkpoint joins bytes of two transfers; the validator (ETag,
+/// Last-Modified, SIZE/MDTM) says they are of the same file, but a server
+/// that keeps a validator while the file changes, or a partial file damaged
+/// on disk, splices two files. So a wrong md5 of a resumed image is not yet
+/// final: the image is fetched once more from byte 0, and only a wrong md5
+/// of that one is 31.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Pieces {
+    /// One transfer from byte 0.
+    #[default]
+    One,
+    /// At least one transfer resumed at a checkpoint.
+    Resumed,
+    /// The fresh download after a wrong md5 of a resumed image: a wrong md5
+    /// now is final, resumed or not.
+    Refetched,
+}
+
 /// One upgrade, as the store keeps it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Job {
@@ -372,6 +392,10 @@ pub struct Job {
     /// ([`crate::Policy::reboot_attempts`]).
     #[serde(default)]
     pub reboot_failures: u32,
+    /// How the image in the partial file was put together: what a wrong md5
+    /// at verification means.
+    #[serde(default)]
+    pub pieces: Pieces,
     #[serde(with = "time::serde::rfc3339")]
     pub created_at: OffsetDateTime,
     #[serde(with = "time::serde::rfc3339")]

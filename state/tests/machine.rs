@@ -6,7 +6,8 @@ mod common;
 use common::*;
 use fwagent_state::{
     ack_no, on_request, result_no, transition, Ack, Command, Event, Failure, Incoming, Job,
-    Outcome, Outgoing, Phase, PhaseName, Policy, ProgressMark, Refused, RequestView, Transition,
+    Outcome, Outgoing, Phase, PhaseName, Pieces, Policy, ProgressMark, Refused, RequestView,
+    Transition,
 };
 use std::time::Duration;
 
@@ -1154,6 +1155,120 @@ fn verify_failure_fails_with_its_number() {
     assert_eq!(
         results(&t.outbox),
         vec![(PhaseName::Failed, result_no::MD5_MISMATCH)]
+    );
+}
+
+/// Run a job from a start in `Downloading { offset }` to verification, as
+/// the runtime would: the download resumes there and completes.
+fn verifying_after_a_start_at(offset: u64) -> Job {
+    let job = Job {
+        validator: Some("\"etag-1\"".into()),
+        ..at_phase(Phase::Downloading { offset }, 1)
+    };
+    let job = job_after(&job, Event::START, 0);
+    job_after(&job, Event::Downloaded, 1)
+}
+
+#[test]
+fn an_md5_mismatch_of_a_resumed_image_fetches_it_once_more_from_zero() {
+    let mismatch = || Event::VerifyFailed {
+        failure: fatal(result_no::MD5_MISMATCH),
+    };
+    let resumed = verifying_after_a_start_at(512);
+    assert_eq!(resumed.pieces, Pieces::Resumed);
+    let t = apply(&resumed, mismatch(), 2);
+    let again = t.job.clone().expect("job");
+    assert_eq!(again.phase, Phase::Downloading { offset: 0 });
+    assert_eq!(again.pieces, Pieces::Refetched);
+    assert_eq!(
+        (again.bytes_done, again.fetched, again.high_water),
+        (0, 0, 0)
+    );
+    assert_eq!(
+        again.validator, None,
+        "a fresh download trusts no validator"
+    );
+    assert_eq!(again.last_error.as_deref(), Some("final failure"));
+    assert_eq!(
+        t.commands,
+        vec![Command::Download {
+            job: 1,
+            offset: 0,
+            validator: None,
+            delay: Duration::ZERO
+        }]
+    );
+    assert!(results(&t.outbox).is_empty(), "not the end of the upgrade");
+    assert_eq!(progress(&t.outbox), vec![(PhaseName::Downloading, 0)]);
+
+    // Resumed again or not, a second mismatch is final.
+    let once_more = job_after(
+        &again,
+        Event::Checkpoint {
+            offset: 256,
+            validator: None,
+        },
+        3,
+    );
+    let once_more = job_after(&once_more, Event::START, 4);
+    let once_more = job_after(&once_more, Event::Downloaded, 5);
+    assert_eq!(once_more.pieces, Pieces::Refetched);
+    let t = apply(&once_more, mismatch(), 6);
+    assert_eq!(t.job.expect("job").phase, Phase::Failed);
+    assert_eq!(
+        results(&t.outbox),
+        vec![(PhaseName::Failed, result_no::MD5_MISMATCH)]
+    );
+}
+
+#[test]
+fn only_an_md5_mismatch_of_an_image_in_pieces_is_fetched_again() {
+    // One transfer from zero: the mismatch is the image's own.
+    let whole = verifying_after_a_start_at(0);
+    assert_eq!(whole.pieces, Pieces::One);
+    // Resumed, then restarted from zero by the server: one piece again.
+    let restarted = job_after(
+        &Job {
+            validator: Some("\"etag-1\"".into()),
+            ..at_phase(Phase::Downloading { offset: 512 }, 1)
+        },
+        Event::START,
+        0,
+    );
+    assert_eq!(restarted.pieces, Pieces::Resumed);
+    let restarted = job_after(
+        &restarted,
+        Event::SourceChanged {
+            validator: Some("\"etag-2\"".into()),
+        },
+        1,
+    );
+    assert_eq!(restarted.pieces, Pieces::One);
+    let restarted = job_after(&restarted, Event::Downloaded, 2);
+    for job in [whole, restarted] {
+        let t = apply(
+            &job,
+            Event::VerifyFailed {
+                failure: fatal(result_no::MD5_MISMATCH),
+            },
+            3,
+        );
+        assert_eq!(
+            results(&t.outbox),
+            vec![(PhaseName::Failed, result_no::MD5_MISMATCH)]
+        );
+    }
+    // A resumed image of the wrong size: no splice makes that, it is final.
+    let t = apply(
+        &verifying_after_a_start_at(512),
+        Event::VerifyFailed {
+            failure: fatal(result_no::SIZE_MISMATCH),
+        },
+        3,
+    );
+    assert_eq!(
+        results(&t.outbox),
+        vec![(PhaseName::Failed, result_no::SIZE_MISMATCH)]
     );
 }
 

@@ -147,6 +147,10 @@ struct MJob {
     requesters: usize,
     /// Failed runs of the reboot command.
     reboot_failures: u32,
+    /// A transfer resumed past byte 0, and whether the one fresh download
+    /// after a wrong md5 is used.
+    resumed: bool,
+    refetched: bool,
 }
 
 #[derive(Debug, Default)]
@@ -235,6 +239,8 @@ impl Model {
             mark: None,
             requesters: 1,
             reboot_failures: 0,
+            resumed: false,
+            refetched: false,
         });
         self.ack(mid, ack_no::OK);
     }
@@ -323,11 +329,13 @@ impl Model {
                     PhaseName::Flashing => (p.flash_attempts, result_no::FLASH_FAILED),
                     _ => (p.boot_checks(), result_no::ROLLED_BACK),
                 };
+                let resumes = downloading && j.offset > 0;
                 if rebooted && apart {
                     if j.restarts >= p.machine_restarts {
                         self.finish(i, PhaseName::Failed, error_no);
                     } else {
                         j.restarts += 1;
+                        j.resumed |= resumes;
                     }
                 } else if self.jobs[i].attempts >= max {
                     self.finish(i, PhaseName::Failed, error_no);
@@ -335,6 +343,7 @@ impl Model {
                     self.enter(i, PhaseName::Downloading);
                 } else {
                     self.jobs[i].attempts += 1;
+                    self.jobs[i].resumed |= resumes;
                 }
             }
             Ev::Progress(pc) if downloading => {
@@ -365,6 +374,7 @@ impl Model {
             Ev::SourceChanged if downloading => {
                 self.jobs[i].offset = 0;
                 self.jobs[i].bytes = 0;
+                self.jobs[i].resumed = false;
                 // Not a phase change: reported only outside the 2 s interval;
                 // the throttle's mark goes back to 0 % either way.
                 match self.jobs[i].mark {
@@ -388,6 +398,7 @@ impl Model {
                     self.finish(i, PhaseName::Failed, result_no::TRANSFER);
                 } else if *retryable && j.attempts < p.download_attempts {
                     j.attempts += 1;
+                    j.resumed |= offset > 0;
                 } else {
                     self.finish(i, PhaseName::Failed, result_no::CONNECT);
                 }
@@ -395,8 +406,18 @@ impl Model {
             Ev::Verified if phase == PhaseName::Verifying => {
                 self.enter(i, PhaseName::Flashing);
             }
+            // A wrong md5 of an image joined from resumed transfers gets one
+            // fresh download from byte 0, with a fetch budget of its own.
             Ev::VerifyFailed if phase == PhaseName::Verifying => {
-                self.finish(i, PhaseName::Failed, result_no::MD5_MISMATCH);
+                let j = &mut self.jobs[i];
+                if j.resumed && !j.refetched {
+                    j.refetched = true;
+                    j.resumed = false;
+                    (j.offset, j.bytes, j.high, j.fetched) = (0, 0, 0, 0);
+                    self.enter(i, PhaseName::Downloading);
+                } else {
+                    self.finish(i, PhaseName::Failed, result_no::MD5_MISMATCH);
+                }
             }
             Ev::Flashed { reboot } if phase == PhaseName::Flashing => {
                 if *reboot {

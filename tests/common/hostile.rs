@@ -53,6 +53,11 @@ pub enum Behaviour {
         other: Arc<Vec<u8>>,
         etag: Option<String>,
     },
+    /// A mirror that changed its file but kept its validator: the first
+    /// answer is of the image and stops after `cut` bytes; every later one
+    /// (a 206 for a `Range`, else a 200) is of `other`, with the image's
+    /// strong ETag.
+    LyingMirror { cut: usize, other: Arc<Vec<u8>> },
     /// 500 for the first `n` requests, then honest.
     FailFirst(usize),
     /// 401 unless the `Authorization` header is exactly this, then honest.
@@ -320,6 +325,13 @@ async fn serve(
                 None => (honest(&req).0, image.to_vec()),
             }
         }
+        Behaviour::LyingMirror { cut, .. } if nth == 0 => {
+            (honest(&req).0, image[..(*cut).min(len)].to_vec())
+        }
+        Behaviour::LyingMirror { other, .. } => match req.range.as_deref().and_then(range_start) {
+            Some(start) => stale_range(other, start as usize, Some("\"v1\"")),
+            None => (honest(&req).0, other.to_vec()),
+        },
         Behaviour::Gated { at, gate } if nth == 0 => {
             let (h, _) = honest(&req);
             stream.write_all(h.as_bytes()).await?;

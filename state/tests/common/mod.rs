@@ -4,7 +4,8 @@
 #![allow(dead_code)]
 
 use fwagent_state::{
-    Failure, Firmware, Incoming, Job, Outgoing, Phase, Protocol, Secret, Source, UpgradeRequest,
+    Failure, Firmware, Incoming, Job, Outgoing, Phase, Pieces, Protocol, Secret, Source,
+    UpgradeRequest,
 };
 use time::macros::datetime;
 use time::{Duration, OffsetDateTime};
@@ -76,6 +77,7 @@ pub fn job_in(phase: Phase) -> Job {
         joined: Vec::new(),
         installed_on_boot: None,
         reboot_failures: 0,
+        pieces: Pieces::One,
         created_at: t0(),
         updated_at: t0(),
     }
