@@ -221,6 +221,11 @@ fn open_sled(path: &Path, wait: Duration) -> Result<sled::Db, StoreError> {
         match sled::Config::new()
             .path(path)
             .cache_capacity(SLED_CACHE)
+            // No background flusher waking every 500 ms: every commit that
+            // must be durable flushes itself, and what may wait (delivery
+            // marks, lazy progress) goes with the next flush or the flush
+            // at exit.
+            .flush_every_ms(None)
             .open()
         {
             Ok(db) => return Ok(db),
