@@ -17,7 +17,10 @@ pub fn init(verbose: u8) {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .with_target(false);
-    let _ = tracing_subscriber::registry().with(fmt).with(filter).try_init();
+    let _ = tracing_subscriber::registry()
+        .with(fmt)
+        .with(filter)
+        .try_init();
 }
 
 /// `RUST_LOG` as env_logger reads it (`info`, `fwagent=debug,sled=warn`),
@@ -43,6 +46,9 @@ mod tests {
         let bad = filter(Some("fwagent=loud"), "debug");
         assert!(bad.would_enable("fwagent", &tracing::Level::DEBUG));
         assert!(!bad.would_enable("fwagent", &tracing::Level::TRACE));
-        assert_eq!(filter(None, "info").default_level(), Some(LevelFilter::INFO));
+        assert_eq!(
+            filter(None, "info").default_level(),
+            Some(LevelFilter::INFO)
+        );
     }
 }

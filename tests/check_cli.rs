@@ -422,6 +422,7 @@ fn meaningless_zeros_are_usage_errors_naming_the_flag() {
         "--install-timeout",
         "--boot-tries",
         "--max-image-size",
+        "--mqtt-puback-timeout",
     ] {
         let run = run_agent(dir.path(), &[flag, "0"]);
         let err = String::from_utf8_lossy(&run.stderr);

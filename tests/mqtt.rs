@@ -2,10 +2,14 @@
 //! reports → result over the broker; the broker killed and restarted in the
 //! middle of an upgrade; the agent killed before committing a request (the
 //! broker delivers it again); a request sent while the agent is down;
-//! malformed payloads; TLS with a CA file, a client certificate and a
-//! password; and the request-to-ack latency figures (printed, never asserted).
+//! malformed payloads; a broker that floods the agent with requests (taken
+//! with back-pressure); a broker that never sends a PUBACK (a fake one,
+//! [`FakeBroker`]: the publish goes out again after the timeout); TLS with a
+//! CA file, a client certificate and a password; and the request-to-ack
+//! latency figures (printed, never asserted).
 //!
-//! Tests that kill or restart a broker use a private one ([`Mosquitto::start`]);
+//! Tests that kill or restart a broker, or need one configured otherwise, use
+//! a private one ([`Mosquitto::start`]);
 //! the others share the broker of `scripts/test-servers.sh`, each with a device
 //! id (and so topics) of its own. The cloud side is a rumqttc client in the
 //! test ([`Cloud`]) with a persistent session, listening throughout.
@@ -13,6 +17,7 @@
 mod common;
 
 use common::*;
+use fwagent::runtime::messaging::REQUESTS_WAITING;
 use rumqttc::{Client, Event, MqttOptions, NetworkOptions, Packet, QoS};
 use serde_json::Value;
 use std::fs::{self, File};
@@ -319,6 +324,10 @@ impl Agent {
 
     fn log(&self) -> String {
         fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.as_ref().expect("agent running").id() as i32
     }
 
     fn running(&mut self) -> bool {
@@ -704,6 +713,199 @@ fn request_sent_while_the_agent_is_down_is_handled_when_it_returns() {
     let (result, _) = cloud.wait_response(LONG, "the result", &agent, |v| is_result_of(v, &mid));
     assert_eq!(result["result"]["errorNo"], 0, "{result}");
     assert_eq!(md5_file(&dir.path().join("flash.bin")), fw.md5);
+}
+
+/// A kibibyte figure of `/proc/PID/status` (`VmRSS`, `VmHWM`).
+fn vm_kib(pid: i32, field: &str) -> u64 {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc/PID/status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+}
+
+/// The most requests the agent ever held at once, by its log: received from the broker
+/// (`request received`, debug) and not yet decided (`request answered`, `request accepted`).
+fn most_requests_held(log: &str) -> usize {
+    let (mut held, mut most) = (0usize, 0usize);
+    for line in log.lines() {
+        if line.contains("request received") {
+            held += 1;
+            most = most.max(held);
+        } else if line.contains("request answered") || line.contains("request accepted") {
+            held = held.saturating_sub(1);
+        }
+    }
+    most
+}
+
+/// A broker that floods the agent: Mosquitto with no inflight window hands the agent every
+/// request queued for its session at once when it connects, here 500 of 400 KiB each, while
+/// an upgrade is under way. The agent takes requests only as fast as it decides them: it never
+/// holds more than a few (the bounded request channels), its memory stays flat, the rest wait
+/// in the broker unacknowledged, and every request gets its ack exactly once.
+#[test]
+fn a_flood_of_requests_is_taken_with_back_pressure() {
+    const FLOOD: usize = 500;
+    const PAD: usize = 400 << 10;
+    let servers = Servers::from_env();
+    let broker = Mosquitto::start_with(
+        "max_inflight_messages 0\nmax_queued_messages 0\nset_tcp_nodelay true\npersistence false\n",
+    );
+    let device = unique_name("gw");
+    let dir = temp_dir();
+    let cloud = Cloud::start(broker.port, &device);
+    let mut spec = AgentSpec::new(broker.url(), &device, dir.path());
+    spec.env = vec![("RUST_LOG", "info,fwagent=debug")];
+    spec.extra = vec!["--max-request-bytes".into(), (512 << 10).to_string()];
+    let mut agent = Agent::start(&spec);
+    cloud.wait_status("online", Some(&agent));
+
+    // Busy: an upgrade at 256 KiB/s for half a minute, resumed by the next start.
+    let fw = servers.put_http("mqtt-flood", 8 << 20);
+    let busy = request_at(&servers, "/slow256k/", &fw);
+    let busy_mid = mid_of(&busy);
+    cloud.send_json(&busy);
+    let (ack, _) = cloud.wait_response(LONG, "the first ack", &agent, |v| is_ack_of(v, &busy_mid));
+    assert_eq!(ack["result"]["errorNo"], 0, "{ack}");
+    let rss_idle = vm_kib(agent.pid(), "VmRSS");
+    assert_eq!(agent.stop().code(), Some(0), "{}", agent.log());
+    cloud.wait_status("offline", None);
+
+    // About 200 MiB of requests for the agent's session: each asks for another image (busy:
+    // errorNo 6), padded. The broker has them all before the agent is back.
+    let pad = "x".repeat(PAD);
+    let mut mids = Vec::with_capacity(FLOOD);
+    for i in 0..FLOOD {
+        let mut req = request_at(&servers, "/slow256k/", &fw);
+        req["info"]["fileInfo"]["firmwareName"] = format!("other-{i}.bin").into();
+        req["info"]["fileInfo"]["md5sum"] = format!("{i:032x}").into();
+        req["info"]["pad"] = pad.clone().into();
+        mids.push(mid_of(&req));
+        cloud.send_json(&req);
+    }
+    thread::sleep(Duration::from_secs(3));
+
+    let agent = Agent::start(&spec);
+    let started = Instant::now();
+    cloud.wait(
+        Duration::from_secs(240),
+        "an ack for every request of the flood",
+        Some(&agent),
+        |msgs| {
+            let acked: std::collections::HashSet<String> = msgs
+                .iter()
+                .map(Msg::json)
+                .filter(|v| operator(v).ends_with("-Ack"))
+                .filter_map(|v| v["messageId"].as_str().map(str::to_string))
+                .collect();
+            mids.iter().all(|m| acked.contains(m)).then_some(())
+        },
+    );
+    let took = started.elapsed();
+    let hwm = vm_kib(agent.pid(), "VmHWM");
+    let log = agent.log();
+    let held = most_requests_held(&log);
+    eprintln!(
+        "flood of {FLOOD} requests of {PAD} bytes: answered in {took:?}; the agent held at most \
+         {held} at once; VmRSS idle {rss_idle} KiB, VmHWM under the flood {hwm} KiB"
+    );
+
+    let responses = cloud.responses();
+    for mid in mids.iter().chain([&busy_mid]) {
+        let acks: Vec<&Value> = responses.iter().filter(|v| is_ack_of(v, mid)).collect();
+        assert_eq!(acks.len(), 1, "one ack for {mid}: {acks:#?}");
+        if *mid != busy_mid {
+            assert_eq!(acks[0]["result"]["errorNo"], 6, "{}", acks[0]);
+        }
+    }
+    assert!(
+        !log.contains("lost the MQTT connection"),
+        "the connection held throughout\n{log}"
+    );
+    // Undecided requests sit in the channel to the PUBACKs (REQUESTS_WAITING), one with the
+    // task awaiting its decision, and one with the connection task waiting for room.
+    assert!(
+        held <= REQUESTS_WAITING + 2,
+        "the agent held {held} requests at once (bounded by the request channels)"
+    );
+    assert!(
+        hwm.saturating_sub(rss_idle) < 64 << 10,
+        "the agent grew from {rss_idle} KiB to {hwm} KiB under a flood of {} MiB",
+        (FLOOD * PAD) >> 20
+    );
+}
+
+/// A broker that never acknowledges a publish (its PUBACK lost on a link that otherwise
+/// works): after `--mqtt-puback-timeout` the agent drops the connection and publishes the
+/// message again, with the same messageId, on the next one; it leaves the outbox only when a
+/// PUBACK comes.
+#[test]
+fn a_publish_whose_puback_never_comes_is_published_again_after_the_timeout() {
+    let device = unique_name("gw");
+    let dir = temp_dir();
+    let request_topic = format!("devices/{device}/request");
+    let response_topic = format!("devices/{device}/response");
+    let request =
+        br#"{"operator":"reboot","sessionId":"SID:puback","messageId":"MID:puback-1","info":{}}"#;
+    let broker = FakeBroker::start(&request_topic, request, &response_topic);
+    let mut spec = AgentSpec::new(broker.url(), &device, dir.path());
+    spec.extra = vec!["--mqtt-puback-timeout".into(), "2".into()];
+    let mut agent = Agent::start(&spec);
+
+    let ack_of =
+        |p: &Published| -> Value { serde_json::from_slice(&p.payload).unwrap_or(Value::Null) };
+    wait_until(SHORT, "the ack to be published", || {
+        !broker.published(&response_topic).is_empty()
+    });
+    let first = broker.published(&response_topic)[0].clone();
+    assert!(!first.acked, "the fake broker swallows the first PUBACK");
+    assert_eq!(ack_of(&first)["messageId"], "MID:puback-1");
+    assert_eq!(ack_of(&first)["result"]["errorNo"], 2);
+    assert_eq!(
+        broker.request_acks(),
+        [(1, 1)],
+        "the request was acknowledged once decided"
+    );
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while broker.published(&response_topic).len() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the ack was not published again within 20 s of a lost PUBACK \
+             (connections: {})\n--- agent log\n{}",
+            broker.connections(),
+            agent.log()
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    let again = broker.published(&response_topic);
+    assert_eq!(again.len(), 2, "published again once: {again:#?}");
+    let second = &again[1];
+    assert_eq!(
+        ack_of(second),
+        ack_of(&first),
+        "the same ack, the same messageId"
+    );
+    assert!(second.acked);
+    let waited = second.at - first.at;
+    assert!(
+        waited >= Duration::from_millis(1900),
+        "published again after {waited:?}, before the timeout"
+    );
+    assert!(
+        agent.log().contains("no PUBACK"),
+        "the log says why\n{}",
+        agent.log()
+    );
+    // Delivered now: the outbox is empty after a clean stop.
+    thread::sleep(Duration::from_millis(300));
+    assert_eq!(agent.stop().code(), Some(0), "{}", agent.log());
+    let store =
+        fwagent_state::Store::open(&dir.path().join("state"), &device).expect("open the store");
+    let pending = store.pending_outbox().expect("read the outbox");
+    assert!(pending.is_empty(), "still in the outbox: {pending:#?}");
 }
 
 /// mqtts:// to the shared broker's TLS listener, trusting the test CA.

@@ -5,7 +5,7 @@ use super::{at_least_one, exit, DEFAULT_STATE_DIR};
 use crate::runtime::agent::{self, AgentConfig};
 use crate::runtime::flash::{FlashOptions, FlashSpec};
 use crate::runtime::http::HttpFetcher;
-use crate::runtime::messaging::mqtt::{MqttArgs, MqttSettings};
+use crate::runtime::messaging::mqtt::{MqttArgs, MqttSettings, PUBACK_TIMEOUT};
 use crate::runtime::{Paths, Transfer};
 use actix::prelude::*;
 use fwagent_state::{Policy, Secret, Store};
@@ -64,6 +64,11 @@ pub struct RunArgs {
     /// Retained `online`/`offline` (the last will) [default: devices/{deviceId}/status].
     #[arg(long)]
     pub status_topic: Option<String>,
+    /// MQTT: seconds to wait for the broker's PUBACK of an ack or report;
+    /// then the connection is dropped and the message published again on
+    /// the next one [default: 30].
+    #[arg(long, value_name = "SECS", value_parser = at_least_one::<NonZeroU64>)]
+    pub mqtt_puback_timeout: Option<NonZeroU64>,
     /// Where images go: file:PATH (once verified), ab:DIR (streamed into the
     /// inactive slot, booted only once verified; docs/AB-SLOTS.md) or
     /// command:CMD (an installer; `{image}` is replaced by the image's path).
@@ -162,6 +167,7 @@ impl RunArgs {
             request_topic: self.request_topic.or(file.request_topic),
             response_topic: self.response_topic.or(file.response_topic),
             status_topic: self.status_topic.or(file.status_topic),
+            mqtt_puback_timeout: self.mqtt_puback_timeout.or(file.mqtt_puback_timeout),
             flash: self.flash.or(file.flash),
             reboot_command: self.reboot_command.or(file.reboot_command),
             health_command: self.health_command.or(file.health_command),
@@ -294,6 +300,9 @@ fn mqtt_settings(
             cert: a.mqtt_cert.as_deref(),
             key: a.mqtt_key.as_deref(),
             connect_timeout,
+            puback_timeout: a
+                .mqtt_puback_timeout
+                .map_or(PUBACK_TIMEOUT, |s| Duration::from_secs(s.get())),
         })
         .map(Some)
         .map_err(|e| e.to_string()),

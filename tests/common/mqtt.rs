@@ -1,11 +1,18 @@
 //! Brokers for the MQTT tests: a lock for tests that stop the shared one,
-//! and a mosquitto of a test's own.
+//! a mosquitto of a test's own, and a fake broker that swallows a PUBACK.
 
 use super::{free_port, spawn_detached, temp_dir, wait_port, wait_port_closed};
+use bytes::BytesMut;
+use rumqttc::{
+    ConnAck, ConnectReturnCode, Packet, PubAck, Publish, QoS, SubAck, SubscribeReasonCode,
+};
 use std::fs;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
 use std::process::Child;
-use std::sync::{Mutex, MutexGuard};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread;
+use std::time::{Duration, Instant};
 
 /// Serialises tests of one binary that kill or restart the shared broker (and the tests that
 /// need it up meanwhile). A poisoned lock is taken anyway.
@@ -27,6 +34,11 @@ pub struct Mosquitto {
 
 impl Mosquitto {
     pub fn start() -> Mosquitto {
+        Mosquitto::start_with("")
+    }
+
+    /// With `extra` lines appended to its configuration (`max_inflight_messages 0`, say).
+    pub fn start_with(extra: &str) -> Mosquitto {
         let bin = std::env::var("FWAGENT_TEST_MOSQUITTO_BIN")
             .ok()
             .filter(|b| !b.is_empty())
@@ -41,7 +53,7 @@ impl Mosquitto {
             format!(
                 "{user}listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\n\
                  persistence_location {d}/\nautosave_on_changes true\nautosave_interval 1\n\
-                 log_dest file {d}/mosquitto.log\n",
+                 log_dest file {d}/mosquitto.log\n{extra}",
                 user = if root { "user root\n" } else { "" },
                 d = dir.path().display()
             ),
@@ -104,6 +116,179 @@ impl Drop for Mosquitto {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
+        }
+    }
+}
+
+// ---------------------------------------------------------------- a fake broker
+
+/// A PUBLISH the fake broker got from the agent.
+#[derive(Clone, Debug)]
+pub struct Published {
+    /// 1 for the first connection, 2 for the next, ...
+    pub connection: u32,
+    pub topic: String,
+    pub pkid: u16,
+    pub payload: Vec<u8>,
+    pub at: Instant,
+    /// Whether the broker answered it with a PUBACK.
+    pub acked: bool,
+}
+
+/// What the fake broker saw.
+#[derive(Default)]
+struct FakeState {
+    connections: u32,
+    published: Vec<Published>,
+    /// The agent's PUBACKs for the request: (connection, pkid).
+    request_acks: Vec<(u32, u16)>,
+    swallowed: bool,
+}
+
+/// A broker of the test's own that speaks just enough MQTT 3.1.1 (CONNECT, SUBSCRIBE, QoS 1
+/// PUBLISH and PUBACK, PINGREQ) to be one that loses a PUBACK, which Mosquitto cannot be told
+/// to do: after the first connection's SUBACK it publishes `request` on `request_topic`, and it
+/// never acknowledges the first publish on `swallow_topic`; everything else it acknowledges.
+/// A reconnect finds the session present (as on a broker that keeps it). Its threads end with
+/// the test binary.
+pub struct FakeBroker {
+    pub port: u16,
+    state: Arc<Mutex<FakeState>>,
+}
+
+impl FakeBroker {
+    pub fn start(request_topic: &str, request: &[u8], swallow_topic: &str) -> FakeBroker {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind the fake broker");
+        let port = listener.local_addr().expect("its address").port();
+        let state = Arc::new(Mutex::new(FakeState::default()));
+        let (st, request_topic, request, swallow_topic) = (
+            state.clone(),
+            request_topic.to_string(),
+            request.to_vec(),
+            swallow_topic.to_string(),
+        );
+        thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let connection = {
+                    let mut s = st.lock().unwrap();
+                    s.connections += 1;
+                    s.connections
+                };
+                let (st, rt, rq, sw) = (
+                    st.clone(),
+                    request_topic.clone(),
+                    request.clone(),
+                    swallow_topic.clone(),
+                );
+                thread::spawn(move || {
+                    let _ = serve(stream, connection, &st, &rt, &rq, &sw);
+                });
+            }
+        });
+        FakeBroker { port, state }
+    }
+
+    pub fn url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.port)
+    }
+
+    pub fn connections(&self) -> u32 {
+        self.state.lock().unwrap().connections
+    }
+
+    /// The publishes on `topic` so far, in order.
+    pub fn published(&self, topic: &str) -> Vec<Published> {
+        let s = self.state.lock().unwrap();
+        s.published
+            .iter()
+            .filter(|p| p.topic == topic)
+            .cloned()
+            .collect()
+    }
+
+    /// The agent's PUBACKs for the request: (connection, pkid).
+    pub fn request_acks(&self) -> Vec<(u32, u16)> {
+        self.state.lock().unwrap().request_acks.clone()
+    }
+}
+
+fn write_packet(stream: &mut TcpStream, packet: Packet) -> std::io::Result<()> {
+    let mut out = BytesMut::new();
+    packet
+        .write(&mut out, 1 << 20)
+        .map_err(|e| std::io::Error::other(format!("{e:?}")))?;
+    stream.write_all(&out)
+}
+
+/// One connection of the fake broker, until the agent closes it.
+fn serve(
+    mut stream: TcpStream,
+    connection: u32,
+    state: &Mutex<FakeState>,
+    request_topic: &str,
+    request: &[u8],
+    swallow_topic: &str,
+) -> std::io::Result<()> {
+    let mut buf = BytesMut::new();
+    let mut chunk = [0u8; 16 << 10];
+    loop {
+        let packet = match Packet::read(&mut buf, 1 << 20) {
+            Ok(p) => p,
+            Err(rumqttc::Error::InsufficientBytes(_)) => {
+                let n = stream.read(&mut chunk)?;
+                if n == 0 {
+                    return Ok(());
+                }
+                buf.extend_from_slice(&chunk[..n]);
+                continue;
+            }
+            Err(e) => return Err(std::io::Error::other(format!("{e:?}"))),
+        };
+        match packet {
+            Packet::Connect(_) => write_packet(
+                &mut stream,
+                Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, connection > 1)),
+            )?,
+            Packet::Subscribe(sub) => {
+                let codes = sub
+                    .filters
+                    .iter()
+                    .map(|_| SubscribeReasonCode::Success(QoS::AtLeastOnce))
+                    .collect();
+                write_packet(&mut stream, Packet::SubAck(SubAck::new(sub.pkid, codes)))?;
+                if connection == 1 {
+                    let mut p = Publish::new(request_topic, QoS::AtLeastOnce, request.to_vec());
+                    p.pkid = 1;
+                    write_packet(&mut stream, Packet::Publish(p))?;
+                }
+            }
+            Packet::Publish(p) => {
+                let swallow = {
+                    let mut s = state.lock().unwrap();
+                    let swallow = p.topic == swallow_topic && !s.swallowed;
+                    s.swallowed |= swallow;
+                    s.published.push(Published {
+                        connection,
+                        topic: p.topic.clone(),
+                        pkid: p.pkid,
+                        payload: p.payload.to_vec(),
+                        at: Instant::now(),
+                        acked: !swallow,
+                    });
+                    swallow
+                };
+                if !swallow && p.qos != QoS::AtMostOnce {
+                    write_packet(&mut stream, Packet::PubAck(PubAck::new(p.pkid)))?;
+                }
+            }
+            Packet::PubAck(ack) => state
+                .lock()
+                .unwrap()
+                .request_acks
+                .push((connection, ack.pkid)),
+            Packet::PingReq => write_packet(&mut stream, Packet::PingResp)?,
+            Packet::Disconnect => return Ok(()),
+            _ => {}
         }
     }
 }

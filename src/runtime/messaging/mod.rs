@@ -9,6 +9,12 @@
 //! order. Only when the transport confirms a message (a flushed stdout line,
 //! an MQTT PUBACK) is it reported [`Delivered`]; until then it stays in the
 //! store's outbox and goes out again after a restart.
+//!
+//! Requests are taken with back-pressure: at most [`REQUESTS_WAITING`] wait
+//! between a transport and the Upgrade actor's decision, and a transport
+//! with more to give waits rather than reads. MQTT then stops reading its
+//! socket (the broker keeps the rest, unacknowledged); stdin is not read
+//! while the Upgrade actor's mailbox is full.
 
 pub mod mqtt;
 pub mod stdio;
@@ -139,15 +145,22 @@ impl Inbox {
     }
 
     /// A parser that keeps the order requests came in: each is parsed (off
-    /// the arbiter when a decoder may run) and handed on before the next.
-    /// Dropping the returned sender ends it.
-    pub fn in_order(self) -> mpsc::UnboundedSender<Raw> {
-        let (tx, mut rx) = mpsc::unbounded_channel::<Raw>();
+    /// the arbiter when a decoder may run) and handed on, and decided, before
+    /// the next is taken. At most [`REQUESTS_WAITING`] wait in the returned
+    /// sender; a full one makes the sender wait (back-pressure). Dropping it
+    /// ends the parser.
+    pub fn in_order(self) -> mpsc::Sender<Raw> {
+        let (tx, mut rx) = mpsc::channel::<Raw>(REQUESTS_WAITING);
         actix_rt::spawn(async move {
             while let Some(Raw { bytes, reply }) = rx.recv().await {
                 // A parser failure drops `reply`: no decision, no ack.
-                if let Some(incoming) = self.parse(bytes).await {
-                    self.upgrade.do_send(self.request(incoming, Some(reply)));
+                let Some(incoming) = self.parse(bytes).await else {
+                    continue;
+                };
+                // `send`, not `do_send`: it waits while the Upgrade actor's
+                // mailbox is full, and resolves once the request is decided.
+                if let Err(e) = self.upgrade.send(self.request(incoming, Some(reply))).await {
+                    tracing::warn!(error = %e, "the upgrade actor did not take a request; left unacknowledged");
                 }
             }
         });
@@ -170,6 +183,13 @@ pub struct Outbound(pub OutboxEntry);
 #[derive(Message, Debug)]
 #[rtype(result = "()")]
 pub struct Listen;
+
+/// Requests read from a transport and not yet handed to the Upgrade actor,
+/// at most (the capacity of [`Inbox::in_order`]'s channel, and of the MQTT
+/// transport's queue of requests awaiting their PUBACK). A transport with
+/// more waits until there is room: the MQTT connection stops reading its
+/// socket, so a flooding broker keeps what is not yet taken.
+pub const REQUESTS_WAITING: usize = 16;
 
 /// Retries of a send that failed: from this, doubling, up to [`RETRY_MAX`].
 const RETRY_MIN: Duration = Duration::from_millis(200);
@@ -312,7 +332,9 @@ mod tests {
             let requests = inbox.in_order();
             for bytes in self.requests.drain(..) {
                 let (reply, _) = oneshot::channel();
-                let _ = requests.send(Raw { bytes, reply });
+                requests
+                    .try_send(Raw { bytes, reply })
+                    .expect("room for the test's few requests");
             }
         }
 
@@ -409,6 +431,70 @@ mod tests {
             }
         })
         .await;
+    }
+
+    /// An Upgrade actor that decides nothing until `gate` opens (or is
+    /// dropped): its handler blocks its own arbiter's thread.
+    struct StalledUpgrade {
+        gate: std::sync::mpsc::Receiver<()>,
+        taken: Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    impl Actor for StalledUpgrade {
+        type Context = Context<Self>;
+    }
+
+    impl Handler<Request> for StalledUpgrade {
+        type Result = ();
+        fn handle(&mut self, _msg: Request, _ctx: &mut Context<Self>) {
+            self.taken.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let _ = self.gate.recv();
+        }
+    }
+
+    #[actix_rt::test]
+    async fn in_order_holds_at_most_requests_waiting_while_nothing_is_decided() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let (open, gate) = std::sync::mpsc::channel();
+        let taken = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let arbiter = Arbiter::new();
+        let upgrade = {
+            let taken = taken.clone();
+            StalledUpgrade::start_in_arbiter(&arbiter.handle(), move |_| StalledUpgrade {
+                gate,
+                taken,
+            })
+        };
+        let paths = crate::runtime::Paths {
+            state_dir: std::env::temp_dir(),
+        };
+        let staging = Staging::new(paths, &crate::runtime::flash::FlashSpec::File("t".into()));
+        let requests = Inbox::new(ParseOptions::default(), upgrade.recipient(), staging).in_order();
+        let raw = || Raw {
+            bytes: SEED_1.to_vec(),
+            reply: oneshot::channel().0,
+        };
+        bounded(async {
+            let mut sent = 0;
+            while requests.try_send(raw()).is_ok() {
+                sent += 1;
+                // Let the parser take what it will.
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                assert!(sent <= 10 * REQUESTS_WAITING, "never full");
+            }
+            assert_eq!(
+                (sent, taken.load(SeqCst)),
+                (REQUESTS_WAITING + 1, 1),
+                "one with the Upgrade actor, the rest waiting in the channel"
+            );
+            drop(open);
+            while taken.load(SeqCst) < sent {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            requests.try_send(raw()).expect("room again");
+        })
+        .await;
+        arbiter.stop();
     }
 
     #[actix_rt::test]

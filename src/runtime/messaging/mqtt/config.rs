@@ -22,6 +22,8 @@ pub const MAX_INCOMING_PACKET: usize = 1 << 20;
 /// The largest packet the agent writes (reports are a few hundred bytes).
 const MAX_OUTGOING_PACKET: usize = 1 << 20;
 const KEEP_ALIVE: Duration = Duration::from_secs(30);
+/// The default of `--mqtt-puback-timeout`.
+pub const PUBACK_TIMEOUT: Duration = Duration::from_secs(30);
 /// Requests queued towards rumqttc's event loop: one publish, a subscribe,
 /// and the manual acks (the broker keeps at most its inflight window unacked).
 pub(super) const REQUEST_CHANNEL: usize = 256;
@@ -153,6 +155,9 @@ pub struct MqttSettings {
     pub status_topic: String,
     pub tls: Option<Arc<rustls::ClientConfig>>,
     pub connect_timeout: Duration,
+    /// How long a publish waits for its PUBACK before the connection is
+    /// dropped and the publish sent again on the next one.
+    pub puback_timeout: Duration,
 }
 
 impl fmt::Debug for MqttSettings {
@@ -164,6 +169,7 @@ impl fmt::Debug for MqttSettings {
             .field("response_topic", &self.response_topic)
             .field("status_topic", &self.status_topic)
             .field("tls", &self.tls.is_some())
+            .field("puback_timeout", &self.puback_timeout)
             .finish()
     }
 }
@@ -182,6 +188,7 @@ pub struct MqttArgs<'a> {
     pub cert: Option<&'a Path>,
     pub key: Option<&'a Path>,
     pub connect_timeout: Duration,
+    pub puback_timeout: Duration,
 }
 
 impl MqttSettings {
@@ -225,6 +232,7 @@ impl MqttSettings {
             status_topic,
             tls,
             connect_timeout: a.connect_timeout,
+            puback_timeout: a.puback_timeout,
         })
     }
 

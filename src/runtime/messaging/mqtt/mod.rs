@@ -14,6 +14,17 @@
 //!   messageId dedupe keeps it to one upgrade. An ack is never sent on a later
 //!   connection than the one the request came on: after a reconnect the broker
 //!   redelivers it, and the (deduplicated) redelivery is acknowledged instead.
+//! - **Requests are taken with back-pressure.** The connection task hands a
+//!   request to the [`Inbox`]'s parser, and its pending PUBACK to the task
+//!   that sends it, over channels of [`REQUESTS_WAITING`] each, and waits
+//!   while they are full. While it waits it does not poll rumqttc's event
+//!   loop, so the socket is not read: a broker that floods the agent keeps
+//!   what is not yet taken (unacknowledged, in its queue and the TCP
+//!   window). The agent holds at most [`REQUESTS_WAITING`] + 2 undecided
+//!   requests (each cut at `--max-request-bytes` + 1): those queued for
+//!   their PUBACK, the one whose decision [`acknowledge`] awaits, and the
+//!   one the connection task holds while it waits for room. The waits are
+//!   short (a decision is one commit), so keep-alive pings still go out.
 //! - **An outbox entry is delivered only on its PUBACK.** [`Transport::send`]
 //!   publishes with QoS 1 and completes when the broker's PUBACK for that
 //!   packet id arrives. One publish is in flight at a time, so order is kept.
@@ -22,6 +33,15 @@
 //!   pending publishes), the in-flight message is published again here. A
 //!   message may thus reach the cloud twice, with the same messageId, never
 //!   zero times, and never out of order.
+//! - **A PUBACK that never comes is waited for only so long.** MQTT 3.1.1
+//!   resends an unacknowledged publish only on a new connection, so when the
+//!   in-flight publish has no PUBACK within `--mqtt-puback-timeout`
+//!   ([`PUBACK_TIMEOUT`], 30 s) of being written, the connection task drops
+//!   the connection (no DISCONNECT, so the broker publishes the `offline`
+//!   will) and connects again at once: rumqttc resends the publish with its
+//!   packet id when the broker kept the session, and it is published again
+//!   here when the broker lost it, as after any reconnect. Its outbox entry
+//!   stays until a PUBACK comes; the same messageId may reach the cloud twice.
 //! - **Reconnects with backoff** (250 ms doubling to 30 s) while upgrades go
 //!   on; replies wait in the store's outbox meanwhile.
 //! - **Status.** `online` (retained, QoS 1) after every connect; `offline`
@@ -52,10 +72,10 @@ mod session;
 
 pub use config::{
     BrokerUrl, MqttArgs, MqttConfigError, MqttSettings, DEFAULT_REQUEST_TOPIC,
-    DEFAULT_RESPONSE_TOPIC, DEFAULT_STATUS_TOPIC, MAX_INCOMING_PACKET,
+    DEFAULT_RESPONSE_TOPIC, DEFAULT_STATUS_TOPIC, MAX_INCOMING_PACKET, PUBACK_TIMEOUT,
 };
 
-use super::{Inbox, Raw, Transport, TransportError};
+use super::{Inbox, Raw, Transport, TransportError, REQUESTS_WAITING};
 use crate::runtime::{BoxFuture, InputClosed};
 use actix::Recipient;
 use config::REQUEST_CHANNEL;
@@ -103,6 +123,7 @@ impl Mqtt {
 
 /// A request handed to the Upgrade actor, waiting for its committed decision.
 struct PendingAck {
+    /// Without its payload (the parser has its own copy): what the PUBACK needs.
     publish: Publish,
     connection: u64,
     reply: oneshot::Receiver<Ack>,
@@ -112,6 +133,8 @@ struct PendingAck {
 enum Next {
     Poll,
     Wait(Duration),
+    /// A request to hand on, waiting for room if need be.
+    Take(Raw, PendingAck),
 }
 
 /// The connection task's own state.
@@ -119,10 +142,11 @@ struct Connection {
     settings: Arc<MqttSettings>,
     shared: Arc<Mutex<Shared>>,
     /// Raw requests, in order, to the [`Inbox`]'s parser.
-    requests: mpsc::UnboundedSender<Raw>,
+    requests: mpsc::Sender<Raw>,
     /// The cut for a request's payload (`--max-request-bytes`).
     max_request_bytes: usize,
-    acks: mpsc::UnboundedSender<PendingAck>,
+    /// The requests' PUBACKs, in the same order, to [`acknowledge`].
+    acks: mpsc::Sender<PendingAck>,
     backoff: Duration,
     failures: u32,
 }
@@ -131,12 +155,48 @@ impl Connection {
     async fn run(mut self, mut events: EventLoop) {
         tracing::info!(broker = %self.settings.url, client_id = %self.settings.client_id, request_topic = %self.settings.request_topic, "connecting to the MQTT broker");
         loop {
-            let event = events.poll().await;
+            let overdue = lock(&self.shared).puback_deadline(self.settings.puback_timeout);
+            let event = match overdue {
+                None => Some(events.poll().await),
+                Some(at) => tokio::select! {
+                    event = events.poll() => Some(event),
+                    () = tokio::time::sleep_until(at) => None,
+                },
+            };
+            let Some(event) = event else {
+                // The poll just dropped may have been part-way through a
+                // packet: the connection goes with it.
+                self.puback_timed_out(&mut events);
+                continue;
+            };
             match self.on_event(event) {
                 Next::Poll => {}
                 Next::Wait(d) => tokio::time::sleep(d).await,
+                Next::Take(raw, ack) => self.take(raw, ack).await,
             }
         }
+    }
+
+    /// Hand a request on, waiting while the channels are full. The event
+    /// loop is not polled meanwhile: that is the back-pressure.
+    async fn take(&self, raw: Raw, ack: PendingAck) {
+        if self.requests.send(raw).await.is_err() {
+            tracing::error!("the request parser has stopped; request left unacknowledged");
+            return;
+        }
+        if self.acks.send(ack).await.is_err() {
+            tracing::error!("the acknowledging task has stopped; request left unacknowledged");
+        }
+    }
+
+    /// The publish in flight has had no PUBACK for the timeout: drop the
+    /// connection, so that the next one sends it again.
+    fn puback_timed_out(&self, events: &mut EventLoop) {
+        let mut s = lock(&self.shared);
+        let (seq, pkid) = s.in_flight_ids();
+        tracing::warn!(broker = %self.settings.url, ?seq, ?pkid, timeout_s = self.settings.puback_timeout.as_secs(), "no PUBACK within the timeout; reconnecting to publish again");
+        events.clean();
+        s.lost();
     }
 
     fn on_event(&mut self, event: Result<Event, ConnectionError>) -> Next {
@@ -169,12 +229,17 @@ impl Connection {
                     tracing::debug!(topic = %self.settings.request_topic, "subscribed");
                 }
             }
-            Ok(Event::Outgoing(Outgoing::Publish(pkid))) if pkid != 0 => s.written(pkid),
+            Ok(Event::Outgoing(Outgoing::Publish(pkid))) if pkid != 0 => {
+                s.written(pkid, tokio::time::Instant::now());
+            }
             Ok(Event::Incoming(Packet::PubAck(ack))) => s.acknowledged(ack.pkid),
             Ok(Event::Incoming(Packet::Publish(p))) => {
                 let connection = s.connections;
-                self.on_request(&s, p, connection);
+                let take = self.on_request(&s, p, connection);
                 s.pump();
+                if let Some((raw, ack)) = take {
+                    return Next::Take(raw, ack);
+                }
             }
             Ok(_) => s.pump(),
             Err(e) => {
@@ -197,18 +262,18 @@ impl Connection {
         Next::Poll
     }
 
-    /// A PUBLISH from the broker: a request to decide, or something to
+    /// A PUBLISH from the broker: a request to hand on, or something to
     /// acknowledge and drop.
-    fn on_request(&self, s: &Shared, p: Publish, connection: u64) {
+    fn on_request(&self, s: &Shared, mut p: Publish, connection: u64) -> Option<(Raw, PendingAck)> {
         if p.topic != self.settings.request_topic {
             tracing::warn!(topic = %p.topic, "message on an unexpected topic; ignored");
             let _ = s.ack(&p, connection);
-            return;
+            return None;
         }
         if p.payload.iter().all(u8::is_ascii_whitespace) {
             tracing::debug!(pkid = p.pkid, "empty request payload; ignored");
             let _ = s.ack(&p, connection);
-            return;
+            return None;
         }
         let keep = p.payload.len().min(self.max_request_bytes + 1);
         let bytes = p.payload[..keep].to_vec();
@@ -219,18 +284,21 @@ impl Connection {
             "request received"
         );
         let (reply, rx) = oneshot::channel();
-        let _ = self.requests.send(Raw { bytes, reply });
-        let _ = self.acks.send(PendingAck {
-            publish: p,
-            connection,
-            reply: rx,
-        });
+        p.payload = Default::default();
+        Some((
+            Raw { bytes, reply },
+            PendingAck {
+                publish: p,
+                connection,
+                reply: rx,
+            },
+        ))
     }
 }
 
 /// Acknowledge requests to the broker in the order they came, each once its
 /// decision is committed.
-async fn acknowledge(shared: Arc<Mutex<Shared>>, mut pending: mpsc::UnboundedReceiver<PendingAck>) {
+async fn acknowledge(shared: Arc<Mutex<Shared>>, mut pending: mpsc::Receiver<PendingAck>) {
     while let Some(p) = pending.recv().await {
         match p.reply.await {
             Ok(ack) => {
@@ -250,7 +318,7 @@ impl Transport for Mqtt {
             tracing::error!("the MQTT transport was started twice; ignored");
             return;
         };
-        let (acks, pending) = mpsc::unbounded_channel();
+        let (acks, pending) = mpsc::channel(REQUESTS_WAITING);
         actix_rt::spawn(acknowledge(self.shared.clone(), pending));
         let connection = Connection {
             settings: self.settings.clone(),

@@ -1,14 +1,17 @@
 //! The publish and acknowledgement bookkeeping of the MQTT session: one
 //! publication in flight at a time, delivered only on its own PUBACK, handed
-//! over again when the broker lost the session; requests acknowledged only
-//! on the connection they came on. The connection task and
+//! over again when the broker lost the session, overdue once its PUBACK has
+//! not come for the timeout; requests acknowledged only on the connection
+//! they came on. The connection task and
 //! [`Transport::send`](super::super::Transport::send) share it under a mutex.
 
 use super::STATUS_ONLINE;
 use rumqttc::{AsyncClient, Publish, QoS};
 use std::collections::VecDeque;
 use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
 use tokio::sync::oneshot;
+use tokio::time::Instant;
 
 /// A message to publish (QoS 1), and who waits for its PUBACK.
 pub(super) struct Publication {
@@ -26,6 +29,9 @@ pub(super) struct InFlight {
     publication: Publication,
     /// Its packet id, once rumqttc has written it.
     pkid: Option<u16>,
+    /// When rumqttc last wrote it on the live connection (`None` before, and
+    /// after the connection was lost, until it is written again).
+    written_at: Option<Instant>,
     /// [`Shared::cleans`] when it was handed over: if rumqttc has cleaned up
     /// since, the publish sits in rumqttc's pending list, which it drops when
     /// the broker has lost the session.
@@ -78,6 +84,7 @@ impl Shared {
                 self.in_flight = Some(InFlight {
                     publication: p,
                     pkid: None,
+                    written_at: None,
                     cleans_at_submit: self.cleans,
                 });
             }
@@ -113,16 +120,34 @@ impl Shared {
             self.connected = false;
             self.cleans += 1;
         }
+        if let Some(f) = self.in_flight.as_mut() {
+            f.written_at = None;
+        }
         was
     }
 
-    /// rumqttc wrote a QoS 1 publish with this packet id. Only one is ever
-    /// with rumqttc, so it is the one in flight (sent for the first time, or
-    /// again after a reconnect).
-    pub(super) fn written(&mut self, pkid: u16) {
+    /// rumqttc wrote a QoS 1 publish with this packet id at `now`. Only one
+    /// is ever with rumqttc, so it is the one in flight (sent for the first
+    /// time, or again after a reconnect).
+    pub(super) fn written(&mut self, pkid: u16, now: Instant) {
         if let Some(f) = self.in_flight.as_mut() {
             f.pkid = Some(pkid);
+            f.written_at = Some(now);
         }
+    }
+
+    /// When the publish in flight is overdue: `timeout` after it was written
+    /// on the live connection, if its PUBACK has not come by then.
+    pub(super) fn puback_deadline(&self, timeout: Duration) -> Option<Instant> {
+        let f = self.in_flight.as_ref().filter(|_| self.connected)?;
+        Some(f.written_at? + timeout)
+    }
+
+    /// The outbox seq and packet id of the publish in flight, for the logs.
+    pub(super) fn in_flight_ids(&self) -> (Option<u64>, Option<u16>) {
+        self.in_flight
+            .as_ref()
+            .map_or((None, None), |f| (f.publication.seq, f.pkid))
     }
 
     /// A PUBACK: the publication in flight is delivered if the packet id is
@@ -237,7 +262,7 @@ mod tests {
         let mut second = entry(&mut s, 2);
         assert_eq!(in_flight(&s), (Some(1), None, 0));
         assert_eq!(s.queue.len(), 1, "the second waits");
-        s.written(7);
+        s.written(7, Instant::now());
         s.acknowledged(8);
         assert!(
             first.try_recv().is_err(),
@@ -254,7 +279,7 @@ mod tests {
         let (mut s, _events) = shared();
         s.connected(false);
         let mut first = entry(&mut s, 1);
-        s.written(3);
+        s.written(3, Instant::now());
         assert!(s.lost());
         assert!(!s.lost(), "a failed connect is no loss");
         s.connected(true);
@@ -264,7 +289,7 @@ mod tests {
             "rumqttc sends it again itself"
         );
         assert!(s.queue.is_empty());
-        s.written(3);
+        s.written(3, Instant::now());
         s.acknowledged(3);
         assert!(first.try_recv().is_ok());
     }
@@ -274,7 +299,7 @@ mod tests {
         let (mut s, mut events) = shared();
         s.connected(false);
         let mut first = entry(&mut s, 1);
-        s.written(3);
+        s.written(3, Instant::now());
         assert!(s.lost());
         s.connected(false);
         s.pump();
@@ -288,7 +313,7 @@ mod tests {
             ["1", "1"],
             "handed over twice: the first copy went with the lost session"
         );
-        s.written(1);
+        s.written(1, Instant::now());
         s.acknowledged(1);
         assert!(first.try_recv().is_ok());
     }
@@ -310,6 +335,45 @@ mod tests {
         assert!(s.lost());
         s.connected(false);
         assert!(s.in_flight.is_none() && s.queue.len() == 1, "queued again");
+    }
+
+    #[test]
+    fn a_publish_without_its_puback_is_overdue_after_the_timeout() {
+        const T: Duration = Duration::from_secs(30);
+        let (mut s, _events) = shared();
+        s.connected(true);
+        let mut first = entry(&mut s, 1);
+        assert_eq!(s.puback_deadline(T), None, "not written yet");
+        let t0 = Instant::now();
+        s.written(5, t0);
+        assert_eq!(s.puback_deadline(T), Some(t0 + T));
+        s.acknowledged(4);
+        assert_eq!(
+            s.puback_deadline(T),
+            Some(t0 + T),
+            "another PUBACK is not its own"
+        );
+        // The timeout dropped the connection: no deadline until it is written again.
+        assert!(s.lost());
+        assert_eq!(s.puback_deadline(T), None);
+        s.connected(true);
+        assert_eq!(s.puback_deadline(T), None, "rumqttc has not resent it yet");
+        let t1 = t0 + Duration::from_secs(31);
+        s.written(5, t1);
+        assert_eq!(
+            s.puback_deadline(T),
+            Some(t1 + T),
+            "a new deadline for the resend"
+        );
+        assert!(first.try_recv().is_err(), "still not delivered");
+        s.acknowledged(5);
+        assert!(first.try_recv().is_ok());
+        assert_eq!(s.puback_deadline(T), None, "nothing in flight");
+        // The status, sent next, has a deadline too.
+        s.queue_status("st");
+        s.pump();
+        s.written(6, t1);
+        assert_eq!(s.puback_deadline(T), Some(t1 + T));
     }
 
     #[test]
