@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: all build test test-only lint fmt servers servers-stop servers-status clean-servers demo bench powercut soak help
+.PHONY: all build test test-only lint fmt servers servers-stop servers-status clean-servers demo bench powercut soak fleet help
 
 all: build
 
@@ -19,6 +19,7 @@ help:
 	@echo "make bench          run the benchmarks"
 	@echo "make soak           the store over years: 10,000 upgrades and 100,000 refused requests, its size as it goes"
 	@echo "make powercut       real power cuts: the agent in a QEMU VM, qemu SIGKILLed (CUTS=100, SEED=S to replay)"
+	@echo "make fleet          N agents (N=200) on one Mosquitto and one nginx, the broker restarted halfway"
 
 build:
 	$(CARGO) build --workspace
@@ -62,3 +63,6 @@ soak:
 
 powercut:
 	@CUTS="$(or $(CUTS),10)" scripts/powercut.sh
+
+fleet:
+	@N="$(or $(N),200)" scripts/fleet.sh

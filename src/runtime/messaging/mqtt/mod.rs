@@ -42,8 +42,11 @@
 //!   packet id when the broker kept the session, and it is published again
 //!   here when the broker lost it, as after any reconnect. Its outbox entry
 //!   stays until a PUBACK comes; the same messageId may reach the cloud twice.
-//! - **Reconnects with backoff** (250 ms doubling to 30 s) while upgrades go
-//!   on; replies wait in the store's outbox meanwhile.
+//! - **Reconnects with backoff and full jitter**: the bound starts at 250 ms
+//!   and doubles to 30 s, and each wait is drawn uniformly below it, so a
+//!   fleet that lost its broker at one moment does not come back at one
+//!   moment (docs/BENCH.md, "Fleet"). Upgrades go on meanwhile; replies wait
+//!   in the store's outbox.
 //! - **Status.** `online` (retained, QoS 1) after every connect; `offline`
 //!   (retained, QoS 1) as the last will. The agent never sends DISCONNECT, so
 //!   the broker publishes the will whenever the agent goes away, on a crash and
@@ -95,6 +98,18 @@ pub const STATUS_OFFLINE: &str = "offline";
 
 const BACKOFF_MIN: Duration = Duration::from_millis(250);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// A wait drawn uniformly from `[0, bound]` ("full jitter"): thousands of
+/// gateways that lost one broker at one moment reconnect spread over the
+/// bound, not all at its end.
+fn jittered(bound: Duration) -> Duration {
+    use std::hash::{BuildHasher, Hasher};
+    // Each `RandomState` has keys of its own, from the OS's random source.
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(0);
+    let unit = (h.finish() >> 11) as f64 / (1u64 << 53) as f64;
+    bound.mul_f64(unit)
+}
 
 // ------------------------------------------------------------------ transport
 
@@ -243,18 +258,18 @@ impl Connection {
             }
             Ok(_) => s.pump(),
             Err(e) => {
+                let wait = jittered(self.backoff);
                 if s.lost() {
                     tracing::warn!(broker = %self.settings.url, error = %e, "lost the MQTT connection; reconnecting");
                 } else {
                     self.failures += 1;
                     let level_warn = self.failures == 1 || self.failures.is_power_of_two();
                     if level_warn {
-                        tracing::warn!(broker = %self.settings.url, error = %e, failures = self.failures, retry_in_ms = self.backoff.as_millis() as u64, "cannot connect to the MQTT broker");
+                        tracing::warn!(broker = %self.settings.url, error = %e, failures = self.failures, retry_in_ms = wait.as_millis() as u64, "cannot connect to the MQTT broker");
                     } else {
                         tracing::debug!(broker = %self.settings.url, error = %e, failures = self.failures, "cannot connect to the MQTT broker");
                     }
                 }
-                let wait = self.backoff;
                 self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
                 return Next::Wait(wait);
             }
@@ -354,5 +369,24 @@ impl Transport for Mqtt {
                 .await
                 .map_err(|_| TransportError::ConnectionStopped)
         })
+    }
+}
+
+#[cfg(test)]
+mod jitter_tests {
+    use super::jittered;
+    use std::time::Duration;
+
+    #[test]
+    fn reconnect_waits_are_spread_over_the_whole_bound() {
+        let bound = Duration::from_secs(1);
+        let waits: Vec<Duration> = (0..2000).map(|_| jittered(bound)).collect();
+        assert!(waits.iter().all(|w| *w <= bound));
+        // Spread over the bound: some early, some late, every tenth used.
+        let mut tenths = [0usize; 10];
+        for w in &waits {
+            tenths[((w.as_secs_f64() * 10.0) as usize).min(9)] += 1;
+        }
+        assert!(tenths.iter().all(|&n| n > 100), "{tenths:?}");
     }
 }
