@@ -12,7 +12,7 @@
 #   PAIRS=5          rounds per comparison (at least 5 are used)
 #   SIZE_MIB=512     image size
 #   ACKS=1000        requests for the ack latency
-#   BENCH_ONLY=http,ftp,crash,ack   a subset, for debugging (the table then has gaps)
+#   BENCH_ONLY=http,ftp,crash,ack,rate   a subset, for debugging (the table then has gaps)
 #
 # Exit 0 once the table is printed, whether or not the targets are met; non-zero when the
 # bench itself could not run (build, servers, an upgrade that did not complete).
@@ -47,6 +47,14 @@ if [ ! -x /usr/bin/time ]; then
         { DEBIAN_FRONTEND=noninteractive as_root apt-get update -q >>"$OUT/apt.log" 2>&1 &&
             DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -q time >>"$OUT/apt.log" 2>&1; } ||
         { tail -n 20 "$OUT/apt.log" >&2; echo "bench: cannot install /usr/bin/time" >&2; exit 1; }
+fi
+
+if ! command -v strace >/dev/null; then
+    step "installing strace (fdatasyncs counted at gateway rates)"
+    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -q strace >>"$OUT/apt.log" 2>&1 ||
+        { DEBIAN_FRONTEND=noninteractive as_root apt-get update -q >>"$OUT/apt.log" 2>&1 &&
+            DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -q strace >>"$OUT/apt.log" 2>&1; } ||
+        step "no strace: the fdatasync counts are left out"
 fi
 
 step "cargo build --release --bin fwagent"

@@ -37,6 +37,18 @@ def rss_kib(pid):
     return out
 
 
+def switches(pid):
+    """Context switches of all of a process's threads so far (each is a wake-up)."""
+    n = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/status") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key in ("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches"):
+                    n += int(value)
+    return n, len(os.listdir(f"/proc/{pid}/task"))
+
+
 def percentile(sorted_values, p):
     """Nearest-rank percentile of an ascending list."""
     if not sorted_values:
@@ -71,6 +83,7 @@ def main():
     ap.add_argument("--count", type=int, default=1000)
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--idle-wait", type=float, default=2.0, help="seconds idle before reading RSS")
+    ap.add_argument("--idle-window", type=float, default=10.0, help="seconds over which idle wake-ups are counted")
     a = ap.parse_args()
 
     shutil.rmtree(a.state_dir, ignore_errors=True)
@@ -92,6 +105,9 @@ def main():
         time.sleep(0.01)
     time.sleep(a.idle_wait)
     idle = rss_kib(p.pid)
+    before, _ = switches(p.pid)
+    time.sleep(a.idle_window)
+    after_idle, threads = switches(p.pid)
 
     def one(i):
         line = request_line(i).encode()
@@ -132,6 +148,8 @@ def main():
         "mean_ms": sum(s) / len(s),
         "total_s": t_all,
         "idle_rss_kib": idle["VmRSS"],
+        "idle_wakeups_per_s": (after_idle - before) / a.idle_window,
+        "idle_threads": threads,
         "idle_hwm_kib": idle["VmHWM"],
         "idle_anon_kib": idle.get("RssAnon"),
         "idle_file_kib": idle.get("RssFile"),
