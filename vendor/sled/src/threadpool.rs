@@ -21,9 +21,7 @@ const MAX_THREADS: usize = 16;
 #[cfg(not(windows))]
 const MAX_THREADS: usize = 128;
 
-// fwagent: 2, not 7. Each waiting thread is a thread a gateway keeps for
-// ever; the agent's store writes from one actor, one flush at a time.
-const DESIRED_WAITING_THREADS: usize = 2;
+const DESIRED_WAITING_THREADS: usize = 7;
 
 static WAITING_THREAD_COUNT: AtomicUsize = AtomicUsize::new(0);
 static TOTAL_THREAD_COUNT: AtomicUsize = AtomicUsize::new(0);
