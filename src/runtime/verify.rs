@@ -16,9 +16,18 @@
 //! whose read-back CRC differs from what was received is a card that lost
 //! writes (50), not a bad download (1). The read-back runs here, beside the
 //! transfer, one checkpoint behind it.
+//!
+//! With trusted keys (`--trust-key`) the same pass computes the image's
+//! SHA-256 beside its md5 (a resumed download re-hashes its durable prefix
+//! for both), and once size and md5 match, [`check_signature`] checks the
+//! signature (the request's `info.fileInfo.signature`, else the `.sig` the
+//! downloader fetched beside the image) before `Verified` may be reported:
+//! missing (with `--require-signature`) or invalid is 32. Without trusted
+//! keys no SHA-256 is computed, and the path stays as fast as before.
 
 use super::flash::staging::Staging;
 use super::JobEvent;
+use crate::signature::{self, SignaturePolicy};
 use crate::{crash, fsutil};
 use actix::prelude::*;
 use bytes::Bytes;
@@ -28,10 +37,20 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// The SHA-256 being computed (only where signatures are checked).
+type Sha = ring::digest::Context;
+
+fn new_sha(wanted: bool) -> Option<Sha> {
+    wanted.then(|| Sha::new(&ring::digest::SHA256))
+}
 
 /// Hash state of one download in progress.
 struct Hashing {
     md5: Md5,
+    /// With trusted keys only.
+    sha: Option<Sha>,
     len: u64,
     /// Hashed from the medium ([`VerifyMsg::Durable`]), not from the chunks.
     medium: Option<Medium>,
@@ -80,37 +99,57 @@ pub struct Verify {
     staging: Staging,
     /// The read-back buffer, allocated on the first slot download.
     buf: Vec<u8>,
+    /// The keys signatures are checked with, and whether one is required.
+    signatures: Arc<SignaturePolicy>,
 }
 
 impl Verify {
-    pub fn new(events: Recipient<JobEvent>, staging: Staging) -> Self {
+    pub fn new(
+        events: Recipient<JobEvent>,
+        staging: Staging,
+        signatures: Arc<SignaturePolicy>,
+    ) -> Self {
         Verify {
             jobs: HashMap::new(),
             events,
             staging,
             buf: Vec::new(),
+            signatures,
         }
     }
 
     /// Hash the first `len` bytes of `path`, from the medium with `medium`.
     fn prime(&mut self, path: &Path, len: u64, medium: bool) -> io::Result<Hashing> {
+        let want_sha = self.signatures.checks();
         if !medium {
-            let (md5, len) = hash_prefix(path, len)?;
+            let (md5, sha, len) = digests_of_prefix(path, len, want_sha)?;
             return Ok(Hashing {
                 md5,
+                sha,
                 len,
                 medium: None,
             });
         }
         let file = File::open(path)?;
         let mut md5 = Md5::new();
+        let mut sha = new_sha(want_sha);
         fsutil::evict_range(&file, 0, len)?;
-        let len = fsutil::read_range(&file, 0, len, read_buf(&mut self.buf), |b| md5.update(b))?;
+        let len = fsutil::read_range(&file, 0, len, read_buf(&mut self.buf), |b| {
+            md5.update(b);
+            if let Some(sha) = sha.as_mut() {
+                sha.update(b);
+            }
+        })?;
         let medium = Some(Medium {
             file,
             differs: None,
         });
-        Ok(Hashing { md5, len, medium })
+        Ok(Hashing {
+            md5,
+            sha,
+            len,
+            medium,
+        })
     }
 
     /// Read `from..to` of a slot download back from the medium and hash it.
@@ -128,6 +167,9 @@ impl Verify {
         let mut read = crc32fast::Hasher::new();
         let n = fsutil::read_range(&medium.file, from, to, read_buf(buf), |b| {
             h.md5.update(b);
+            if let Some(sha) = h.sha.as_mut() {
+                sha.update(b);
+            }
             read.update(b);
         })?;
         h.len += n;
@@ -156,7 +198,15 @@ pub const IO_BUF: usize = 256 << 10;
 
 /// md5 of the first `len` bytes of `path` (fewer if the file is shorter).
 pub fn hash_prefix(path: &Path, len: u64) -> io::Result<(Md5, u64)> {
+    let (md5, _, done) = digests_of_prefix(path, len, false)?;
+    Ok((md5, done))
+}
+
+/// md5, and with `want_sha` SHA-256, of the first `len` bytes of `path`,
+/// in one read.
+fn digests_of_prefix(path: &Path, len: u64, want_sha: bool) -> io::Result<(Md5, Option<Sha>, u64)> {
     let mut md5 = Md5::new();
+    let mut sha = new_sha(want_sha);
     let mut file = std::fs::File::open(path)?.take(len);
     let mut buf = vec![0u8; IO_BUF];
     let mut done = 0u64;
@@ -166,19 +216,29 @@ pub fn hash_prefix(path: &Path, len: u64) -> io::Result<(Md5, u64)> {
             break;
         }
         md5.update(&buf[..n]);
+        if let Some(sha) = sha.as_mut() {
+            sha.update(&buf[..n]);
+        }
         done += n as u64;
     }
-    Ok((md5, done))
+    Ok((md5, sha, done))
 }
 
-/// md5 of the first `len` bytes of `path` as its medium holds them (the
-/// file is fsynced first, so its pages are clean and can be dropped).
-fn hash_from_medium(path: &Path, len: u64) -> io::Result<(Md5, u64)> {
+/// md5 (and with `want_sha` SHA-256) of the first `len` bytes of `path` as
+/// its medium holds them (the file is fsynced first, so its pages are
+/// clean and can be dropped).
+fn hash_from_medium(path: &Path, len: u64, want_sha: bool) -> io::Result<(Md5, Option<Sha>, u64)> {
     let file = File::open(path)?;
     file.sync_data()?;
     let mut md5 = Md5::new();
-    let len = fsutil::read_from_medium(&file, len, |b| md5.update(b))?;
-    Ok((md5, len))
+    let mut sha = new_sha(want_sha);
+    let len = fsutil::read_from_medium(&file, len, |b| {
+        md5.update(b);
+        if let Some(sha) = sha.as_mut() {
+            sha.update(b);
+        }
+    })?;
+    Ok((md5, sha, len))
 }
 
 /// What was read back from the medium at `path` (`read` bytes, md5
@@ -212,7 +272,20 @@ pub fn hex_digest(md5: Md5) -> String {
     hex::encode(md5.finalize())
 }
 
-fn check(path: &Path, firmware: &Firmware, streamed: Option<Hashing>) -> Event {
+/// Where a job's signature is to be found, and the policy it is held to.
+struct SignatureCheck<'a> {
+    policy: &'a SignaturePolicy,
+    /// The `.sig` the downloader fetched from beside the image (absent:
+    /// there was none, or none was asked for).
+    sig_file: PathBuf,
+}
+
+fn check(
+    path: &Path,
+    firmware: &Firmware,
+    streamed: Option<Hashing>,
+    signatures: &SignatureCheck<'_>,
+) -> Event {
     let failed = |error_no, description: String, retryable| Event::VerifyFailed {
         failure: Failure::new(error_no, description, retryable),
     };
@@ -244,11 +317,13 @@ fn check(path: &Path, firmware: &Firmware, streamed: Option<Hashing>) -> Event {
         Ok(_) => {}
         Err(e) => return unreadable(e),
     }
-    let (md5, differs) = match streamed.filter(|h| h.len == firmware.size) {
-        Some(h) => (h.md5, h.medium.and_then(|m| m.differs)),
-        None => match hash_from_medium(path, firmware.size) {
-            Ok((md5, len)) if len == firmware.size => (md5, None),
-            Ok((_, len)) => return mismatch(len),
+    let want_sha = signatures.policy.checks();
+    let streamed = streamed.filter(|h| h.len == firmware.size && h.sha.is_some() == want_sha);
+    let (md5, sha, differs) = match streamed {
+        Some(h) => (h.md5, h.sha, h.medium.and_then(|m| m.differs)),
+        None => match hash_from_medium(path, firmware.size, want_sha) {
+            Ok((md5, sha, len)) if len == firmware.size => (md5, sha, None),
+            Ok((_, _, len)) => return mismatch(len),
             Err(e) => return unreadable(e),
         },
     };
@@ -265,7 +340,79 @@ fn check(path: &Path, firmware: &Firmware, streamed: Option<Hashing>) -> Event {
             false,
         );
     }
-    Event::Verified
+    let sha = sha.map(|s| s.finish());
+    match check_signature(firmware, sha.as_ref().map(|d| d.as_ref()), signatures) {
+        Ok(()) => Event::Verified,
+        Err(failure) => Event::VerifyFailed { failure },
+    }
+}
+
+/// The signature of an image whose size and md5 match: the request's
+/// field, else the `.sig` fetched beside it. `sha256`: the image's, where
+/// signatures are checked.
+fn check_signature(
+    firmware: &Firmware,
+    sha256: Option<&[u8]>,
+    signatures: &SignatureCheck<'_>,
+) -> Result<(), Failure> {
+    let policy = signatures.policy;
+    let refused = |why: String| Failure::new(result_no::SIGNATURE, why, false);
+    let (sig, from) = match &firmware.signature {
+        Some(field) => (
+            signature::parse_field(field)
+                .map_err(|e| refused(format!("info.fileInfo.signature: {e}"))),
+            "info.fileInfo.signature".to_string(),
+        ),
+        None => {
+            let from = format!("{}{}", firmware.name, signature::SIG_SUFFIX);
+            match std::fs::read(&signatures.sig_file) {
+                Ok(bytes) => (
+                    signature::parse_sig(&bytes).map_err(|e| refused(format!("{from}: {e}"))),
+                    from,
+                ),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    if policy.required {
+                        return Err(refused(format!(
+                            "signature missing: no info.fileInfo.signature and no {from} beside the image, and --require-signature is set"
+                        )));
+                    }
+                    if policy.checks() {
+                        tracing::info!(name = %firmware.name, "the image is not signed (no {from}); accepted: --require-signature is not set");
+                    }
+                    return Ok(());
+                }
+                Err(e) => {
+                    return Err(Failure::new(
+                        result_no::TRANSFER,
+                        format!(
+                            "cannot read the signature {}: {e}",
+                            signatures.sig_file.display()
+                        ),
+                        false,
+                    ))
+                }
+            }
+        }
+    };
+    let Some(sha256) = sha256.filter(|_| policy.checks()) else {
+        tracing::info!(name = %firmware.name, "a signature ({from}) came with the image, but no --trust-key is set to check it with: ignored");
+        return Ok(());
+    };
+    let sig = sig?;
+    let statement = signature::statement(&firmware.name, firmware.size, sha256);
+    match policy.signer(statement.as_bytes(), &sig) {
+        Some(key) => {
+            tracing::info!(name = %firmware.name, key = %key.id(), path = %key.path.display(), "signature verified");
+            Ok(())
+        }
+        None => Err(refused(format!(
+            "signature invalid: {from} is not a signature by a trusted key ({} of them) of {} ({} bytes, sha256 {})",
+            policy.keys.len(),
+            firmware.name,
+            firmware.size,
+            hex::encode(sha256)
+        ))),
+    }
 }
 
 impl Handler<VerifyMsg> for Verify {
@@ -284,6 +431,7 @@ impl Handler<VerifyMsg> for Verify {
                     Err(e) if e.kind() == io::ErrorKind::NotFound && len == 0 && !medium => {
                         Hashing {
                             md5: Md5::new(),
+                            sha: new_sha(self.signatures.checks()),
                             len: 0,
                             medium: None,
                         }
@@ -300,6 +448,9 @@ impl Handler<VerifyMsg> for Verify {
             VerifyMsg::Chunk { job, data } => {
                 if let Some(h) = self.jobs.get_mut(&job) {
                     h.md5.update(&data);
+                    if let Some(sha) = h.sha.as_mut() {
+                        sha.update(&data);
+                    }
                     h.len += data.len() as u64;
                 }
             }
@@ -313,7 +464,11 @@ impl Handler<VerifyMsg> for Verify {
             VerifyMsg::Finish { job, firmware } => {
                 crash::point("mid-verify");
                 let path = self.staging.image(job, &firmware);
-                let event = check(&path, &firmware, self.jobs.remove(&job));
+                let signatures = SignatureCheck {
+                    policy: &self.signatures,
+                    sig_file: self.staging.sig(job),
+                };
+                let event = check(&path, &firmware, self.jobs.remove(&job), &signatures);
                 tracing::info!(
                     job = job,
                     ok = matches!(event, Event::Verified),
@@ -338,6 +493,7 @@ mod tests {
             name: "image".into(),
             md5: hex_digest(Md5::new_with_prefix(bytes)),
             size: bytes.len() as u64,
+            signature: None,
         }
     }
 
@@ -355,7 +511,7 @@ mod tests {
         std::fs::write(&path, on_medium).expect("write the image");
         let staging = Staging::new(paths, &FlashSpec::File("unused".into()));
         let (events, mut rx) = super::super::stand_in::events();
-        let verify = Verify::new(events, staging).start();
+        let verify = Verify::new(events, staging, Default::default()).start();
         let prime = VerifyMsg::Prime {
             job,
             path: path.clone(),
