@@ -487,6 +487,7 @@ impl Handler<VerifyMsg> for Verify {
 mod tests {
     use super::super::flash::FlashSpec;
     use super::*;
+    use base64::Engine;
 
     fn firmware_of(bytes: &[u8]) -> Firmware {
         Firmware {
@@ -530,6 +531,173 @@ mod tests {
         let event = super::super::stand_in::next_event(&mut rx).await;
         assert_eq!(event.job, job);
         event.event
+    }
+
+    /// How the image reaches the verifier in [`verify_signed`].
+    #[derive(Clone, Copy, Debug)]
+    enum Feed {
+        /// A slot: read back from the medium range by range.
+        Slot,
+        /// A partial file resumed at `prefix` (re-hashed), the rest as chunks.
+        Resumed { prefix: usize },
+        /// Nothing streamed (a restart in `verifying`): Finish reads it all.
+        Unstreamed,
+    }
+
+    /// `image` fed as `feed`, checked against `firmware` with a key of
+    /// `policy`, its `.sig` (if any) written where the downloader puts it.
+    async fn verify_signed(
+        feed: Feed,
+        image: &[u8],
+        firmware: Firmware,
+        policy: SignaturePolicy,
+        sig: Option<&[u8]>,
+    ) -> Event {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let paths = super::super::Paths {
+            state_dir: dir.path().to_path_buf(),
+        };
+        let job = 9;
+        let path = paths.part(job);
+        std::fs::create_dir_all(paths.downloads()).expect("mkdir");
+        std::fs::write(&path, image).expect("write the image");
+        if let Some(sig) = sig {
+            std::fs::write(paths.sig(job), sig).expect("write the .sig");
+        }
+        let staging = Staging::new(paths, &FlashSpec::File("unused".into()));
+        let (events, mut rx) = super::super::stand_in::events();
+        let verify = Verify::new(events, staging, Arc::new(policy)).start();
+        let len = image.len() as u64;
+        match feed {
+            Feed::Slot => {
+                let prime = VerifyMsg::Prime {
+                    job,
+                    path: path.clone(),
+                    len: 0,
+                    medium: true,
+                };
+                verify.send(prime).await.expect("primed");
+                let crc = crc32fast::hash(image);
+                let durable = VerifyMsg::Durable {
+                    job,
+                    from: 0,
+                    to: len,
+                    crc,
+                };
+                verify.send(durable).await.expect("read back");
+            }
+            Feed::Resumed { prefix } => {
+                let prime = VerifyMsg::Prime {
+                    job,
+                    path: path.clone(),
+                    len: prefix as u64,
+                    medium: false,
+                };
+                verify.send(prime).await.expect("primed");
+                for piece in image[prefix..].chunks(1000) {
+                    let data = Bytes::copy_from_slice(piece);
+                    verify
+                        .send(VerifyMsg::Chunk { job, data })
+                        .await
+                        .expect("chunk");
+                }
+            }
+            Feed::Unstreamed => {}
+        }
+        let finish = VerifyMsg::Finish { job, firmware };
+        verify.send(finish).await.expect("finished");
+        super::super::stand_in::next_event(&mut rx).await.event
+    }
+
+    #[actix::test]
+    async fn the_signature_is_checked_over_the_sha256_of_every_way_the_image_arrives() {
+        use ring::signature::KeyPair;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let pkcs8 =
+            ring::signature::Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new())
+                .expect("key");
+        let pair = ring::signature::Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).expect("pair");
+        let mut spki = vec![
+            0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00,
+        ];
+        spki.extend_from_slice(pair.public_key().as_ref());
+        let b64 = base64::engine::general_purpose::STANDARD.encode(&spki);
+        let public = dir.path().join("k.pem");
+        std::fs::write(
+            &public,
+            format!("-----BEGIN PUBLIC KEY-----\n{b64}\n-----END PUBLIC KEY-----\n"),
+        )
+        .expect("write");
+        let policy = || SignaturePolicy::load(std::slice::from_ref(&public), true).expect("key");
+
+        let image: Vec<u8> = (0..10_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let fw = firmware_of(&image);
+        let sha = ring::digest::digest(&ring::digest::SHA256, &image);
+        let sig = pair.sign(signature::statement(&fw.name, fw.size, sha.as_ref()).as_bytes());
+        // Other bytes of the same size, the firmware's md5 made to match them.
+        let mut other = image.clone();
+        other[4321] ^= 0x40;
+        let other_fw = firmware_of(&other);
+        for feed in [
+            Feed::Slot,
+            Feed::Resumed { prefix: 0 },
+            Feed::Resumed { prefix: 4096 },
+            Feed::Unstreamed,
+        ] {
+            let ok = verify_signed(feed, &image, fw.clone(), policy(), Some(sig.as_ref())).await;
+            assert_eq!(ok, Event::Verified, "{feed:?}");
+            let f = failure(
+                verify_signed(feed, &other, other_fw.clone(), policy(), Some(sig.as_ref())).await,
+            );
+            assert_eq!(
+                f.error_no,
+                result_no::SIGNATURE,
+                "{feed:?}: {}",
+                f.description
+            );
+            // No .sig, signature required: 32; not required: verified.
+            let f = failure(verify_signed(feed, &image, fw.clone(), policy(), None).await);
+            assert_eq!(
+                f.error_no,
+                result_no::SIGNATURE,
+                "{feed:?}: {}",
+                f.description
+            );
+            let optional = SignaturePolicy {
+                required: false,
+                ..policy()
+            };
+            assert_eq!(
+                verify_signed(feed, &image, fw.clone(), optional, None).await,
+                Event::Verified
+            );
+        }
+        // The request's own signature is used before any .sig file.
+        let field = Firmware {
+            signature: Some(signature::encode_sig(
+                &<[u8; 64]>::try_from(sig.as_ref()).expect("64"),
+            )),
+            ..fw.clone()
+        };
+        let garbage = [0u8; 64];
+        let ok = verify_signed(Feed::Unstreamed, &image, field, policy(), Some(&garbage)).await;
+        assert_eq!(ok, Event::Verified);
+        // A wrong md5 is still 31, whatever the signature.
+        let wrong_md5 = Firmware {
+            md5: "0".repeat(32),
+            ..fw
+        };
+        let f = failure(
+            verify_signed(
+                Feed::Unstreamed,
+                &image,
+                wrong_md5,
+                policy(),
+                Some(sig.as_ref()),
+            )
+            .await,
+        );
+        assert_eq!(f.error_no, result_no::MD5_MISMATCH);
     }
 
     fn failure(event: Event) -> Failure {
