@@ -565,3 +565,101 @@ fn show_explains_result_32() {
         "{show}"
     );
 }
+
+/// A tiny HTTP server of the test's own on 127.0.0.1:0: `GET /NAME` is the
+/// image, `GET /NAME.sig` answers 503 the first `fail_sig` times, then the
+/// signature. Every request line is recorded.
+struct SigServer {
+    port: u16,
+    seen: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl SigServer {
+    fn start(name: &str, image: Vec<u8>, sig: Vec<u8>, fail_sig: usize) -> SigServer {
+        use std::io::{BufRead, BufReader, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = seen.clone();
+        let (image_path, sig_path) = (format!("/{name}"), format!("/{name}.sig"));
+        std::thread::spawn(move || {
+            let mut failed = 0;
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { continue };
+                let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+                let mut line = String::new();
+                if reader.read_line(&mut line).is_err() {
+                    continue;
+                }
+                // The rest of the head.
+                loop {
+                    let mut h = String::new();
+                    if reader.read_line(&mut h).is_err() || h == "\r\n" || h.is_empty() {
+                        break;
+                    }
+                }
+                let path = line.split_whitespace().nth(1).unwrap_or("").to_string();
+                log.lock().expect("lock").push(path.clone());
+                let (status, body): (&str, &[u8]) = if path == image_path {
+                    ("200 OK", &image)
+                } else if path == sig_path && failed < fail_sig {
+                    failed += 1;
+                    ("503 Service Unavailable", b"busy")
+                } else if path == sig_path {
+                    ("200 OK", &sig)
+                } else {
+                    ("404 Not Found", b"")
+                };
+                let head = format!(
+                    "HTTP/1.1 {status}\r\nContent-Length: {}\r\nETag: \"v1\"\r\nConnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = stream.write_all(head.as_bytes());
+                let _ = stream.write_all(body);
+            }
+        });
+        SigServer { port, seen }
+    }
+
+    fn requests_for(&self, path: &str) -> usize {
+        self.seen
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter(|p| *p == path)
+            .count()
+    }
+}
+
+#[test]
+fn a_sig_fetch_that_fails_is_retried_never_taken_for_unsigned() {
+    let dir = temp_dir();
+    let key = Key::new(dir.path(), "vendor");
+    let fw = Firmware::create(dir.path(), "flaky-sig", 40_000);
+    let sig = key.sign_statement(&fw.name, fw.len, &sha256(&fw.bytes()));
+    let flags = ["--trust-key", key.public(), "--require-signature"];
+
+    // A 503 on the .sig is a transfer error, retried: then it completes.
+    let once = SigServer::start(&fw.name, fw.bytes(), sig.clone(), 1);
+    let req = upgrade_request("http", once.port, "/", &fw, "", "");
+    let run = agent(&dir.path().join("once"), &req, &flags);
+    run.assert_completed(&fw);
+    assert_eq!(
+        once.requests_for(&format!("/{}.sig", fw.name)),
+        2,
+        "{}",
+        run.run
+    );
+
+    // A server that never serves it: 23 once the attempts run out, never
+    // "unsigned" (which --require-signature would make 32, and without it 0).
+    let never = SigServer::start(&fw.name, fw.bytes(), sig, usize::MAX);
+    let req = upgrade_request("http", never.port, "/", &fw, "", "");
+    let run = agent(
+        &dir.path().join("never"),
+        &req,
+        &["--trust-key", key.public()],
+    );
+    let why = run.assert_failed(23, SHORT_RUN_LIMIT);
+    assert!(why.contains(".sig"), "{why}");
+}

@@ -46,11 +46,92 @@ fn new_sha(wanted: bool) -> Option<Sha> {
     wanted.then(|| Sha::new(&ring::digest::SHA256))
 }
 
+/// Batches queued for the SHA-256 thread before a chunk waits for it (each
+/// a reference to a batch the md5 holds anyway, 256 KiB).
+const SHA_WINDOW: usize = 4;
+
+/// The SHA-256 of a download, here or on a thread of its own. Streamed
+/// chunks go to the thread, so md5 and SHA-256 run side by side and
+/// checking signatures costs the transfer no more than md5 alone; what is
+/// read here (a resumed prefix, a slot read back) is hashed here.
+enum ShaState {
+    Here(Box<Sha>),
+    Thread(ShaThread),
+}
+
+enum ShaMsg {
+    Data(Bytes),
+    Finish(std::sync::mpsc::Sender<ring::digest::Digest>),
+}
+
+/// The thread's end of the channel; dropping it ends the thread.
+struct ShaThread {
+    tx: std::sync::mpsc::SyncSender<ShaMsg>,
+}
+
+impl ShaThread {
+    fn start(mut sha: Sha) -> io::Result<ShaThread> {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<ShaMsg>(SHA_WINDOW);
+        std::thread::Builder::new()
+            .name("fwagent-sha256".into())
+            .spawn(move || {
+                for msg in rx {
+                    match msg {
+                        ShaMsg::Data(b) => sha.update(&b),
+                        ShaMsg::Finish(reply) => {
+                            let _ = reply.send(sha.finish());
+                            return;
+                        }
+                    }
+                }
+            })?;
+        Ok(ShaThread { tx })
+    }
+}
+
+impl ShaState {
+    /// Bytes read here.
+    fn update(&mut self, b: &[u8]) -> Result<(), ()> {
+        match self {
+            ShaState::Here(sha) => {
+                sha.update(b);
+                Ok(())
+            }
+            ShaState::Thread(t) => {
+                t.tx.send(ShaMsg::Data(Bytes::copy_from_slice(b)))
+                    .map_err(drop)
+            }
+        }
+    }
+
+    /// A streamed chunk: to the thread (started on the first one).
+    fn update_chunk(self, data: &Bytes) -> Result<ShaState, ()> {
+        let thread = match self {
+            ShaState::Here(sha) => ShaThread::start(*sha).map_err(drop)?,
+            ShaState::Thread(t) => t,
+        };
+        thread.tx.send(ShaMsg::Data(data.clone())).map_err(drop)?;
+        Ok(ShaState::Thread(thread))
+    }
+
+    /// The digest, once every byte given is hashed; `None` if the thread is gone.
+    fn finish(self) -> Option<ring::digest::Digest> {
+        match self {
+            ShaState::Here(sha) => Some(sha.finish()),
+            ShaState::Thread(t) => {
+                let (reply, answer) = std::sync::mpsc::channel();
+                t.tx.send(ShaMsg::Finish(reply)).ok()?;
+                answer.recv().ok()
+            }
+        }
+    }
+}
+
 /// Hash state of one download in progress.
 struct Hashing {
     md5: Md5,
     /// With trusted keys only.
-    sha: Option<Sha>,
+    sha: Option<ShaState>,
     len: u64,
     /// Hashed from the medium ([`VerifyMsg::Durable`]), not from the chunks.
     medium: Option<Medium>,
@@ -125,7 +206,7 @@ impl Verify {
             let (md5, sha, len) = digests_of_prefix(path, len, want_sha)?;
             return Ok(Hashing {
                 md5,
-                sha,
+                sha: sha.map(|sha| ShaState::Here(Box::new(sha))),
                 len,
                 medium: None,
             });
@@ -146,7 +227,7 @@ impl Verify {
         });
         Ok(Hashing {
             md5,
-            sha,
+            sha: sha.map(|sha| ShaState::Here(Box::new(sha))),
             len,
             medium,
         })
@@ -165,13 +246,19 @@ impl Verify {
         };
         fsutil::evict_range(&medium.file, from, to)?;
         let mut read = crc32fast::Hasher::new();
+        let mut sha_lost = false;
         let n = fsutil::read_range(&medium.file, from, to, read_buf(buf), |b| {
             h.md5.update(b);
             if let Some(sha) = h.sha.as_mut() {
-                sha.update(b);
+                sha_lost |= sha.update(b).is_err();
             }
             read.update(b);
         })?;
+        if sha_lost {
+            // Finish re-hashes the whole image instead.
+            jobs.remove(&job);
+            return Ok(());
+        }
         h.len += n;
         if (n != to - from || read.finalize() != crc) && medium.differs.is_none() {
             medium.differs = Some((from, to));
@@ -319,10 +406,18 @@ fn check(
     }
     let want_sha = signatures.policy.checks();
     let streamed = streamed.filter(|h| h.len == firmware.size && h.sha.is_some() == want_sha);
+    // The streamed digests, unless the SHA-256 thread was lost.
+    let streamed = streamed.and_then(|h| {
+        let sha = match h.sha {
+            Some(sha) => Some(sha.finish()?),
+            None => None,
+        };
+        Some((h.md5, sha, h.medium.and_then(|m| m.differs)))
+    });
     let (md5, sha, differs) = match streamed {
-        Some(h) => (h.md5, h.sha, h.medium.and_then(|m| m.differs)),
+        Some(digests) => digests,
         None => match hash_from_medium(path, firmware.size, want_sha) {
-            Ok((md5, sha, len)) if len == firmware.size => (md5, sha, None),
+            Ok((md5, sha, len)) if len == firmware.size => (md5, sha.map(Sha::finish), None),
             Ok((_, _, len)) => return mismatch(len),
             Err(e) => return unreadable(e),
         },
@@ -340,7 +435,6 @@ fn check(
             false,
         );
     }
-    let sha = sha.map(|s| s.finish());
     match check_signature(firmware, sha.as_ref().map(|d| d.as_ref()), signatures) {
         Ok(()) => Event::Verified,
         Err(failure) => Event::VerifyFailed { failure },
@@ -431,7 +525,8 @@ impl Handler<VerifyMsg> for Verify {
                     Err(e) if e.kind() == io::ErrorKind::NotFound && len == 0 && !medium => {
                         Hashing {
                             md5: Md5::new(),
-                            sha: new_sha(self.signatures.checks()),
+                            sha: new_sha(self.signatures.checks())
+                                .map(|sha| ShaState::Here(Box::new(sha))),
                             len: 0,
                             medium: None,
                         }
@@ -447,11 +542,19 @@ impl Handler<VerifyMsg> for Verify {
             }
             VerifyMsg::Chunk { job, data } => {
                 if let Some(h) = self.jobs.get_mut(&job) {
+                    // The SHA-256 thread first, so it hashes while md5 does.
+                    let sha = h.sha.take().map(|sha| sha.update_chunk(&data));
                     h.md5.update(&data);
-                    if let Some(sha) = h.sha.as_mut() {
-                        sha.update(&data);
-                    }
                     h.len += data.len() as u64;
+                    match sha {
+                        None => {}
+                        Some(Ok(sha)) => h.sha = Some(sha),
+                        Some(Err(())) => {
+                            // Finish re-hashes the whole image instead.
+                            tracing::warn!(job = job, "the SHA-256 thread is gone");
+                            self.jobs.remove(&job);
+                        }
+                    }
                 }
             }
             VerifyMsg::Durable { job, from, to, crc } => {

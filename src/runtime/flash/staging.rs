@@ -136,7 +136,8 @@ impl Staging {
             let keep = active_id.map(|j| [format!("{j}.part"), format!("{j}.sig")]);
             for entry in dir.flatten() {
                 let name = entry.file_name().to_string_lossy().into_owned();
-                let ours = name.ends_with(".part") || name.ends_with(".sig");
+                let ours =
+                    name.ends_with(".part") || name.ends_with(".sig") || name.ends_with(".sig.tmp");
                 if ours && !keep.as_ref().is_some_and(|k| k.contains(&name)) {
                     let _ = std::fs::remove_file(entry.path());
                 }
