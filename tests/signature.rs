@@ -663,3 +663,44 @@ fn a_sig_fetch_that_fails_is_retried_never_taken_for_unsigned() {
     let why = run.assert_failed(23, SHORT_RUN_LIMIT);
     assert!(why.contains(".sig"), "{why}");
 }
+
+#[test]
+fn an_image_streamed_into_an_ab_slot_is_checked_as_read_back() {
+    let servers = Servers::from_env();
+    let dir = temp_dir();
+    let key = Key::new(dir.path(), "vendor");
+    let mut fw = servers.put_http("slot", 3 << 20);
+    sign(&key, &fw.path, &[]);
+    let run_ab = |case: &str, fw: &Firmware| {
+        let state = dir.path().join(case).join("state");
+        let slots = dir.path().join(case).join("slots");
+        std::fs::create_dir_all(&slots).expect("mkdir");
+        let flash = format!("ab:{}", slots.display());
+        let flags = [
+            "--trust-key",
+            key.public(),
+            "--require-signature",
+            "--reboot-command",
+            "",
+            "--checkpoint-bytes",
+            "1048576",
+        ];
+        let req = servers.http_request(fw);
+        let run = run_with_timeout(
+            stdio_agent(&state, &flash, &flags),
+            format!("{req}\n").as_bytes(),
+            LONG,
+        );
+        assert_eq!(run.code(), Some(0), "{case}: {run}");
+        (run, status_json(&state))
+    };
+    // Signed: verified from the slot as read back, installed, waiting for the reboot.
+    let (run, job) = run_ab("signed", &fw);
+    assert_eq!(job["phase"], "awaiting_reboot", "{job}\n{run}");
+    assert!(run.stderr.contains("signature verified"), "{run}");
+    // Other bytes, the md5 made to match: 32, the slot never made bootable.
+    fw.rewrite(0xab);
+    let (run, job) = run_ab("tampered", &fw);
+    assert_eq!(job["phase"], "failed", "{job}\n{run}");
+    assert_eq!(job["result"]["errorNo"], 32, "{job}");
+}
