@@ -12,7 +12,7 @@
 #   PAIRS=5          rounds per comparison (at least 5 are used)
 #   SIZE_MIB=512     image size
 #   ACKS=1000        requests for the ack latency
-#   BENCH_ONLY=http,ftp,crash,ack,rate   a subset, for debugging (the table then has gaps)
+#   BENCH_ONLY=http,ftp,sig,crash,ack,rate   a subset, for debugging (the table then has gaps)
 #
 # Exit 0 once the table is printed, whether or not the targets are met; non-zero when the
 # bench itself could not run (build, servers, an upgrade that did not complete).

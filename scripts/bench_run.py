@@ -493,6 +493,39 @@ class Bench:
             ]),
         }
 
+    def signature_rounds(self):
+        """HTTP download+verify with signature checking (--trust-key, --require-signature:
+        SHA-256 beside md5, the .sig fetched and checked) against the same without, in
+        alternating rounds. The key is made here with openssl, the .sig with `fwagent sign`."""
+        key = os.path.join(self.work, "bench-key.pem")
+        pub = os.path.join(self.work, "bench-key.pub.pem")
+        for cmd in (["openssl", "genpkey", "-algorithm", "ed25519", "-out", key],
+                    ["openssl", "pkey", "-in", key, "-pubout", "-out", pub],
+                    [self.bin, "sign", "--key", key, self.image]):
+            r = sh(cmd)
+            if r.returncode != 0:
+                raise RuntimeError(f"{' '.join(cmd)}: exit {r.returncode}: {r.stderr.strip()}")
+        sig = self.image + ".sig"
+        s = {"nosig_dv": [], "sig_dv": []}
+        try:
+            for i in range(self.a.pairs):
+                log(f"signature round {i + 1}/{self.a.pairs}")
+                for label, extra in (("nosig", ()), ("sig", ("--trust-key", pub, "--require-signature"))):
+                    target = self.fresh(f"{label}-target.bin")
+                    open(target, "wb").close()
+                    mid, req = self.http_request(label)
+                    r = self.run_agent(mid, req, "file:" + target, f"{label}-{i}", extra_args=extra)
+                    if label == "sig" and "signature verified" not in open(
+                            os.path.join(self.work, f"agent-{label}-{i}.log")).read():
+                        raise RuntimeError("the signed run did not check the signature")
+                    s[f"{label}_dv"].append(r["phases"]["download_verify"])
+                    shutil.rmtree(r["state"], ignore_errors=True)
+                    os.remove(target)
+        finally:
+            if os.path.exists(sig):
+                os.remove(sig)
+            self.results["samples"].update(s)
+
     def table(self):
         s = self.results["samples"]
         rows = []
@@ -523,6 +556,10 @@ class Bench:
         else:
             rows.append((f"| FTP download+verify | {ftp.get('status', 'not run')} | "
                          f"`curl -s ftp://… \\| md5sum`: {fmt_s(median(s.get('curl_ftp_md5')))} | — | ≤ 1.10× | — |", ""))
+        sig_row = ratio_row("HTTP download+verify, signature checked", s.get("sig_dv"), s.get("nosig_dv"),
+                            "the same without `--trust-key`", 1.10, "log")
+        rows.append(sig_row or ("| HTTP download+verify, signature checked | not run | the same without "
+                                "`--trust-key` | — | ≤ 1.10× | — |", ""))
         rows.append(ratio_row("full upgrade to `file:`", s.get("agent_file"), s.get("baseline_full"),
                               "`curl -o F URL && md5sum F && dd … conv=fsync`", 1.0, "wall"))
         ab = self.results.get("ab", {})
@@ -666,8 +703,8 @@ class Bench:
     def main(self):
         self.results["machine"] = self.machine()
         self.results["started"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-        steps = [("http", self.http_rounds), ("ftp", self.ftp_rounds), ("crash", self.crash_refetch),
-                 ("ack", self.ack_latency), ("rate", self.rate_rounds)]
+        steps = [("http", self.http_rounds), ("ftp", self.ftp_rounds), ("sig", self.signature_rounds),
+                 ("crash", self.crash_refetch), ("ack", self.ack_latency), ("rate", self.rate_rounds)]
         errors = []
         for name, fn in steps:
             try:
@@ -698,13 +735,13 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--pairs", type=int, default=5)
     ap.add_argument("--acks", type=int, default=1000)
-    ap.add_argument("--only", default="", help="comma-separated subset: http,ftp,crash,ack,rate (debugging)")
+    ap.add_argument("--only", default="", help="comma-separated subset: http,ftp,sig,crash,ack,rate (debugging)")
     a = ap.parse_args()
     b = Bench(a)
     if a.only:
         keep = set(a.only.split(","))
-        for name, attr in (("http", "http_rounds"), ("ftp", "ftp_rounds"), ("crash", "crash_refetch"),
-                           ("ack", "ack_latency"), ("rate", "rate_rounds")):
+        for name, attr in (("http", "http_rounds"), ("ftp", "ftp_rounds"), ("sig", "signature_rounds"),
+                           ("crash", "crash_refetch"), ("ack", "ack_latency"), ("rate", "rate_rounds")):
             if name not in keep:
                 setattr(b, attr, lambda: None)
     sys.exit(b.main())

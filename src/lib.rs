@@ -17,5 +17,6 @@ pub mod fsutil;
 pub mod logging;
 pub mod protocol;
 pub mod runtime;
+pub mod signature;
 pub mod tls;
 pub mod views;

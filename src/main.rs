@@ -18,5 +18,7 @@ fn main() -> ExitCode {
         Commands::Watch(args) => fwagent::cli::inspect::watch(args),
         Commands::Submit(args) => fwagent::cli::inspect::submit(args),
         Commands::Cancel(args) => fwagent::cli::inspect::cancel(args),
+        Commands::Sign(args) => fwagent::cli::sign::sign(args),
+        Commands::Verify(args) => fwagent::cli::sign::verify(args),
     }
 }

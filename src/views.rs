@@ -238,6 +238,7 @@ pub(crate) mod tests {
                     name: "x.bin".into(),
                     md5: "0123456789abcdef0123456789abcdef".into(),
                     size: 64 << 20,
+                    signature: None,
                 },
                 pass_port: Some(Secret::new("pp-4711")),
             },

@@ -5,6 +5,7 @@
 pub mod check;
 pub mod inspect;
 pub mod run;
+pub mod sign;
 pub mod view;
 
 use clap::{Args, Parser, Subcommand};
@@ -54,6 +55,10 @@ pub enum Commands {
     Submit(SubmitArgs),
     /// Cancel the active upgrade (before flashing).
     Cancel(CancelArgs),
+    /// Sign an image: writes IMAGE.sig (docs/SECURITY.md, "Signed images").
+    Sign(sign::SignArgs),
+    /// Check an image's signature offline: exit 0 valid, 1 not.
+    Verify(sign::VerifyArgs),
 }
 
 #[derive(Args, Debug, Clone)]

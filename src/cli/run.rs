@@ -7,6 +7,7 @@ use crate::runtime::flash::{FlashOptions, FlashSpec};
 use crate::runtime::http::HttpFetcher;
 use crate::runtime::messaging::mqtt::{MqttArgs, MqttSettings, PUBACK_TIMEOUT};
 use crate::runtime::{Paths, Transfer};
+use crate::signature::SignaturePolicy;
 use actix::prelude::*;
 use fwagent_state::{Policy, Secret, Store};
 use serde::Deserialize;
@@ -141,6 +142,20 @@ pub struct RunArgs {
     /// the attempt; 0 = no minimum [default: 100].
     #[arg(long, value_name = "BYTES")]
     pub min_rate: Option<u64>,
+    /// An Ed25519 public key (PEM, as `openssl pkey -pubout` writes it)
+    /// whose signatures of images are trusted (repeatable: a key rotation
+    /// trusts the old and the new). With one, every signature that comes
+    /// with an image (`<firmwareName>.sig` beside it, or the request's
+    /// `info.fileInfo.signature`) must be valid, else result 32
+    /// [default: none, signatures not checked].
+    #[arg(long, value_name = "FILE")]
+    #[serde(default)]
+    pub trust_key: Vec<PathBuf>,
+    /// An image without a signature is refused (result 32); needs
+    /// --trust-key.
+    #[arg(long)]
+    #[serde(default)]
+    pub require_signature: bool,
 }
 
 impl RunArgs {
@@ -191,6 +206,12 @@ impl RunArgs {
                 self.redirect_allow
             },
             min_rate: self.min_rate.or(file.min_rate),
+            trust_key: if self.trust_key.is_empty() {
+                file.trust_key
+            } else {
+                self.trust_key
+            },
+            require_signature: self.require_signature || file.require_signature,
         })
     }
 }
@@ -230,6 +251,14 @@ impl AgentConfig {
                 "--commit-command is for --flash command:CMD, not {flash}"
             ));
         }
+        if a.require_signature && a.trust_key.is_empty() {
+            return Err(
+                "--require-signature needs at least one --trust-key to check signatures with"
+                    .into(),
+            );
+        }
+        let signatures = SignaturePolicy::load(&a.trust_key, a.require_signature)
+            .map_err(|e| format!("--trust-key: {e}"))?;
         let transport = a.transport.clone().unwrap_or_else(|| "stdio".into());
         let device_id = a.device_id.clone().unwrap_or_else(host_name);
         let connect_timeout = a
@@ -276,6 +305,7 @@ impl AgentConfig {
                 ..defaults
             },
             transfer,
+            signatures: Arc::new(signatures),
         })
     }
 }

@@ -199,7 +199,13 @@ pub fn headline(view: &JobView, avg: Option<f64>, paint: Paint) -> String {
         }
         PhaseName::Completed | PhaseName::Failed | PhaseName::Cancelled | PhaseName::RolledBack => {
             if let Some(o) = &view.result {
-                parts.push(format!("result {}: {}", o.error_no, o.description));
+                // The number's meaning beside it (`result 32 (signature
+                // missing or invalid): ...`), where it is not plain success.
+                let meaning = fwagent_state::result_no::meaning(o.error_no)
+                    .filter(|_| !o.is_ok())
+                    .map(|m| format!(" ({m})"))
+                    .unwrap_or_default();
+                parts.push(format!("result {}{meaning}: {}", o.error_no, o.description));
             }
             if view.phase == PhaseName::Completed {
                 match avg {

@@ -237,11 +237,27 @@ fn file_fields(file: &Map<String, Value>, max_size: u64) -> Result<Firmware, Rej
     check_file_name(name).map_err(|why| invalid("info.fileInfo.firmwareName", why))?;
     let md5 = md5_field(file)?;
     let size = size_field(file, max_size)?;
+    let signature = signature_field(file)?;
     Ok(Firmware {
         name: name.to_string(),
         md5,
         size,
+        signature,
     })
+}
+
+/// `signature` (optional): the `.sig` file in base64, kept as the
+/// signature's canonical base64. An empty string is no signature.
+fn signature_field(file: &Map<String, Value>) -> Result<Option<String>, Rejection> {
+    const PATH: &str = "info.fileInfo.signature";
+    match get(file, "signature") {
+        None => Ok(None),
+        Some(Value::String(s)) if s.trim().is_empty() => Ok(None),
+        Some(Value::String(s)) => crate::signature::parse_field(s)
+            .map(|sig| Some(crate::signature::encode_sig(&sig)))
+            .map_err(|why| invalid(PATH, why)),
+        Some(other) => Err(expected(PATH, "a string", other)),
+    }
 }
 
 /// The firmware's URL, each part's error on that part's path.
@@ -827,6 +843,38 @@ mod tests {
     }
 
     #[test]
+    fn a_signature_field_is_base64_of_64_bytes_or_refused_naming_it() {
+        const P: &str = "/info/fileInfo/signature";
+        const PATH: &str = "info.fileInfo.signature";
+        use base64::Engine;
+        let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+        let sig = [9u8; 64];
+        let r = valid(parse(&set(seed1(), P, json!(b64(&sig)))));
+        assert_eq!(r.firmware.signature, Some(b64(&sig)));
+        // Absent, null or empty: none (the .sig beside the image is looked for).
+        assert_eq!(valid(parse(&seed1())).firmware.signature, None);
+        assert_eq!(
+            valid(parse(&set(seed1(), P, json!("")))).firmware.signature,
+            None
+        );
+        assert_eq!(
+            valid(parse(&set(seed1(), P, Value::Null)))
+                .firmware
+                .signature,
+            None
+        );
+        for (bad, why) in [
+            (json!("not base64!"), "not base64"),
+            (json!(b64(&[1u8; 63])), "63 bytes"),
+            (json!(b64(&[1u8; 65])), "65 bytes"),
+            (json!(64), "a string"),
+        ] {
+            let ack = assert_rejects(&set(seed1(), P, bad), INVALID_FIELD, PATH);
+            assert!(ack.result.description.contains(why), "{ack:?}");
+        }
+    }
+
+    #[test]
     fn sizes_are_positive_integers_up_to_the_maximum() {
         const P: &str = "/info/fileInfo/upgradeFileSize";
         const PATH: &str = "info.fileInfo.upgradeFileSize";
@@ -910,7 +958,8 @@ mod tests {
     #[test]
     fn unknown_fields_are_ignored() {
         let v = set(seed1(), "/info/serverConfig/timeout", json!(30));
-        let v = set(v, "/info/fileInfo/signature", json!({"alg": "none"}));
+        // (`signature` is known now: PROTOCOL.md, issue 18.)
+        let v = set(v, "/info/fileInfo/checksum", json!({"alg": "none"}));
         let v = set(v, "/info/extra", json!([1, 2]));
         let v = set(v, "/version", json!("2.0"));
         assert_eq!(valid(parse(&v)), valid(parse(&seed1())));

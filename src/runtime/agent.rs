@@ -15,6 +15,7 @@ use super::upgrade::{Upgrade, Wire};
 use super::verify::Verify;
 use super::{Paths, Shutdown, Transfer};
 use crate::protocol::ParseOptions;
+use crate::signature::SignaturePolicy;
 use actix::prelude::*;
 use fwagent_state::{Policy, Protocol, Store};
 use std::sync::Arc;
@@ -33,6 +34,8 @@ pub struct AgentConfig {
     pub parse: ParseOptions,
     pub policy: Policy,
     pub transfer: Transfer,
+    /// `--trust-key` and `--require-signature`.
+    pub signatures: Arc<SignaturePolicy>,
 }
 
 /// Why the agent could not start.
@@ -60,8 +63,10 @@ pub fn start(config: AgentConfig, store: Store) -> Result<(), StartError> {
         parse,
         policy,
         transfer,
+        signatures,
         ..
     } = config;
+    let sig_files = signatures.checks().then(|| paths.clone());
     let control_socket = paths.control_socket();
     let staging = Staging::new(paths, &flash);
     let upgrade = Upgrade::start_in_arbiter(&Arbiter::new().handle(), move |_| {
@@ -78,14 +83,14 @@ pub fn start(config: AgentConfig, store: Store) -> Result<(), StartError> {
     let verify = {
         let events = events.clone();
         Verify::start_in_arbiter(&Arbiter::new().handle(), move |_| {
-            Verify::new(events, staging)
+            Verify::new(events, staging, signatures)
         })
     };
     let download = {
         let (events, verify) = (events.clone(), verify.clone().recipient());
         let staging = StagingPeer::of(&flash);
         Download::start_in_arbiter(&Arbiter::new().handle(), move |_| {
-            Download::new(fetchers, staging, events, verify)
+            Download::new(fetchers, staging, events, verify, sig_files)
         })
     };
     let transport: Box<dyn Transport> = match transport.as_str() {

@@ -59,6 +59,15 @@ impl Fetcher for FtpFetcher {
     ) -> BoxFuture<'a, Result<(), Failure>> {
         Box::pin(CatchPanic(Box::pin(fetch(job, sink))))
     }
+
+    fn fetch_small<'a>(
+        &'a self,
+        job: &'a FetchJob,
+        url: &'a str,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Option<Vec<u8>>, Failure>> {
+        Box::pin(CatchPanic(Box::pin(fetch_small(job, url, limit))))
+    }
 }
 
 /// Why one FTP step failed, before it becomes a PROTOCOL.md result.
@@ -227,6 +236,61 @@ async fn fetch(job: &FetchJob, sink: &mut Sink) -> Result<(), Failure> {
     // Be polite, briefly: the answer to QUIT changes nothing.
     let _ = timeout(QUIT_WAIT, ftp.quit()).await;
     fetched
+}
+
+/// The small file at `url` (beside the image) into memory, over a control
+/// connection of its own with the image's login; `None` on a 550.
+async fn fetch_small(job: &FetchJob, url: &str, limit: usize) -> Result<Option<Vec<u8>>, Failure> {
+    let path = remote_path(url)?;
+    let mut ftp = open(job).await?;
+    let fetched = retr_small(&mut ftp, job, &path, limit).await;
+    let _ = timeout(QUIT_WAIT, ftp.quit()).await;
+    match fetched {
+        Err(f) if f.error_no == result_no::NOT_FOUND => Ok(None),
+        other => other.map(Some),
+    }
+}
+
+/// RETR `path`, at most `limit` bytes, then the final reply.
+async fn retr_small(
+    ftp: &mut FtpStream,
+    job: &FetchJob,
+    path: &str,
+    limit: usize,
+) -> Result<Vec<u8>, Failure> {
+    let idle = job.transfer.idle_timeout;
+    let mut data = retr(ftp, path, idle)
+        .await
+        .map_err(|e| failure(Step::Other, &format!("RETR {path}"), e))?;
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = match timeout(idle, data.read(&mut buf)).await {
+            Err(_) => return Err(no_data(idle, out.len() as u64)),
+            Ok(Err(e)) => {
+                return Err(Failure::new(
+                    result_no::TRANSFER,
+                    format!("the data connection broke at byte {}: {e}", out.len()),
+                    true,
+                ))
+            }
+            Ok(Ok(0)) => break,
+            Ok(Ok(n)) => n,
+        };
+        if out.len() + n > limit {
+            return Err(Failure::new(
+                result_no::TRANSFER,
+                format!("RETR {path}: larger than {limit} bytes, not a signature file"),
+                false,
+            ));
+        }
+        out.extend_from_slice(&buf[..n]);
+    }
+    drop(data);
+    bounded(idle, ftp.read_response_in(&[226, 250]))
+        .await
+        .map_err(|e| failure(Step::Other, &format!("RETR {path}"), e))?;
+    Ok(out)
 }
 
 /// Connect, log in, binary type.
@@ -445,10 +509,10 @@ fn pasv_port(reply: &str) -> Option<u16> {
 
 /// A future whose panic becomes a retryable transfer failure: async-ftp
 /// unwraps some values from the server's replies.
-struct CatchPanic<'a>(BoxFuture<'a, Result<(), Failure>>);
+struct CatchPanic<'a, T>(BoxFuture<'a, Result<T, Failure>>);
 
-impl Future for CatchPanic<'_> {
-    type Output = Result<(), Failure>;
+impl<T> Future for CatchPanic<'_, T> {
+    type Output = Result<T, Failure>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let inner = &mut self.0;

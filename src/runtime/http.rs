@@ -450,6 +450,64 @@ fn source_chain(e: &dyn std::error::Error) -> String {
     text
 }
 
+impl HttpFetcher {
+    /// GET `url` (the image's neighbour) with the image's credentials and
+    /// redirect rules, whole, into memory: at most `limit` bytes.
+    async fn fetch_small_inner(
+        &self,
+        job: &FetchJob,
+        url: &str,
+        limit: usize,
+    ) -> Result<Option<Vec<u8>>, Failure> {
+        let mut small = job.clone();
+        small.source.url = url.to_string();
+        let response = self.follow(&small, &(0, None)).await?;
+        let status = response.status();
+        match status {
+            StatusCode::OK => {}
+            StatusCode::NOT_FOUND | StatusCode::GONE => return Ok(None),
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
+                return Err(Failure::new(
+                    result_no::AUTH,
+                    format!("the server refused the credentials ({status})"),
+                    false,
+                ))
+            }
+            s => {
+                return Err(transfer(
+                    format!("the server answered {s}"),
+                    s.is_server_error(),
+                ))
+            }
+        }
+        let idle = job.transfer.idle_timeout;
+        let mut body = response.into_body();
+        let mut out = Vec::new();
+        loop {
+            let frame = match timeout(idle, body.frame()).await {
+                Err(_) => return Err(no_data(idle, out.len() as u64)),
+                Ok(None) => return Ok(Some(out)),
+                Ok(Some(Err(e))) => {
+                    return Err(transfer(
+                        format!("connection lost at byte {}: {e}", out.len()),
+                        true,
+                    ))
+                }
+                Ok(Some(Ok(frame))) => frame,
+            };
+            if let Ok(data) = frame.into_data() {
+                if out.len() + data.len() > limit {
+                    return Err(transfer(
+                        format!("larger than {limit} bytes: not a signature file"),
+                        false,
+                    ));
+                }
+                out.extend_from_slice(&data);
+            }
+        }
+    }
+}
+
 impl Fetcher for HttpFetcher {
     fn fetch<'a>(
         &'a self,
@@ -457,6 +515,15 @@ impl Fetcher for HttpFetcher {
         sink: &'a mut Sink,
     ) -> BoxFuture<'a, Result<(), Failure>> {
         Box::pin(self.fetch_inner(job, sink))
+    }
+
+    fn fetch_small<'a>(
+        &'a self,
+        job: &'a FetchJob,
+        url: &'a str,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Option<Vec<u8>>, Failure>> {
+        Box::pin(self.fetch_small_inner(job, url, limit))
     }
 }
 

@@ -94,6 +94,11 @@ impl Paths {
         self.downloads().join(format!("{job}.part"))
     }
 
+    /// The signature fetched from beside an upgrade's image (`<name>.sig`).
+    pub fn sig(&self, job: JobId) -> PathBuf {
+        self.downloads().join(format!("{job}.sig"))
+    }
+
     pub fn control_socket(&self) -> PathBuf {
         self.state_dir.join("control.sock")
     }

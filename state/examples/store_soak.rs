@@ -33,6 +33,7 @@ fn request(mid: &str) -> UpgradeRequest {
             name: "firmware.bin".into(),
             md5: format!("{:032x}", mid.len() as u128 * 7919),
             size: SIZE,
+            signature: None,
         },
         pass_port: Some(Secret::new("soak-pass-port")),
     }

@@ -74,6 +74,11 @@ pub struct Firmware {
     pub md5: String,
     /// Bytes; > 0.
     pub size: u64,
+    /// The request's `info.fileInfo.signature`, if it had one: the 64-byte
+    /// Ed25519 signature in canonical base64 (else the agent looks for
+    /// `<name>.sig` beside the image).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<String>,
 }
 
 /// A validated `setCloudUpgradeConfig` request.
@@ -169,10 +174,31 @@ pub mod result_no {
     pub const TRANSFER: u32 = 23;
     pub const SIZE_MISMATCH: u32 = 30;
     pub const MD5_MISMATCH: u32 = 31;
+    /// The image's signature is missing (with `--require-signature`) or invalid.
+    pub const SIGNATURE: u32 = 32;
     pub const NO_STORAGE: u32 = 40;
     pub const FLASH_FAILED: u32 = 50;
     pub const ROLLED_BACK: u32 = 51;
     pub const CANCELLED: u32 = 60;
+
+    /// What a result number means, as PROTOCOL.md's table says it.
+    pub fn meaning(n: u32) -> Option<&'static str> {
+        Some(match n {
+            OK => "completed",
+            CONNECT => "could not connect to the server",
+            AUTH => "authentication refused by the server",
+            NOT_FOUND => "file not found on the server",
+            TRANSFER => "transfer error",
+            SIZE_MISMATCH => "size mismatch",
+            MD5_MISMATCH => "md5 mismatch",
+            SIGNATURE => "signature missing or invalid",
+            NO_STORAGE => "not enough storage",
+            FLASH_FAILED => "flashing failed",
+            ROLLED_BACK => "rolled back: the new image did not boot or was not confirmed",
+            CANCELLED => "cancelled",
+            _ => return None,
+        })
+    }
 }
 
 /// `setCloudUpgradeConfig-Ack` (or `<operator>-Ack`).

@@ -1222,6 +1222,36 @@ fn an_md5_mismatch_of_a_resumed_image_fetches_it_once_more_from_zero() {
 }
 
 #[test]
+fn a_bad_signature_is_final_even_for_an_image_in_pieces() {
+    // The md5 matched, so the pieces joined right: the signature is the
+    // image's own, and 32 ends the upgrade without another download.
+    for job in [
+        verifying_after_a_start_at(0),
+        verifying_after_a_start_at(512),
+    ] {
+        let t = apply(
+            &job,
+            Event::VerifyFailed {
+                failure: fatal(result_no::SIGNATURE),
+            },
+            2,
+        );
+        assert_eq!(t.job.expect("job").phase, Phase::Failed);
+        assert_eq!(
+            results(&t.outbox),
+            vec![(PhaseName::Failed, result_no::SIGNATURE)]
+        );
+        assert!(
+            !t.commands
+                .iter()
+                .any(|c| matches!(c, Command::Download { .. } | Command::Flash { .. })),
+            "nothing fetched again, nothing flashed: {:?}",
+            t.commands
+        );
+    }
+}
+
+#[test]
 fn only_an_md5_mismatch_of_an_image_in_pieces_is_fetched_again() {
     // One transfer from zero: the mismatch is the image's own.
     let whole = verifying_after_a_start_at(0);

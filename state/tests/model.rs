@@ -41,6 +41,8 @@ enum Ev {
     },
     Verified,
     VerifyFailed,
+    /// Size and md5 match, the signature does not (32).
+    SignatureInvalid,
     Flashed {
         reboot: bool,
     },
@@ -91,6 +93,7 @@ fn ev() -> impl Strategy<Value = Ev> {
             .prop_map(|(retryable, durable)| Ev::DownloadFailed { retryable, durable }),
         2 => Just(Ev::Verified),
         1 => Just(Ev::VerifyFailed),
+        1 => Just(Ev::SignatureInvalid),
         2 => any::<bool>().prop_map(|reboot| Ev::Flashed { reboot }),
         1 => Just(Ev::FlashFailed),
         2 => any::<bool>().prop_map(|ok| Ev::Booted { ok }),
@@ -419,6 +422,11 @@ impl Model {
                     self.finish(i, PhaseName::Failed, result_no::MD5_MISMATCH);
                 }
             }
+            // A bad signature of an image whose md5 matched is no splice:
+            // final at once, resumed or not.
+            Ev::SignatureInvalid if phase == PhaseName::Verifying => {
+                self.finish(i, PhaseName::Failed, result_no::SIGNATURE);
+            }
             Ev::Flashed { reboot } if phase == PhaseName::Flashing => {
                 if *reboot {
                     self.enter(i, PhaseName::AwaitingReboot);
@@ -500,6 +508,9 @@ fn event_of(ev: &Ev) -> Event {
         Ev::Verified => Event::Verified,
         Ev::VerifyFailed => Event::VerifyFailed {
             failure: Failure::new(result_no::MD5_MISMATCH, "md5 mismatch", false),
+        },
+        Ev::SignatureInvalid => Event::VerifyFailed {
+            failure: Failure::new(result_no::SIGNATURE, "signature invalid", false),
         },
         Ev::Flashed { reboot } => Event::Flashed { reboot: *reboot },
         Ev::FlashFailed => Event::FlashFailed {

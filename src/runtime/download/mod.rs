@@ -6,6 +6,13 @@
 //! spawned task and reports how it ended as a [`JobEvent`]; a new
 //! `StartDownload` for the same job replaces the old task, so the command
 //! is idempotent.
+//!
+//! Where signatures are checked (`--trust-key`) and the request carries
+//! none, a transfer that has the whole image then fetches `<name>.sig`
+//! from beside it, with the same protocol and credentials
+//! ([`Fetcher::fetch_small`]), and keeps it durably in
+//! `downloads/<job>.sig` for the Verify actor before it reports
+//! `Downloaded`; a server without one (not found) leaves none there.
 
 mod disk;
 mod sink;
@@ -16,11 +23,13 @@ use super::flash::staging::{Discard, Stage, StagingPeer};
 use super::verify::VerifyMsg;
 pub use super::BoxFuture;
 use super::{JobEvent, Transfer};
-use crate::crash;
+use crate::{crash, fsutil, signature};
 use actix::prelude::*;
 use disk::Gate;
 use fwagent_state::{result_no, Event, Failure, Firmware, JobId, Protocol, Redactor, Source};
 use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -45,6 +54,17 @@ pub trait Fetcher: Send + Sync + 'static {
         job: &'a FetchJob,
         sink: &'a mut Sink,
     ) -> BoxFuture<'a, Result<(), Failure>>;
+
+    /// Fetch the small file at `url` (beside the image: its `.sig`) into
+    /// memory, with `job`'s credentials and limits: at most `limit` bytes.
+    /// `Ok(None)` when the server has no such file (HTTP 404/410, FTP
+    /// 550); any other failure as PROTOCOL.md's result numbers.
+    fn fetch_small<'a>(
+        &'a self,
+        job: &'a FetchJob,
+        url: &'a str,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Option<Vec<u8>>, Failure>>;
 }
 
 /// Start (or restart) a job's transfer.
@@ -105,6 +125,9 @@ pub struct Download {
     events: Recipient<JobEvent>,
     verifier: Recipient<VerifyMsg>,
     running: HashMap<JobId, Running>,
+    /// Where signatures are checked: fetch each image's `.sig` into this
+    /// state directory's `downloads/` ([`super::Paths::sig`]).
+    signatures: Option<super::Paths>,
 }
 
 /// A transfer task, the switch that asks it to pause for a stop, and the
@@ -133,6 +156,7 @@ impl Download {
         staging: StagingPeer,
         events: Recipient<JobEvent>,
         verifier: Recipient<VerifyMsg>,
+        signatures: Option<super::Paths>,
     ) -> Self {
         Download {
             fetchers,
@@ -140,6 +164,7 @@ impl Download {
             events,
             verifier,
             running: HashMap::new(),
+            signatures,
         }
     }
 }
@@ -160,6 +185,12 @@ impl Handler<StartDownload> for Download {
         let verifier = self.verifier.clone();
         let fetcher = self.fetchers.0.get(&msg.fetch.source.protocol).cloned();
         let stage = self.staging.stage.clone();
+        // The request's own signature needs no file.
+        let sig_file = self
+            .signatures
+            .as_ref()
+            .filter(|_| msg.fetch.firmware.signature.is_none())
+            .map(|paths| paths.sig(job));
         let (stop, mut stopped) = tokio::sync::watch::channel(false);
         let gate = Gate::default();
         let writer_gate = gate.clone();
@@ -171,7 +202,7 @@ impl Handler<StartDownload> for Download {
                 }
             }
             let peers = (events.clone(), verifier);
-            let ended = run(msg, fetcher, &stage, peers, writer_gate, stopped).await;
+            let ended = run(msg, fetcher, sig_file, &stage, peers, writer_gate, stopped).await;
             if let Some(event) = ended {
                 events.do_send(JobEvent { job, event });
             }
@@ -250,6 +281,7 @@ pub fn no_data(idle: Duration, offset: u64) -> Failure {
 async fn run(
     msg: StartDownload,
     fetcher: Option<Arc<dyn Fetcher>>,
+    sig_file: Option<PathBuf>,
     stage: &Recipient<Stage>,
     peers: (Recipient<JobEvent>, Recipient<VerifyMsg>),
     gate: Gate,
@@ -323,7 +355,62 @@ async fn run(
             }
         }
     };
+    let fetched = match (fetched, sig_file) {
+        (Ok(()), Some(sig_file)) if sink.remaining() == 0 => {
+            fetch_signature(&msg.fetch, fetcher.as_ref(), &sig_file).await
+        }
+        (fetched, _) => fetched,
+    };
     Some(ended(&msg, &mut sink, fetched).await)
+}
+
+/// The image is in: fetch `<name>.sig` from beside it into `sig_file`
+/// (made durable before `Downloaded` is reported), or make sure none is
+/// there when the server has none.
+async fn fetch_signature(
+    job: &FetchJob,
+    fetcher: &dyn Fetcher,
+    sig_file: &Path,
+) -> Result<(), Failure> {
+    let url = format!("{}{}", job.source.url, signature::SIG_SUFFIX);
+    let fetched = fetcher
+        .fetch_small(job, &url, signature::MAX_SIG_FILE)
+        .await
+        .map_err(|mut f| {
+            f.description = format!("fetching the signature {url}: {}", f.description);
+            f
+        })?;
+    let Some(bytes) = fetched else {
+        tracing::info!(job = job.job, url = %url, "no signature beside the image");
+        return match std::fs::remove_file(sig_file) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(sink::io_failure("cannot remove", sig_file, e)),
+        };
+    };
+    write_durably(sig_file, &bytes)?;
+    tracing::info!(job = job.job, url = %url, bytes = bytes.len(), "signature fetched");
+    Ok(())
+}
+
+/// Write `bytes` to `path` whole or not at all: a temporary file, fsynced,
+/// renamed over it, the directory fsynced.
+fn write_durably(path: &Path, bytes: &[u8]) -> Result<(), Failure> {
+    let dir = fsutil::parent_dir(path);
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let written = (|| {
+        let mut file = std::fs::File::create(&tmp)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        fsutil::sync_dir(dir)
+    })();
+    written.map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        sink::io_failure("cannot write", path, e)
+    })
 }
 
 /// How a transfer that ran to its end (or failed) is reported.

@@ -512,6 +512,7 @@ mod tests {
                 name: "image".into(),
                 md5: String::new(),
                 size,
+                signature: None,
             },
             transfer: Transfer::default(),
         }

@@ -594,6 +594,7 @@ mod tests {
             name: "image".into(),
             md5: hex_digest(md5),
             size: bytes.len() as u64,
+            signature: None,
         };
         (path, firmware)
     }

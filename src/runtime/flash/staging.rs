@@ -66,6 +66,11 @@ impl Staging {
         self.paths.part(job)
     }
 
+    /// The `.sig` fetched from beside `job`'s image, if any.
+    pub fn sig(&self, job: JobId) -> PathBuf {
+        self.paths.sig(job)
+    }
+
     /// Where `job`'s image is, or is being written (reads, never writes).
     pub fn image(&self, job: JobId, firmware: &Firmware) -> PathBuf {
         self.slots
@@ -98,9 +103,10 @@ impl Staging {
         })
     }
 
-    /// `job` is over: remove its partial file and its note on a slot.
+    /// `job` is over: remove its partial file, its `.sig` and its note on a slot.
     pub fn discard(&self, job: JobId) {
         remove_partial(job, &self.part(job));
+        remove_partial(job, &self.sig(job));
         if let Some(dir) = &self.slots {
             if let Err(e) = ab::unstage(dir, Some(job)) {
                 tracing::warn!(job = job, error = %e, "cannot clear the slot's writing note");
@@ -127,10 +133,12 @@ impl Staging {
     pub fn remove_stale(&self, active: Option<&Job>) {
         let active_id = active.map(|j| j.id);
         if let Ok(dir) = std::fs::read_dir(self.paths.downloads()) {
-            let keep = active_id.map(|j| format!("{j}.part"));
+            let keep = active_id.map(|j| [format!("{j}.part"), format!("{j}.sig")]);
             for entry in dir.flatten() {
                 let name = entry.file_name().to_string_lossy().into_owned();
-                if name.ends_with(".part") && Some(&name) != keep.as_ref() {
+                let ours =
+                    name.ends_with(".part") || name.ends_with(".sig") || name.ends_with(".sig.tmp");
+                if ours && !keep.as_ref().is_some_and(|k| k.contains(&name)) {
                     let _ = std::fs::remove_file(entry.path());
                 }
             }

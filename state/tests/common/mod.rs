@@ -46,6 +46,7 @@ pub fn request(mid: &str, md5: &str) -> UpgradeRequest {
             name: "firmware.bin".into(),
             md5: md5.to_string(),
             size: SIZE,
+            signature: None,
         },
         pass_port: Some(Secret::new("pass-port-secret")),
     }
