@@ -753,13 +753,7 @@ pub fn transition(
                 return Err(wrong());
             };
             step.set_last_error(&detail);
-            step.job.bytes_done = 0;
-            step.job.validator = None;
-            step.enter(
-                Phase::Downloading { offset: 0 },
-                "the downloaded image is gone; downloading it again from byte 0",
-            );
-            step.download(0, Duration::ZERO);
+            step.download_again("the downloaded image is gone; downloading it again from byte 0");
             Ok(step.done())
         }
         Event::Verified => {
@@ -779,15 +773,11 @@ pub fn transition(
                 // whole, with a budget of its own; a wrong md5 now is final.
                 step.set_last_error(&failure.description);
                 step.job.pieces = Pieces::Refetched;
-                step.job.bytes_done = 0;
                 step.job.high_water = 0;
                 step.job.fetched = 0;
-                step.job.validator = None;
-                step.enter(
-                    Phase::Downloading { offset: 0 },
+                step.download_again(
                     "md5 mismatch of an image joined from resumed transfers; downloading it once more from byte 0",
                 );
-                step.download(0, Duration::ZERO);
                 return Ok(step.done());
             }
             Ok(step.fail(failure))
@@ -963,6 +953,14 @@ impl<'a> Step<'a> {
             validator: self.job.validator.clone(),
             delay,
         });
+    }
+
+    /// Back to `downloading` from byte 0, trusting no validator.
+    fn download_again(&mut self, why: &str) {
+        self.job.bytes_done = 0;
+        self.job.validator = None;
+        self.enter(Phase::Downloading { offset: 0 }, why);
+        self.download(0, Duration::ZERO);
     }
 
     fn set_last_error(&mut self, text: &str) {
