@@ -214,8 +214,14 @@ impl Writer {
                 room.add_permits(1);
             }
         }
+        // The file closes first: once the transfer learns that the writer
+        // ended (a closed `room`, a dropped sync reply), the upgrade may end
+        // and its partial file be removed, and a next request counts the
+        // free space; an unlinked file still open would hold its blocks.
+        drop(self);
         // The transfer's next write or sync learns why.
         room.close();
+        drop(queued);
     }
 
     fn apply(&mut self, op: Op) -> Result<(), Failure> {
