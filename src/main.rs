@@ -20,5 +20,6 @@ fn main() -> ExitCode {
         Commands::Cancel(args) => fwagent::cli::inspect::cancel(args),
         Commands::Sign(args) => fwagent::cli::sign::sign(args),
         Commands::Verify(args) => fwagent::cli::sign::verify(args),
+        Commands::Completions(args) => fwagent::cli::completions(args),
     }
 }

@@ -456,3 +456,65 @@ fn meaningless_zeros_are_usage_errors_naming_the_flag() {
         assert_eq!(run.status.code(), Some(0), "{flag} {value}: {err}");
     }
 }
+
+/// `fwagent ARGS` (no `check` in front), from the package root.
+fn fwagent_bare(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_fwagent"))
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("run fwagent")
+}
+
+/// `--version` names the version and the commit the binary was built from
+/// (with `+dirty` for a tree with uncommitted changes): the commit of this
+/// checkout when it is one.
+#[test]
+fn version_names_the_git_commit() {
+    let out = fwagent_bare(&["--version"]);
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let want = format!("fwagent {} (", env!("CARGO_PKG_VERSION"));
+    assert!(text.starts_with(&want), "{text}");
+    let commit = text[want.len()..].trim_end().trim_end_matches(')');
+    let head = Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+    match head {
+        Some(head) => assert_eq!(commit.trim_end_matches("+dirty"), head, "{text}"),
+        None => assert_eq!(commit, "unknown", "{text}"),
+    }
+}
+
+/// `fwagent completions SHELL` prints a script made from the same clap
+/// definitions: every subcommand is in it, the bash one parses, and an
+/// unknown shell is a usage error.
+#[test]
+fn completions_cover_every_subcommand_in_bash_zsh_and_fish() {
+    for shell in ["bash", "zsh", "fish"] {
+        let out = fwagent_bare(&["completions", shell]);
+        assert!(out.status.success(), "{shell}: {out:?}");
+        let script = String::from_utf8_lossy(&out.stdout);
+        for sub in [
+            "run", "check", "status", "history", "show", "watch", "submit", "cancel", "sign",
+            "verify",
+        ] {
+            assert!(script.contains(sub), "{shell}: no {sub}");
+        }
+        assert!(script.contains("state-dir"), "{shell}");
+        if shell == "bash" {
+            let dir =
+                std::env::temp_dir().join(format!("fwagent-completions-{}", std::process::id()));
+            std::fs::write(&dir, script.as_bytes()).unwrap();
+            let parsed = Command::new("bash").arg("-n").arg(&dir).status().unwrap();
+            std::fs::remove_file(&dir).ok();
+            assert!(parsed.success(), "bash -n rejects the script");
+        }
+    }
+    let out = fwagent_bare(&["completions", "tcsh"]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+}

@@ -130,6 +130,40 @@ fn wrong_md5_fails_with_31_and_leaves_the_target_alone() {
     assert_eq!(std::fs::read(&target).unwrap(), b"the old image");
 }
 
+/// `--exit-code`: a one-shot stdio run exits 1 when the upgrade it carried
+/// ended with errorNo other than 0, 0 when it completed; without the flag it
+/// exits 0 either way (INTERFACE.md). A restart that only finishes an upgrade
+/// a crashed run left is judged by how that upgrade ends.
+#[test]
+fn exit_code_makes_a_failed_one_shot_upgrade_exit_1() {
+    let servers = Servers::from_env();
+    let fw = servers.put_http("exitcode", 100_000);
+    let dir = temp_dir();
+    let target = dir.path().join("flash.bin");
+    std::fs::write(&target, b"the old image").unwrap();
+    let good = servers.http_request(&fw);
+    let mut bad = servers.http_request(&fw);
+    bad["info"]["fileInfo"]["md5sum"] = "0123456789abcdef0123456789abcdef".into();
+    for (name, req, flags, want) in [
+        ("bad-with", &bad, &["--exit-code"][..], 1),
+        ("bad-without", &bad, &[][..], 0),
+        ("good-with", &good, &["--exit-code"][..], 0),
+    ] {
+        let state = dir.path().join(name);
+        let run = run_agent(&state, &target, flags, std::slice::from_ref(req), LONG);
+        let lines = run.json_lines();
+        assert_eq!(results(&lines).len(), 1, "{name}: {run}");
+        assert_eq!(run.code(), Some(want), "{name}: {run}");
+        if want == 1 {
+            assert!(run.stderr.contains("errorNo 31"), "{name}: {run}");
+        }
+        // A second run over the same store carries nothing: the failed
+        // upgrade of the first is not judged again.
+        let again = run_agent(&state, &target, flags, &[], LONG);
+        assert_eq!(again.code(), Some(0), "{name}, again: {again}");
+    }
+}
+
 #[test]
 fn wrong_size_fails_with_30() {
     let servers = Servers::from_env();

@@ -20,13 +20,23 @@ pub mod exit {
     pub const UNREACHABLE: u8 = 3;
 }
 
+/// `--version`: the crate's version and the git commit it was built from,
+/// `+dirty` when the tree had uncommitted changes (build.rs; `unknown`
+/// when built outside a git checkout).
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (",
+    env!("FWAGENT_GIT_COMMIT"),
+    ")"
+);
+
 /// The documented default state directory.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/fwagent";
 
 #[derive(Parser, Debug)]
 #[command(
     name = "fwagent",
-    version,
+    version = VERSION,
     about = "Firmware-upgrade agent for embedded gateways"
 )]
 pub struct Cli {
@@ -59,6 +69,31 @@ pub enum Commands {
     Sign(sign::SignArgs),
     /// Check an image's signature offline: exit 0 valid, 1 not.
     Verify(sign::VerifyArgs),
+    /// Print a shell completion script, from these very definitions.
+    Completions(CompletionsArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct CompletionsArgs {
+    /// The shell: bash, zsh or fish (also elvish, powershell).
+    pub shell: clap_complete::Shell,
+}
+
+/// `fwagent completions SHELL`: the script on stdout.
+pub fn completions(args: CompletionsArgs) -> std::process::ExitCode {
+    use clap::CommandFactory;
+    use std::io::Write;
+    let mut script = Vec::new();
+    clap_complete::generate(args.shell, &mut Cli::command(), "fwagent", &mut script);
+    match std::io::stdout().write_all(&script) {
+        // A reader that stopped early (`| head`) wanted no more.
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("fwagent completions: cannot write: {e}");
+            std::process::ExitCode::from(exit::UNREACHABLE)
+        }
+    }
 }
 
 #[derive(Args, Debug, Clone)]

@@ -114,6 +114,11 @@ pub struct RunArgs {
     #[arg(long)]
     #[serde(default)]
     pub no_reports: bool,
+    /// A stdio run exits 1 when an upgrade it carried (accepted or resumed,
+    /// and ended in this run) ended with errorNo other than 0.
+    #[arg(long)]
+    #[serde(default)]
+    pub exit_code: bool,
     /// Bytes between durable download checkpoints [default: 4 MiB].
     #[arg(long, value_name = "BYTES", value_parser = at_least_one::<NonZeroU64>)]
     pub checkpoint_bytes: Option<NonZeroU64>,
@@ -194,6 +199,7 @@ impl RunArgs {
             max_id_bytes: self.max_id_bytes.or(file.max_id_bytes),
             credentials_decoder: self.credentials_decoder.or(file.credentials_decoder),
             no_reports: self.no_reports || file.no_reports,
+            exit_code: self.exit_code || file.exit_code,
             checkpoint_bytes: self.checkpoint_bytes.or(file.checkpoint_bytes),
             connect_timeout: self.connect_timeout.or(file.connect_timeout),
             idle_timeout: self.idle_timeout.or(file.idle_timeout),
@@ -306,6 +312,7 @@ impl AgentConfig {
             },
             transfer,
             signatures: Arc::new(signatures),
+            exit_code: a.exit_code,
         })
     }
 }
@@ -459,6 +466,14 @@ pub fn main(args: Box<RunArgs>) -> ExitCode {
             return ExitCode::from(exit::UNREACHABLE);
         }
     };
+    // What `--exit-code` looks at once the run is over.
+    let judge = (config.exit_code && config.transport == "stdio").then(|| {
+        (
+            config.paths.state_dir.clone(),
+            config.device_id.clone(),
+            time::OffsetDateTime::now_utc(),
+        )
+    });
     let system = System::new();
     let started = system.block_on(async move { agent::start(config, store) });
     if let Err(e) = started {
@@ -466,12 +481,51 @@ pub fn main(args: Box<RunArgs>) -> ExitCode {
         return ExitCode::from(exit::UNREACHABLE);
     }
     match system.run_with_code() {
-        Ok(0) => ExitCode::SUCCESS,
+        Ok(0) => match judge {
+            Some((state_dir, device_id, since)) => carried_outcome(&state_dir, &device_id, since),
+            None => ExitCode::SUCCESS,
+        },
         Ok(code) => ExitCode::from(code.clamp(1, 255) as u8),
         Err(e) => {
             eprintln!("fwagent run: {e}");
             ExitCode::from(exit::UNREACHABLE)
         }
+    }
+}
+
+/// `--exit-code`: 1 when an upgrade that ended during this run (its last
+/// change at or after `since`, in a terminal phase) ended with errorNo other
+/// than 0; 0 when none did; 3 when the store cannot be read again.
+fn carried_outcome(
+    state_dir: &std::path::Path,
+    device_id: &str,
+    since: time::OffsetDateTime,
+) -> ExitCode {
+    let history = Store::open(state_dir, device_id).and_then(|s| s.history(None));
+    let jobs = match history {
+        Ok(jobs) => jobs,
+        Err(e) => {
+            eprintln!("fwagent run: --exit-code: cannot read the store again: {e}");
+            return ExitCode::from(exit::UNREACHABLE);
+        }
+    };
+    let failed = jobs.iter().find(|j| {
+        j.phase.is_terminal()
+            && j.updated_at >= since
+            && j.result.as_ref().is_some_and(|r| !r.is_ok())
+    });
+    match failed {
+        Some(job) => {
+            let r = job.result.as_ref().expect("a failed upgrade has a result");
+            eprintln!(
+                "fwagent run: upgrade {} ended {} with errorNo {}: exit 1 (--exit-code)",
+                job.request.message_id,
+                job.phase.name(),
+                r.error_no
+            );
+            ExitCode::from(1)
+        }
+        None => ExitCode::SUCCESS,
     }
 }
 

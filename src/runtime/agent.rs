@@ -36,6 +36,8 @@ pub struct AgentConfig {
     pub transfer: Transfer,
     /// `--trust-key` and `--require-signature`.
     pub signatures: Arc<SignaturePolicy>,
+    /// `--exit-code`: judged by `fwagent run` once the agent has exited.
+    pub exit_code: bool,
 }
 
 /// Why the agent could not start.
