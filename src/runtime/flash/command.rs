@@ -7,6 +7,15 @@ use fwagent_state::{result_no, Failure, Firmware};
 use std::path::Path;
 use std::time::Duration;
 
+/// What the installer and the commit command learn of the image from their
+/// environment: `FWAGENT_MD5`, `FWAGENT_SIZE`.
+pub(super) fn firmware_env(firmware: &Firmware) -> [(&'static str, String); 2] {
+    [
+        ("FWAGENT_MD5", firmware.md5.clone()),
+        ("FWAGENT_SIZE", firmware.size.to_string()),
+    ]
+}
+
 /// Run the installer `cmd` over `image`, under `lock`.
 pub fn install(
     cmd: &str,
@@ -21,10 +30,11 @@ pub fn install(
     } else {
         format!("{cmd} {quoted}")
     };
+    let [md5, size] = firmware_env(firmware);
     let envs = [
         ("FWAGENT_IMAGE", image.to_string_lossy().into_owned()),
-        ("FWAGENT_MD5", firmware.md5.clone()),
-        ("FWAGENT_SIZE", firmware.size.to_string()),
+        md5,
+        size,
     ];
     let ran = run_shell_exclusive(lock, "installer", &line, &envs, timeout, "mid-install")
         .map_err(|e| {

@@ -377,10 +377,7 @@ impl Flash {
             return self
                 .not_rebooted("the machine has not rebooted since the installer ran".into());
         }
-        let envs = [
-            ("FWAGENT_MD5", firmware.md5.clone()),
-            ("FWAGENT_SIZE", firmware.size.to_string()),
-        ];
+        let envs = command::firmware_env(firmware);
         let timeout = self.options.command_timeout;
         let lock = self.staging.installer_lock();
         match run_shell_exclusive(&lock, "commit", commit, &envs, timeout, "mid-commit") {
